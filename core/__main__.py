@@ -1,0 +1,5 @@
+import sys
+
+from convnet.core.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""Checkpoints: one safetensors file, written atomically; never pickle.
+
+Tensors: ``model/<name>`` (canonical names), ``optimizer/<param name>/<buffer>``, and RNG
+states under ``rng/``. Metadata (strings): ``convnet.format``, ``convnet.recipe`` (the
+resolved recipe as TOML) and ``convnet.state`` (JSON: step, epoch, position in the epoch,
+optimizer hyper-parameters, schedule state, python and numpy RNG scalars).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from convnet.core.errors import CheckpointError
+
+FORMAT = "convnet-checkpoint-1"
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    tensors["rng/python"] = torch.tensor(py_state, dtype=torch.int64)
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [py_version, py_gauss]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
+    if cuda and torch.cuda.is_available():
+        states = [tensors[k] for k in cuda][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(states)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py_version, py_gauss = meta["python"]
+    random.setstate((py_version, tuple(int(x) for x in tensors["rng/python"].tolist()), py_gauss))
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically: temp file in the same folder, fsync, os.replace, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                   metadata={"convnet.format": FORMAT, **metadata})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _sniff(path: Path, head: bytes) -> str | None:
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "it looks like a Python pickle (convnet never unpickles; checkpoints are safetensors)"
+    if head[:2] == b"PK":
+        return "it looks like a torch.save zip archive, which holds pickles (convnet never unpickles)"
+    if len(head) < 8:
+        return f"the file is too short ({len(head)} bytes) to be safetensors"
+    n = int.from_bytes(head[:8], "little")
+    size = path.stat().st_size
+    if n <= 0 or n > size - 8:
+        return f"its header claims {n} bytes but the file has {size} (truncated or not safetensors)"
+    return None
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a convnet checkpoint, or raise one ``CheckpointError`` naming the file and the fault."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
+    problem = _sniff(path, head)
+    if problem:
+        raise CheckpointError(f"{path}: not a usable checkpoint: {problem}")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt): {exc}") from None
+    if metadata.get("convnet.format") != FORMAT:
+        found = metadata.get("convnet.format")
+        what = f"format {found!r}" if found else "no convnet metadata"
+        raise CheckpointError(f"{path}: a safetensors file but not a convnet checkpoint ({what}; expected {FORMAT})")
+    return tensors, metadata
+
+
+def state_of(metadata: dict[str, str], path: Path | str) -> dict[str, Any]:
+    try:
+        return json.loads(metadata["convnet.state"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint metadata 'convnet.state' is missing or corrupt ({exc})") from None
+
+
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+
+
+def check_compatible(path: Path | str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Name the first tensor that is missing, unexpected or of another shape."""
+    for name, tensor in expected.items():
+        if name not in found:
+            raise CheckpointError(f"{path}: checkpoint has no tensor {name!r} (another recipe's checkpoint?)")
+        if tuple(found[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(found[name].shape)} in the checkpoint "
+                                  f"but {list(tensor.shape)} in this recipe's model (another recipe's checkpoint?)")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: checkpoint has tensor {extra[0]!r} that this recipe's model lacks "
+                              "(another recipe's checkpoint?)")

@@ -1,0 +1,135 @@
+"""The ``convnet`` command line. Exit codes: 0 success, 2 bad recipe or command line, 1 else."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from convnet.core.errors import ConvnetError
+
+EPILOG = "RECIPE is a bundled recipe's name (see `convnet recipes`) or a path to a .toml file."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit code is 2 as well
+        self.print_usage(sys.stderr)
+        print(f"convnet: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE", help="bundled recipe name or path to a .toml file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.epochs=2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="convnet", description="Train and evaluate the 2012 ImageNet network, piece by piece.",
+                     epilog=EPILOG)
+    parser.add_argument("--strict", action="store_true", help="fail when any plugin fails to load")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="train a recipe", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<recipe>/<time>)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+    p = sub.add_parser("show", help="print the fully resolved recipe as TOML", epilog=EPILOG)
+    _recipe_args(p)
+
+    p = sub.add_parser("summary", help="per layer: shapes, parameters, multiply-adds, towers", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("plugins", help="every registered component by kind, with its plugin")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("recipes", help="the bundled recipes, one line each")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConvnetError as exc:
+        print(f"convnet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("convnet: interrupted", file=sys.stderr)
+        return 130
+
+
+def _registries(args: argparse.Namespace):
+    from convnet.core import plugins
+
+    return plugins.registries(strict=args.strict)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from convnet.core import plugins
+    from convnet.core.engine import Run
+    from convnet.core.recipe import load_recipe
+
+    regs = _registries(args)
+    recipe = load_recipe(args.recipe, args.overrides, regs)
+    run = Run(recipe, out=args.out, resume=args.resume, quiet=args.quiet, registries=regs,
+              pm=plugins.manager(args.strict), recipe_ref=args.recipe, overrides=tuple(args.overrides))
+    summary = run.train()
+    if run.strategy.is_main:
+        parts = [f"{k.replace('_error', '')} error {summary[k] * 100:.2f}%"
+                 for k in summary if k.startswith("top") and k.endswith("_error")]
+        print(f"{recipe.name}: validation {', '.join(parts) or '(no top-k evaluator)'}"
+              f" after {summary['step']} steps")
+        print(f"run folder: {summary['out']}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from convnet.core.recipe import load_recipe, to_toml
+
+    regs = _registries(args)
+    print(to_toml(load_recipe(args.recipe, args.overrides, regs), regs), end="")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from convnet.core.summary import summarize, format_summary
+    from convnet.core.recipe import load_recipe
+
+    regs = _registries(args)
+    recipe = load_recipe(args.recipe, args.overrides, regs)
+    info = summarize(recipe, regs)
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    regs = _registries(args)
+    rows = [{"kind": kind, "name": e.name, "description": e.description, "plugin": e.plugin,
+             "distribution": e.distribution} for kind, reg in regs.items() for e in reg]
+    if args.json:
+        print(json.dumps({"components": rows, "problems": regs.problems}, indent=2))
+        return 0
+    for kind, reg in regs.items():
+        print(f"{kind}:")
+        for e in reg:
+            print(f"  {e.name:<18} {e.description}  [{e.plugin} from {e.distribution}]")
+    for problem in regs.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from convnet.core.recipe import bundled_names, load_raw
+
+    for name in bundled_names():
+        raw, _ = load_raw(name)
+        print(f"{name:<24} {raw.get('description', '')}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
+            "recipes": cmd_recipes}

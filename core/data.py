@@ -1,0 +1,157 @@
+"""Datasets, augmentation chains and the loaders the engine iterates.
+
+Randomness is stateless: each sample's augmentation generator is seeded from (run seed,
+epoch, sample index), and each epoch's order from (run seed, epoch). A run therefore gives
+the same batches with any number of workers, and after a resume.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import attrs
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from convnet.core import schema
+from convnet.core.errors import DataError, RecipeError
+from convnet.core.registry import Registries
+
+# Streams keep the generators of different uses independent for the same (seed, epoch, index).
+STREAM_ORDER, STREAM_TRAIN_AUGMENT, STREAM_EVAL_AUGMENT, STREAM_DEVICE_AUGMENT = 0, 1, 2, 3
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+@attrs.define
+class DatasetSplits:
+    """What a dataset plugin returns: map-style datasets of ``(image, label)``.
+
+    Images are ``[C, H, W]`` tensors (uint8 or float). A sample that cannot be read may be
+    returned as ``None``: the loader skips and counts it (or fails, if the recipe says so).
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    classes: list[str] | None = None
+    name: str = ""
+
+
+@attrs.frozen
+class DataContext:
+    recipe: schema.Recipe
+    registries: Registries
+    path: str = "data.dataset"
+
+    def error(self, message: str) -> RecipeError:
+        return RecipeError(f"{self.path}: {message}")
+
+
+class Augment(Protocol):
+    """An augmenter: ``aug(image, generator)`` on one ``[C, H, W]`` image.
+
+    ``batch(images, generator)`` (optional) does the same for ``[N, C, H, W]`` on the
+    device after transfer, one launch per batch.
+    """
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+
+def build_dataset(recipe: schema.Recipe, registries: Registries) -> DatasetSplits:
+    entry = registries.dataset.get(recipe.data.dataset.name, "data.dataset.name")
+    splits = entry.factory(recipe.data.dataset.options, DataContext(recipe, registries))
+    if not isinstance(splits, DatasetSplits):
+        raise RecipeError(f"data.dataset: {entry.origin} returned {type(splits).__name__}, not DatasetSplits")
+    if splits.num_classes != recipe.model.num_classes:
+        raise RecipeError(f"model.num_classes = {recipe.model.num_classes}, but dataset "
+                          f"{recipe.data.dataset.name!r} has {splits.num_classes} classes")
+    return splits
+
+
+def build_augmenters(components: Sequence[schema.Augmenter], registries: Registries, path: str,
+                     recipe: schema.Recipe) -> list[Augment]:
+    out = []
+    for i, comp in enumerate(components):
+        entry = registries.augmenter.get(comp.name, f"{path}[{i}].name")
+        out.append(entry.factory(comp.options, DataContext(recipe, registries, f"{path}[{i}]")))
+    return out
+
+
+class Augmented(Dataset):
+    """A dataset whose samples pass through an augmentation chain, seeded per sample."""
+
+    def __init__(self, base: Dataset, augmenters: Sequence[Augment], seed: int, stream: int) -> None:
+        self.base, self.augmenters, self.seed, self.stream = base, list(augmenters), seed, stream
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.base[index]
+        if sample is None:
+            return None
+        image, label = sample
+        if self.augmenters:
+            g = generator(self.seed, self.stream, self.epoch, index)
+            for aug in self.augmenters:
+                image = aug(image, g)
+        return image, label, index
+
+
+def collate(samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Stack the readable samples; report how many were skipped as unreadable."""
+    good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([torch.as_tensor(s[0]) for s in good])
+    labels = torch.as_tensor([int(s[1]) for s in good], dtype=torch.long)
+    indices = torch.as_tensor([int(s[2]) for s in good], dtype=torch.long)
+    return images, labels, indices, skipped
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=generator(seed, STREAM_ORDER, epoch)).tolist()
+
+
+def train_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  shard: Callable[[list[int]], list[int]] | None = None) -> list[list[int]]:
+    """The epoch's global batches (the last partial one dropped), from batch ``start`` on."""
+    order = epoch_order(n, seed, epoch)
+    batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    batches = batches[start:]
+    return [shard(b) for b in batches] if shard else batches
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size
+
+
+def eval_batches(n: int, batch_size: int, shard: Callable[[list[int]], list[int]] | None = None) -> list[list[int]]:
+    indices = list(range(n))
+    if shard:
+        indices = shard(indices)
+    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_memory: bool = False) -> DataLoader:
+    workers = min(workers, os.cpu_count() or 1) if workers else 0
+    return DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+def check_bad_samples(skipped: int, policy: str, where: str) -> None:
+    if skipped and policy == "fatal":
+        raise DataError(f"{where}: {skipped} unreadable sample(s) and data.bad_samples = \"fatal\"")

@@ -1,0 +1,103 @@
+"""The interface a parallelism strategy implements (plugins: single, model-parallel, ...).
+
+The engine only talks to a model through its strategy: where batches go, which parameters
+this process owns (by their canonical names, those of the single-device ``Network``), how
+to read and write the canonical state, and how to reduce numbers over processes.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from convnet.core.model import Network
+
+
+class Strategy:
+    """The base: one process, one device. ``single`` is this class."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes logs, checkpoints and progress bars."""
+        return self.rank == 0
+
+    def prepare(self, model: Network) -> nn.Module:
+        """Place the (CPU-built, initialised) model; return the module the engine trains."""
+        return model.to(self.device)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.device
+
+    def named_parameters(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """This process's trainable parameters under their canonical names."""
+        return module.named_parameters()
+
+    def state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The full canonical model state (gathered to the main process if sharded)."""
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
+    def load_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        module.load_state_dict(state)
+
+    def gather_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-parameter tensors (optimizer state) from all processes, on the main one."""
+        return tensors
+
+    def scatter_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of ``gather_tensors``: this process's share of per-parameter tensors."""
+        return tensors
+
+    def shard_batch(self, indices: list[int]) -> list[int]:
+        """This process's share of a global training batch."""
+        return indices
+
+    def shard_eval(self, indices: list[int]) -> list[int]:
+        """This process's share of the evaluation samples (no sample twice, none dropped)."""
+        return indices
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate along dim 0 the tensors of all processes (in rank order)."""
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def describe(self, model: Network) -> list[dict]:
+        """Per device: parameters, activation memory per sample, bytes exchanged per step."""
+        params = sum(p.numel() for p in model.parameters())
+        act = sum(4 * _numel(i.out_shape) for i in model.info)
+        return [{"device": str(self.device), "params": params, "activation_bytes_per_sample": act,
+                 "exchanged_bytes_per_sample": 0}]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"not a device: {name!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return dev

@@ -1,0 +1,1 @@
+"""AlexNet-specific tools: torchvision weight conversion (issue: paper-faithful AlexNet)."""

@@ -1,0 +1,59 @@
+"""Top-k error, exact on the whole split and summed over processes."""
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from attrs import validators as v
+
+from convnet.core.evaluation import EvalContext, Evaluator
+
+
+def _ks(instance: Any, attribute: attrs.Attribute, value: list[int]) -> None:
+    if not value or any(k <= 0 for k in value):
+        raise ValueError(f"expected a non-empty list of positive integers, found {value!r}")
+
+
+@attrs.define
+class TopkOptions:
+    k: list[int] = attrs.field(default=attrs.Factory(lambda: [1, 5]), validator=_ks)
+    split: str = attrs.field(default="val", validator=v.in_(("train", "val")))
+
+
+def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Where each label's logit ranks (0 = top); ties go to the lower class index.
+
+    Deterministic, unlike ``torch.topk`` whose order among equal values is unspecified.
+    """
+    target = logits.gather(1, labels[:, None])
+    above = (logits > target).sum(1)
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    tied_before = ((logits == target) & (classes[None, :] < labels[:, None])).sum(1)
+    return above + tied_before
+
+
+def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks: list[int]) -> dict[int, tuple[int, int]]:
+    """k -> (wrong, total)."""
+    rank = label_rank(logits, labels)
+    return {k: (int((rank >= k).sum()), len(labels)) for k in ks}
+
+
+class Topk(Evaluator):
+    when = "epoch"
+
+    def __init__(self, options: TopkOptions) -> None:
+        self.options = options
+
+    def __call__(self, ctx: EvalContext) -> dict[str, Any]:
+        pred = ctx.predict(self.options.split)
+        ks = [k for k in self.options.k if k <= ctx.recipe.model.num_classes]
+        counts = topk_errors(pred.logits, pred.labels, ks)
+        wrong = torch.tensor([counts[k][0] for k in ks] + [len(pred.labels)], dtype=torch.float64)
+        wrong = ctx.strategy.all_reduce_sum(wrong)
+        total = float(wrong[-1])
+        prefix = "" if self.options.split == "val" else f"{self.options.split}_"
+        out: dict[str, Any] = {f"{prefix}samples": int(total)}
+        for i, k in enumerate(ks):
+            out[f"{prefix}top{k}_error"] = float(wrong[i]) / total if total else float("nan")
+        return out

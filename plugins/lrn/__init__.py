@@ -1,0 +1,130 @@
+"""Local response normalisation: the ``lrn`` layer and its swappable implementations.
+
+``local_response_norm(x, size, alpha, beta, k, impl)`` is the public function; the layer
+calls it per tower. Implementations live in the ``lrn`` registry; ``auto`` picks the
+fastest one available for the tensor's device.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import attrs
+import torch
+from attrs import validators as v
+from torch import nn
+
+from convnet.core.hookspecs import hookimpl
+from convnet.core.model import BuiltLayer, LayerContext
+from convnet.core.registry import Registries
+from convnet.plugins.lrn.reference import lrn_reference, lrn_torch
+
+LrnFn = Callable[[torch.Tensor, int, float, float, float], torch.Tensor]
+
+IMPLS = ("auto", "reference", "torch", "cpu", "cuda")
+
+
+@attrs.define
+class ImplOptions:
+    pass
+
+
+def _kernel(name: str) -> LrnFn | None:
+    """A compiled kernel, or None when it cannot be built here."""
+    try:
+        from convnet.plugins.lrn import kernels  # noqa: PLC0415
+    except ImportError:
+        return None
+    return kernels.get(name)
+
+
+_warned: set[str] = set()
+
+
+def _auto(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    name = "cuda" if x.is_cuda else "cpu" if x.device.type == "cpu" else None
+    fn = _kernel(name) if name else None
+    if fn is None:
+        if name not in _warned:
+            _warned.add(str(name))
+            warnings.warn(f"LRN: no {name} kernel available for {x.device}; using the reference "
+                          "implementation (slower, same result)", RuntimeWarning, stacklevel=3)
+        return lrn_reference(x, size, alpha, beta, k)
+    return fn(x, size, alpha, beta, k)
+
+
+def _require(name: str) -> LrnFn:
+    def run(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+        fn = _kernel(name)
+        if fn is None:
+            raise RuntimeError(f"LRN impl {name!r} is not available here (kernel not built); "
+                               "use impl = \"auto\" or \"reference\"")
+        return fn(x, size, alpha, beta, k)
+    return run
+
+
+def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 2.0, impl: str = "auto") -> torch.Tensor:
+    """The paper's LRN on an NCHW tensor (alpha multiplies the window SUM)."""
+    fns: dict[str, LrnFn] = {"auto": _auto, "reference": lrn_reference, "torch": lrn_torch,
+                             "cpu": _require("cpu"), "cuda": _require("cuda")}
+    if impl not in fns:
+        raise ValueError(f"unknown LRN impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    return fns[impl](x, size, alpha, beta, k)
+
+
+@attrs.define
+class LrnOptions:
+    size: int = attrs.field(default=5, validator=v.gt(0))
+    alpha: float = attrs.field(default=1e-4, validator=v.ge(0))
+    beta: float = attrs.field(default=0.75, validator=v.ge(0))
+    k: float = attrs.field(default=2.0, validator=v.gt(0))
+    impl: str = attrs.field(default="auto")
+
+
+class LocalResponseNorm(nn.Module):
+    """Normalises within each tower's block of channels (``groups`` = towers), or across all."""
+
+    def __init__(self, fn: LrnFn, size: int, alpha: float, beta: float, k: float, groups: int, impl: str) -> None:
+        super().__init__()
+        self.fn, self.size, self.alpha, self.beta, self.k, self.groups, self.impl = fn, size, alpha, beta, k, groups, impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return self.fn(x, self.size, self.alpha, self.beta, self.k)
+        n, c, h, w = x.shape
+        y = self.fn(x.reshape(n * self.groups, c // self.groups, h, w), self.size, self.alpha, self.beta, self.k)
+        return y.reshape(n, c, h, w)
+
+    def extra_repr(self) -> str:
+        return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
+                f"groups={self.groups}, impl={self.impl}")
+
+
+def build_lrn(options: LrnOptions, ctx: LayerContext) -> BuiltLayer:
+    if len(ctx.in_shape) != 3:
+        raise ctx.error(f"lrn needs a [channels, height, width] input, found {list(ctx.in_shape)}")
+    if ctx.in_shape[0] % ctx.groups:
+        raise ctx.error(f"tower-local lrn: {ctx.in_shape[0]} channels do not divide by {ctx.groups} towers")
+    entry = ctx.registries.lrn.get(options.impl, f"{ctx.path}.impl")
+    fn = entry.factory(options, ctx)
+    return BuiltLayer(LocalResponseNorm(fn, options.size, options.alpha, options.beta, options.k,
+                                        ctx.groups, options.impl), ctx.in_shape)
+
+
+def _impl_factory(name: str) -> Callable[[LrnOptions, LayerContext], LrnFn]:
+    def factory(options: LrnOptions, ctx: LayerContext) -> LrnFn:
+        return lambda x, size, alpha, beta, k: local_response_norm(x, size, alpha, beta, k, impl=name)
+    return factory
+
+
+@hookimpl
+def convnet_register(registries: Registries) -> None:
+    registries.layer.add("lrn", build_lrn, LrnOptions,
+                         "local response normalisation across channels (the paper's, alpha on the sum)")
+    lrn = registries.lrn.add
+    lrn("auto", _impl_factory("auto"), ImplOptions, "the fastest kernel for the tensor's device, else reference")
+    lrn("reference", _impl_factory("reference"), ImplOptions, "the formula in plain torch (ground truth)")
+    lrn("torch", _impl_factory("torch"), ImplOptions, "torch.nn.functional.local_response_norm, alpha mapped")
+    lrn("cpu", _impl_factory("cpu"), ImplOptions, "fused C++ kernel (forward and backward)")
+    lrn("cuda", _impl_factory("cuda"), ImplOptions, "hand-written CUDA kernel (forward and backward)")
