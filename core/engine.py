@@ -92,8 +92,8 @@ class Run:
         r = self.recipe
         if r.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-            if torch.backends.cudnn.is_available():
-                torch.backends.cudnn.benchmark = False
+        # cudnn.benchmark picks kernels by timing them, so it is only honoured when not deterministic.
+        torch.backends.cudnn.benchmark = r.train.cudnn_benchmark and not r.train.deterministic
         torch.manual_seed(r.seed)
         model = build_model(r, "cpu", self.registries)
         self.network: Network = model
@@ -103,6 +103,9 @@ class Run:
         self.splits = cdata.build_dataset(r, self.registries)
         self.module: nn.Module = self.strategy.prepare(model)
         self.dtype = next(iter(self.module.parameters())).dtype
+        self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
+        if r.train.channels_last:
+            self.module.to(memory_format=torch.channels_last)
         named = list(self.strategy.named_parameters(self.module))
         self.named_params = dict(named)
         opt = self.registries.optimizer.get(r.train.optimizer.name, "train.optimizer.name")
@@ -305,9 +308,13 @@ class Run:
             if r.data.augment_on == "device" and self.train_aug:
                 x = _device_augment(self.train_aug, x, r.seed, self.epoch, indices)
             x = x.to(self.dtype)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=self.memory_format)
             y = labels.to(self.strategy.input_device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.module(x), y)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=r.train.autocast == "bfloat16"):
+                logits = self.module(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
             loss.backward()
             value = float(loss.detach())
             if not math.isfinite(value):

@@ -117,6 +117,10 @@ class Train:
     checkpoint_every: int = attrs.field(default=0, validator=non_negative)
     deterministic: bool = True
     log_every: int = attrs.field(default=10, validator=positive)
+    # The fast training path (see docs/performance.md): each is a measured option, off by default.
+    channels_last: bool = False
+    autocast: str = attrs.field(default="none", validator=v.in_(("none", "bfloat16")))
+    cudnn_benchmark: bool = False
 
 
 def _default_parallel() -> Parallel:
