@@ -47,6 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("recipes", help="the bundled recipes, one line each")
+
+    p = sub.add_parser("stats", help="mean image and RGB PCA of the training set, for the recipe's augmenters",
+                       epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--out", metavar="FILE", help="safetensors file to write (default: the path the recipe's "
+                   "augmenters name in their `stats` option, else <dataset root>/stats.safetensors, "
+                   "else runs/<recipe>/stats.safetensors)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per streamed batch (memory bound)")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N training images")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("convert", help="torchvision alexnet weights (.pth or .safetensors) -> convnet weights")
+    p.add_argument("source", metavar="FILE", help="torchvision alexnet state_dict (.pth read weights-only, or .safetensors)")
+    p.add_argument("--out", metavar="FILE", required=True, help="convnet weights file to write (.safetensors)")
+    p.add_argument("--recipe", default="alexnet-torchvision", help="recipe whose network receives the weights")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of that recipe (repeatable)")
+
+    p = sub.add_parser("eval", help="run a recipe's evaluators on checkpoints (several = ensemble)", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--checkpoint", dest="checkpoints", nargs="+", required=True, metavar="CKPT",
+                   help="checkpoint(s) of this recipe's model; with several, their softmax is averaged")
+    p.add_argument("--out", metavar="DIR", help="where eval.json and images go (default runs/<recipe>/eval-<time>)")
+
+    p = sub.add_parser("report", help="learning curves (PNG) and index.html for a run folder")
+    p.add_argument("run_folder", metavar="RUN_FOLDER", help="a run folder (holds metrics.jsonl)")
     return parser
 
 
@@ -131,5 +157,51 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from convnet.core import stats
+    from convnet.core.errors import RecipeError
+    from convnet.core.recipe import load_recipe
+
+    if args.batch_size <= 0 or args.limit < 0:
+        raise RecipeError("--batch-size must be > 0 and --limit >= 0")
+    regs = _registries(args)
+    recipe = load_recipe(args.recipe, args.overrides, regs)
+    out = args.out or stats.default_out(recipe)
+    tensors, summary = stats.compute(recipe, regs, args.batch_size, args.limit, progress=not args.quiet)
+    path = stats.save(out, tensors, summary, recipe.name)
+    print(f"{recipe.name}: {summary['images']} images ({summary['skipped']} unreadable skipped), "
+          f"RGB mean {summary['rgb_mean']}, eigenvalues {summary['eigvals']}")
+    print(f"statistics: {path}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from convnet.plugins.alexnet.torchvision_weights import convert_file
+
+    path = convert_file(args.source, args.out, args.recipe, _registries(args), args.overrides)
+    print(f"{args.source} -> {path} (recipe {args.recipe})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from convnet.core.evaluate_cmd import evaluate
+    from convnet.core.recipe import load_recipe
+
+    regs = _registries(args)
+    recipe = load_recipe(args.recipe, args.overrides, regs)
+    results = evaluate(recipe, args.checkpoints, args.out, regs)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from convnet.core.report import render
+
+    for path in render(args.run_folder):
+        print(path)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
-            "recipes": cmd_recipes}
+            "recipes": cmd_recipes, "stats": cmd_stats, "convert": cmd_convert,
+            "eval": cmd_eval, "report": cmd_report}

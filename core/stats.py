@@ -1,0 +1,151 @@
+"""``convnet stats``: the training set's mean image and RGB principal components.
+
+The paper subtracts "the mean activity over the training set from each pixel" and draws
+its colour augmentation along the principal components of "the set of RGB pixel values
+throughout the ImageNet training set". Both are computed here in one streaming pass over
+the un-augmented training split, in float64, holding only fixed-size accumulators:
+
+* ``mean`` — the per-pixel mean image ``[C, H, W]`` (float32, on the images' own scale:
+  0-255 for the uint8 images the ``imagenet`` dataset yields);
+* ``eigvals``/``eigvecs`` — eigen-decomposition of the ``C x C`` covariance of all pixel
+  values (centred on the global per-channel mean), largest eigenvalue first; the
+  eigenvectors are the COLUMNS of ``eigvecs``;
+* ``rgb_mean`` — the per-channel mean (for the cheaper ``mean-rgb`` subtraction).
+
+Batches are merged with Chan et al.'s pairwise update, so the result does not depend on
+the batch size beyond rounding and does not lose precision over a million images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from convnet.core import data as cdata
+from convnet.core import schema
+from convnet.core.errors import ConvnetError, DataError
+from convnet.core.registry import Registries
+
+STATS_KEYS = ("mean", "eigvals", "eigvecs")
+
+
+@attrs.define
+class PixelStats:
+    """Running per-pixel sums and the pixel-value covariance (Chan's merge)."""
+
+    image_sum: torch.Tensor | None = None
+    images: int = 0
+    pixels: int = 0
+    channel_mean: torch.Tensor | None = None
+    comoment: torch.Tensor | None = None
+
+    def add(self, batch: torch.Tensor) -> None:
+        """``batch``: ``[N, C, H, W]`` images of one shape."""
+        x = batch.to(torch.float64)
+        n, c = x.shape[:2]
+        if self.image_sum is None:
+            self.image_sum = torch.zeros(x.shape[1:], dtype=torch.float64)
+            self.channel_mean = torch.zeros(c, dtype=torch.float64)
+            self.comoment = torch.zeros(c, c, dtype=torch.float64)
+        elif x.shape[1:] != self.image_sum.shape:
+            raise DataError(f"images of different shapes: {list(x.shape[1:])} after {list(self.image_sum.shape)}; "
+                            "the mean image needs one size (the dataset's preprocessing should fix it)")
+        self.image_sum += x.sum(0)
+        pixels = x.permute(1, 0, 2, 3).reshape(c, -1)
+        m = pixels.shape[1]
+        mean_b = pixels.mean(1)
+        centred = pixels - mean_b[:, None]
+        comoment_b = centred @ centred.T
+        total = self.pixels + m
+        delta = mean_b - self.channel_mean
+        self.comoment += comoment_b + torch.outer(delta, delta) * (self.pixels * m / total)
+        self.channel_mean += delta * (m / total)
+        self.pixels = total
+        self.images += n
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.images:
+            raise DataError("no readable training images: cannot compute statistics")
+        cov = self.comoment / max(self.pixels - 1, 1)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        eigvals = eigvals.clamp(min=0.0)  # a covariance is PSD; tiny negatives are rounding
+        order = torch.argsort(eigvals, descending=True)
+        return {"mean": (self.image_sum / self.images).float().contiguous(),
+                "eigvals": eigvals[order].float().contiguous(),
+                "eigvecs": eigvecs[:, order].float().contiguous(),
+                "rgb_mean": self.channel_mean.float().contiguous(),
+                "covariance": cov.float().contiguous()}
+
+
+def default_out(recipe: schema.Recipe) -> Path:
+    """Where the recipe expects its statistics: an augmenter's ``stats`` option if one names a
+    file, else ``<dataset root>/stats.safetensors``, else ``runs/<recipe>/stats.safetensors``."""
+    for comp in [*recipe.data.train_augment, *recipe.data.eval_augment]:
+        path = getattr(comp.options, "stats", None)
+        if isinstance(path, str) and path:
+            return Path(path)
+    root = getattr(recipe.data.dataset.options, "root", None)
+    if isinstance(root, str) and root:
+        return Path(root) / "stats.safetensors"
+    return Path("runs") / (recipe.name or "recipe") / "stats.safetensors"
+
+
+def compute(recipe: schema.Recipe, registries: Registries, batch_size: int = 64, limit: int = 0,
+            progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Stream the training split (no augmentation) and return the tensors and a summary."""
+    from tqdm import tqdm
+
+    splits = cdata.build_dataset(recipe, registries)
+    n = len(splits.train) if not limit else min(limit, len(splits.train))
+    dataset = cdata.Augmented(splits.train, [], recipe.seed, cdata.STREAM_EVAL_AUGMENT)
+    batches = cdata.eval_batches(n, batch_size)
+    stats = PixelStats()
+    skipped = 0
+    with tqdm(total=n, unit="img", desc="stats", disable=not progress, dynamic_ncols=True) as bar:
+        for images, _, _, bad in cdata.loader(dataset, batches, recipe.data.workers):
+            skipped += bad
+            cdata.check_bad_samples(bad, recipe.data.bad_samples, "training set (stats)")
+            if len(images):
+                stats.add(images)
+            bar.update(len(images) + bad)
+    tensors = stats.result()
+    summary = {"images": stats.images, "skipped": skipped, "pixels": stats.pixels,
+               "rgb_mean": [round(float(v), 4) for v in tensors["rgb_mean"]],
+               "eigvals": [round(float(v), 4) for v in tensors["eigvals"]]}
+    return tensors, summary
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], summary: dict[str, Any], recipe_name: str) -> Path:
+    """Write atomically (temp file, then rename), as a plain safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"convnet.stats": json.dumps(summary), "convnet.recipe": recipe_name})
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConvnetError(f"{path}: cannot write statistics: {exc.strerror or exc}") from None
+    return path
+
+
+def load(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a stats file; one clear error if it is missing or lacks a key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no statistics file; make it with `convnet stats RECIPE --out {path}`")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a valid safetensors statistics file: {exc}") from None
+    missing = [k for k in STATS_KEYS if k not in tensors]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)} (expected keys {', '.join(STATS_KEYS)})")
+    return tensors

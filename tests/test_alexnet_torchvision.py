@@ -1,0 +1,98 @@
+"""torchvision's alexnet weights in the alexnet-torchvision recipe: same logits, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convnet.core import checkpoint as ckpt
+from convnet.core import cli
+from convnet.core.model import build_model
+from convnet.core.recipe import load_recipe
+from convnet.plugins.alexnet.torchvision_weights import (ConversionError, convert_file, load_torchvision_alexnet,
+                                                         read_state_dict)
+from tests.test_alexnet_recipes import augment_overrides
+
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(scope="module")
+def theirs():
+    torch.manual_seed(1234)
+    return torchvision.models.alexnet(weights=None).eval()
+
+
+@pytest.fixture(scope="module")
+def recipe(registries):
+    return load_recipe("alexnet-torchvision", augment_overrides(registries), registries)
+
+
+def test_converted_weights_give_identical_logits(theirs, recipe, registries):
+    ours = build_model(recipe, registries=registries, seed=99).eval()
+    load_torchvision_alexnet(ours, theirs.state_dict())
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(ours.features(x, "relu7"), theirs.classifier[:6](torch.flatten(theirs.avgpool(theirs.features(x)), 1)))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_convert_file_roundtrip(theirs, recipe, registries, tmp_path, suffix):
+    src = tmp_path / f"alexnet{suffix}"
+    state = {k: v.contiguous() for k, v in theirs.state_dict().items()}
+    if suffix == ".pth":
+        torch.save({f"module.{k}": v for k, v in state.items()}, src)  # a DataParallel-style prefix
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(src))
+    out = convert_file(src, tmp_path / "converted.safetensors", "alexnet-torchvision", registries,
+                       overrides=augment_overrides(registries))
+    tensors, metadata = ckpt.load(out)
+    assert "alexnet-torchvision" in metadata["convnet.recipe"] or "61,100,840" in metadata["convnet.recipe"]
+    ours = build_model(recipe, registries=registries).eval()
+    ours.load_state_dict(ckpt.model_tensors(tensors))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_convert_command(theirs, registries, tmp_path, capsys):
+    src = tmp_path / "alexnet.pth"
+    torch.save(theirs.state_dict(), src)
+    out = tmp_path / "w.safetensors"
+    argv = ["convert", str(src), "--out", str(out)]
+    for o in augment_overrides(registries):
+        argv += ["--set", o]
+    assert cli.main(argv) == 0
+    assert out.exists() and str(out) in capsys.readouterr().out
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class NotWeights:
+        pass
+
+    src = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": torch.zeros(1), "obj": NotWeights()}, src)
+    with pytest.raises(ConversionError, match="weights-only"):
+        read_state_dict(src)
+
+
+def test_wrong_shape_and_unknown_key_are_named(theirs, recipe, registries):
+    model = build_model(recipe, device="meta", registries=registries)
+    state = dict(theirs.state_dict())
+    state["features.3.weight"] = torch.zeros(192, 64, 3, 3)
+    with pytest.raises(ConversionError, match=r"'features\.3\.weight' has shape \[192, 64, 3, 3\].*\[192, 64, 5, 5\]"):
+        load_torchvision_alexnet(model, state, "w.pth")
+    state = dict(theirs.state_dict())
+    state["features.1.weight"] = torch.zeros(1)
+    with pytest.raises(ConversionError, match=r"unexpected tensor 'features\.1\.weight'"):
+        load_torchvision_alexnet(model, state, "w.pth")
+    state = dict(theirs.state_dict())
+    del state["classifier.6.bias"]
+    with pytest.raises(ConversionError, match=r"missing 'classifier\.6\.bias'"):
+        load_torchvision_alexnet(model, state, "w.pth")
+
+
+def test_missing_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ConversionError, match="no such weight file"):
+        read_state_dict(tmp_path / "nope.pth")

@@ -1,0 +1,137 @@
+"""The paper's SGD form against its equations, and where it parts from torch.optim.SGD.
+
+    v_{i+1} = 0.9 v_i - 0.0005 eps w_i - eps <dL/dw>_i
+    w_{i+1} = w_i + v_{i+1}
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from convnet.plugins.optim import SGDOptions, build_paper_sgd
+from convnet.plugins.optim.paper_sgd import PaperSGD
+from convnet.plugins.optim.schedules import PlateauOptions, PlateauSchedule
+
+MU, WD = 0.9, 5e-4
+
+
+def grad_of(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient of 0.5 * sum((w - target)^2) * (1 + w^2): a nonlinear loss, written by hand."""
+    return (w - target) * (1 + w * w) + (w - target) ** 2 * w
+
+
+def loss_of(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (0.5 * (w - target) ** 2 * (1 + w * w)).sum()
+
+
+def run_optimizer(opt_cls, lrs: list[float], w0: torch.Tensor, target: torch.Tensor, **kw) -> list[torch.Tensor]:
+    w = nn.Parameter(w0.clone())
+    opt = opt_cls([w], lr=lrs[0], momentum=MU, weight_decay=WD, **kw)
+    history = []
+    for lr in lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        loss_of(w, target).backward()
+        opt.step()
+        history.append(w.detach().clone())
+    return history
+
+
+def paper_equations(lrs: list[float], w0: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    w, v, history = w0.clone(), torch.zeros_like(w0), []
+    for eps in lrs:
+        v = MU * v - WD * eps * w - eps * grad_of(w, target)
+        w = w + v
+        history.append(w.clone())
+    return history
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+
+
+# 6 steps at 0.01, then the paper's division by 10, then again.
+SCHEDULE = [0.01] * 6 + [0.001] * 6 + [0.0001] * 4
+
+
+def test_hand_gradient_is_the_autograd_gradient(problem):
+    w0, target = problem
+    w = w0.clone().requires_grad_(True)
+    loss_of(w, target).backward()
+    torch.testing.assert_close(w.grad, grad_of(w0, target), rtol=1e-12, atol=1e-12)
+
+
+def test_paper_sgd_follows_the_papers_equations_step_by_step(problem):
+    w0, target = problem
+    ours = run_optimizer(PaperSGD, SCHEDULE, w0, target)
+    paper = paper_equations(SCHEDULE, w0, target)
+    for step, (a, b) in enumerate(zip(ours, paper)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"step {step + 1}")
+
+
+def test_same_as_torch_sgd_while_lr_is_constant(problem):
+    w0, target = problem
+    ours = run_optimizer(PaperSGD, SCHEDULE[:6], w0, target)
+    torchs = run_optimizer(torch.optim.SGD, SCHEDULE[:6], w0, target)
+    for a, b in zip(ours, torchs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_differs_from_torch_sgd_after_an_lr_drop_exactly_as_predicted(problem):
+    """torch keeps b (no lr inside) and steps w -= lr * b, so a drop rescales all past momentum
+    at once; the paper's velocity holds the old, larger steps and lets them decay by 0.9.
+    On the first step after the drop the difference is mu * (lr_old - lr_new) * b_old."""
+    w0, target = problem
+    lrs = SCHEDULE[:7]
+    ours = run_optimizer(PaperSGD, lrs, w0, target)
+    torchs = run_optimizer(torch.optim.SGD, lrs, w0, target)
+    torch.testing.assert_close(ours[5], torchs[5], rtol=1e-12, atol=1e-14)
+    # Rebuild torch's buffer b after step 6: v = -lr_old * b in the paper's terms.
+    paper = paper_equations(lrs[:6], w0, target)
+    v_old = paper[5] - paper[4]
+    b_old = -v_old / lrs[5]
+    w6 = paper[5]
+    g = grad_of(w6, target) + WD * w6
+    torch_step = -(lrs[6]) * (MU * b_old + g)
+    paper_step = MU * v_old - lrs[6] * g
+    torch.testing.assert_close(torchs[6] - w6, torch_step, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(ours[6] - w6, paper_step, rtol=1e-9, atol=1e-14)
+    gap = ours[6] - torchs[6]
+    torch.testing.assert_close(gap, MU * (lrs[6] - lrs[5]) * b_old, rtol=1e-9, atol=1e-14)
+    assert gap.abs().max() > 1e-4  # not a rounding difference: the velocities really differ
+
+
+def test_weight_decay_skips_biases_unless_asked():
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.fill_(1.0)
+    named = list(layer.named_parameters())
+    opt = build_paper_sgd(SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5), named)
+    for p in layer.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(layer.weight, torch.full_like(layer.weight, 1 - 0.5 * 0.1))
+    assert torch.equal(layer.bias, torch.ones_like(layer.bias))
+    opt = build_paper_sgd(SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5, decay_biases=True), named)
+    opt.step()
+    assert torch.allclose(layer.bias, torch.full_like(layer.bias, 1 - 0.5 * 0.1))
+
+
+def test_plateau_divides_by_ten_when_validation_error_stops_improving_three_times_at_most():
+    w = nn.Parameter(torch.zeros(1))
+    opt = PaperSGD([w], lr=0.01)
+    sched = PlateauSchedule(opt, PlateauOptions(factor=0.1, patience=1, max_reductions=3))
+    errors = [0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+    lrs = []
+    for e in errors:
+        sched.step_epoch(e)
+        lrs.append(opt.param_groups[0]["lr"])
+    drops = [i for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1] * 0.5]
+    assert len(drops) == 3
+    assert lrs[-1] == pytest.approx(0.01 / 1000)
+    assert lrs[:2] == [0.01, 0.01]  # improving: no drop
