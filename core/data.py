@@ -7,7 +7,7 @@ the same batches with any number of workers, and after a resume.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import attrs
 import numpy as np
@@ -31,6 +31,35 @@ def generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(*parts))
     return g
+
+
+_MASK63 = np.uint64((1 << 63) - 1)
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(seed: int, stream: int, epoch: int, indices: int | Sequence[int] | np.ndarray | torch.Tensor,
+                stage: int | np.ndarray) -> np.ndarray:
+    """63-bit keys for augmentation stage ``stage`` of a chain (uint64 array, ``indices`` and
+    ``stage`` broadcast against each other).
+
+    A hash of (seed, stream, epoch, index, stage), vectorised: the per-image
+    generator of ``Augmented`` is seeded with the same key as the batched form sees for that
+    sample, so an augmenter that draws from its key gives the same result in any placement.
+    """
+    idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+    z = np.full(idx.shape, int(seed) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for part in (stream, epoch):
+            z = _splitmix(z ^ np.uint64(int(part) & 0xFFFFFFFFFFFFFFFF))
+        z = _splitmix(z ^ idx.astype(np.uint64))
+        z = _splitmix(z ^ np.asarray(stage, dtype=np.int64).astype(np.uint64))
+    return z & _MASK63
 
 
 @attrs.define
@@ -61,8 +90,12 @@ class DataContext:
 class Augment(Protocol):
     """An augmenter: ``aug(image, generator)`` on one ``[C, H, W]`` image.
 
-    ``batch(images, generator)`` (optional) does the same for ``[N, C, H, W]`` on the
-    device after transfer, one launch per batch.
+    The generator is fresh for each (sample, stage of the chain), seeded with
+    ``sample_keys(seed, stream, epoch, [index], stage)``; ``generator.initial_seed()`` is that key.
+    ``batch(images, keys)`` (optional) does the same for ``[N, C, H, W]`` on the device after
+    transfer, one call per batch; ``keys`` is the ``[N]`` int64 CPU tensor of the same keys, so
+    an augmenter that derives its draws from the key (rather than the generator's stream) gives
+    the same output per sample in either placement.
     """
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
@@ -104,10 +137,19 @@ class Augmented(Dataset):
             return None
         image, label = sample
         if self.augmenters:
-            g = generator(self.seed, self.stream, self.epoch, index)
-            for aug in self.augmenters:
+            keys = sample_keys(self.seed, self.stream, self.epoch, index, np.arange(len(self.augmenters)))
+            for key, aug in zip(keys.tolist(), self.augmenters):
+                g = torch.Generator()
+                g.manual_seed(key)
                 image = aug(image, g)
         return image, label, index
+
+    def end_pass(self) -> None:
+        """Called by ``loader`` when a pass is over: augmenters report what they counted."""
+        for aug in self.augmenters:
+            report = getattr(aug, "end_pass", None)
+            if report is not None:
+                report(self.epoch)
 
 
 def collate(samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -146,10 +188,31 @@ def eval_batches(n: int, batch_size: int, shard: Callable[[list[int]], list[int]
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
-def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_memory: bool = False) -> DataLoader:
+class Pass:
+    """One pass of a DataLoader; when it ends (or is abandoned) the dataset's ``end_pass`` runs."""
+
+    def __init__(self, loader: DataLoader, dataset: Dataset) -> None:
+        self.loader, self.dataset = loader, dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.loader
+        finally:
+            end = getattr(self.dataset, "end_pass", None)
+            if end is not None:
+                end()
+
+
+def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_memory: bool = False) -> Pass:
     workers = min(workers, os.cpu_count() or 1) if workers else 0
-    return DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, persistent_workers=False)
+    # Its own generator: a DataLoader otherwise draws its base seed from the global torch RNG
+    # at every pass, which would make dropout after a resume differ from a straight run.
+    return Pass(DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=collate,
+                           pin_memory=pin_memory, persistent_workers=False,
+                           generator=generator(STREAM_ORDER, 0x10AD)), dataset)
 
 
 def check_bad_samples(skipped: int, policy: str, where: str) -> None:
