@@ -18,7 +18,8 @@ import attrs
 import cattrs
 import tomli_w
 from cattrs.cols import is_sequence, list_structure_factory
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError,
+                           IterableValidationError)
 
 from convnet.core import schema
 from convnet.core.errors import RecipeError
@@ -75,6 +76,34 @@ def _strict_list_factory(type_: Any, converter: cattrs.Converter) -> Any:
     return structure
 
 
+def _failing_field(cls: type, value: dict[str, Any]) -> attrs.Attribute | None:
+    """The field whose validator rejects its raw value (attrs names only the class)."""
+    for field in attrs.fields(cls):
+        key = field.alias or field.name
+        if field.validator is None or key not in value:
+            continue
+        try:
+            field.validator(None, field, value[key])
+        except Exception:  # noqa: BLE001 - any complaint of the validator is the one we want
+            return field
+    return None
+
+
+def _structure_validated(structure_fn: Any, value: Any, cls: type) -> Any:
+    """Structure an attrs class; a validator's ValueError gets the field's path like a type error."""
+    try:
+        return structure_fn(value, cls)
+    except ClassValidationError as group:
+        field = _failing_field(cls, value) if isinstance(value, dict) else None
+        if field is not None:
+            for exc in group.exceptions:
+                if isinstance(exc, (ValueError, TypeError)) and not any(
+                        isinstance(n, AttributeValidationNote) for n in getattr(exc, "__notes__", ())):
+                    exc.add_note(AttributeValidationNote(
+                        f"Structuring class {cls.__qualname__} @ attribute {field.name}", field.name, field.type))
+        raise
+
+
 def _is_component(type_: Any) -> bool:
     return isinstance(type_, type) and issubclass(type_, schema.Component)
 
@@ -105,13 +134,20 @@ def make_converter(registries: Registries) -> cattrs.Converter:
             for field in ("id", "towers"):
                 if field in value:
                     extra[field] = value.pop(field)
-            if "id" in extra:
-                extra["id"] = _strict_str(extra["id"], str)
-                if not extra["id"].isidentifier():
-                    raise ValueError(f"'id': expected a name made of letters, digits and _, found {extra['id']!r}")
-            if "towers" in extra:
-                extra["towers"] = _strict_str(extra["towers"], str)
-        options = conv.structure(value, entry.options)
+            try:
+                if "id" in extra:
+                    field = "id"
+                    extra["id"] = _strict_str(extra["id"], str)
+                    if not extra["id"].isidentifier():
+                        raise ValueError(f"expected a name made of letters, digits and _, found {extra['id']!r}")
+                if "towers" in extra:
+                    field = "towers"
+                    extra["towers"] = _strict_str(extra["towers"], str)
+                    schema._towers_choice(None, None, extra["towers"])
+            except ValueError as exc:
+                exc.add_note(AttributeValidationNote(f"Structuring class Layer @ attribute {field}", field, str))
+                raise ClassValidationError("While structuring Layer", [exc], type_) from None
+        options = _structure_validated(conv.structure, value, entry.options)
         return type_(name, options, **extra) if extra else type_(name, options)
 
     conv.register_structure_hook_func(_is_component, structure_component)
@@ -119,7 +155,7 @@ def make_converter(registries: Registries) -> cattrs.Converter:
     def structure_attrs_checked(value: Any, type_: type) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"expected a table, found {_show(value)}")
-        return plain_hooks[type_](value, type_)
+        return _structure_validated(plain_hooks[type_], value, type_)
 
     plain_hooks: dict[type, Any] = {}
     for cls in (schema.Model, schema.Data, schema.Train, schema.Recipe):
@@ -155,7 +191,8 @@ def format_exception(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, KeyError):
         return "required key missing"
     if isinstance(exc, (ValueError, TypeError, RecipeError)):
-        return str(exc)
+        # attrs' in_ validator passes (message, attribute, options, value) as its arguments
+        return exc.args[0] if len(exc.args) > 1 and isinstance(exc.args[0], str) else str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
