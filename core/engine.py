@@ -191,6 +191,8 @@ class Run:
             ckpt.restore_rng(tensors, state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: RNG state is missing or corrupt ({exc})") from None
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
@@ -215,15 +217,6 @@ class Run:
                 f"--out {shlex.quote(str(self.out))} --resume {shlex.quote(str(ckp))}")
 
     def train(self) -> dict[str, Any]:
-        try:
-            return self._train()
-        except RuntimeError as exc:  # a lost peer under a multi-process strategy: one clear line
-            error = self.strategy.translate_error(exc)
-            if error is None:
-                raise
-            raise error from exc
-
-    def _train(self) -> dict[str, Any]:
         self._setup()
         r = self.recipe
         old_handler = None
@@ -235,21 +228,9 @@ class Run:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
-        if self.strategy.is_main:
-            self._report()
         self.pm.hook.convnet_train_end(run=self, summary=summary)
         self.strategy.close()
         return summary
-
-    def _report(self) -> None:
-        """Curves and index.html in the run folder; a plotting failure never loses a run."""
-        from convnet.core import report
-
-        try:
-            report.render(self.out)
-        except Exception as exc:  # the run itself is saved; the report can be redone
-            print(f"convnet: warning: the report for {self.out} failed ({type(exc).__name__}: {exc}); "
-                  f"the run is intact, retry with: convnet report {self.out}", file=sys.stderr)
 
     def _evaluate(self, final: bool) -> dict[str, Any]:
         ctx = EvalContext(self.recipe, self.module, self.strategy, self.splits, self.eval_aug,
@@ -263,10 +244,7 @@ class Run:
         monitor = r.train.monitor
         max_steps = r.train.max_steps
         stopped_early = False
-        # A checkpoint taken on an epoch's last step (before its evaluation) leaves that epoch's
-        # end pending: the loop runs it with no batches, as the straight run did.
-        while self.epoch < r.train.epochs and (not max_steps or self.step < max_steps
-                                               or self.batch_in_epoch >= self.steps_per_epoch):
+        while self.epoch < r.train.epochs and not (max_steps and self.step >= max_steps):
             self.train_set.epoch = self.epoch
             batches = cdata.train_batches(len(self.splits.train), r.data.batch_size, r.seed, self.epoch,
                                           self.batch_in_epoch, self.strategy.shard_batch)
@@ -338,11 +316,7 @@ class Run:
                 logits = self.module(x)
             loss = nn.functional.cross_entropy(logits.float(), y)
             loss.backward()
-            # The mean over the GLOBAL batch when processes hold shards of it (ddp); every
-            # process then takes the same finite/non-finite branch below.
-            total = self.strategy.all_reduce_sum(
-                torch.tensor([float(loss.detach()) * len(labels), len(labels)], dtype=torch.float64))
-            value = float(total[0] / total[1])
+            value = float(loss.detach())
             if not math.isfinite(value):
                 if r.train.on_nonfinite == "stop":
                     last = self.checkpoint_path("last")
