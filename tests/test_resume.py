@@ -1,0 +1,131 @@
+"""Resume is bit-exact on CPU: N steps straight = k steps, stop, resume, N - k steps.
+
+The tiny recipe has dropout (the torch RNG must be restored), a plateau schedule that drops
+the lr at every epoch end (the schedule state must be restored) and 4 steps per epoch, so the
+cut can fall inside an epoch, on its last step (before the epoch's evaluation) or between
+epochs. The cut is made either by ``train.max_steps`` or by a real SIGINT sent to this
+process, which the engine turns into a checkpoint at the next step boundary.
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import convnet.core as cn
+from convnet.core import checkpoint as ckpt
+from convnet.core import plugins
+from convnet.core.engine import Interrupted, Run
+from convnet.core.hookspecs import hookimpl
+
+TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
+STEPS_PER_EPOCH, EPOCHS = 4, 3
+
+
+def model_bytes(path: Path) -> dict[str, bytes]:
+    return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items() if k.startswith("model/")}
+
+
+def train(out: Path, *overrides: str, resume: Path | None = None) -> dict:
+    recipe = cn.load_recipe(TINY, list(overrides))
+    return cn.train(recipe, out=out, resume=resume)
+
+
+_straight: dict[int, dict[str, bytes]] = {}
+
+
+def straight(n: int, tmp: Path) -> dict[str, bytes]:
+    if n not in _straight:
+        out = tmp / f"straight-{n}"
+        train(out, f"train.max_steps={n}")
+        _straight[n] = model_bytes(out / "checkpoints" / "last.safetensors")
+    return _straight[n]
+
+
+class _SigintAtStep:
+    """A real SIGINT delivered to this process right after step ``k`` (a hook plugin)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    @hookimpl
+    def convnet_step_end(self, run, step, metrics) -> None:
+        if step == self.k:
+            signal.raise_signal(signal.SIGINT)
+
+
+def interrupt_at(out: Path, k: int, n: int) -> None:
+    pm, regs = plugins.create_manager()
+    pm.register(_SigintAtStep(k))
+    recipe = cn.load_recipe(TINY, [f"train.max_steps={n}"], regs)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted, match=f"(?s)interrupted at step {k};.*--resume"):
+        Run(recipe, out=out, registries=regs, pm=pm).train()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_six_straight_equals_three_resume_three(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(a, "train.max_steps=6")
+    first = train(b, "train.max_steps=3")
+    assert first["step"] == 3
+    last = b / "checkpoints" / "last.safetensors"
+    assert ckpt.state_of(ckpt.load(last)[1], last)["step"] == 3
+    second = train(b, "train.max_steps=6", resume=last)
+    assert second["step"] == 6
+    wa, wb = model_bytes(a / "checkpoints" / "last.safetensors"), model_bytes(last)
+    assert wa.keys() == wb.keys() and len(wa) == 6
+    assert wa == wb
+    # and the weights did move: 3 steps are not 6
+    assert model_bytes(last) != straight(3, tmp_path)
+
+
+@settings(max_examples=12)
+@given(n=st.integers(2, STEPS_PER_EPOCH * EPOCHS), data=st.data(), how=st.sampled_from(["max_steps", "sigint"]))
+def test_resume_anywhere_is_bit_exact(tmp_path_factory, n: int, data, how: str) -> None:
+    k = data.draw(st.integers(1, n - 1), label="k")
+    tmp = tmp_path_factory.mktemp("resume")
+    out = tmp / "cut"
+    if how == "sigint":
+        interrupt_at(out, k, n)
+    else:
+        train(out, f"train.max_steps={k}")
+    last = out / "checkpoints" / "last.safetensors"
+    assert ckpt.state_of(ckpt.load(last)[1], last)["step"] == k
+    summary = train(out, f"train.max_steps={n}", resume=last)
+    assert summary["step"] == n
+    assert model_bytes(last) == straight(n, tmp_path_factory.getbasetemp())
+
+
+def test_resume_replays_the_pending_epoch_end(tmp_path: Path) -> None:
+    """Cut on an epoch's last step (before its evaluation): the resumed run evaluates that
+    epoch and drops the lr exactly as the straight run did, and logs it once."""
+    out = tmp_path / "cut"
+    interrupt_at(out, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)
+    assert not [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    train(out, f"train.max_steps={2 * STEPS_PER_EPOCH}", resume=out / "checkpoints" / "last.safetensors")
+    ref = tmp_path / "ref"
+    train(ref, f"train.max_steps={2 * STEPS_PER_EPOCH}")
+
+    def evals(folder: Path) -> list[str]:
+        return [line for line in (folder / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in line]
+
+    assert evals(out) == evals(ref) and len(evals(ref)) == 2
+    assert model_bytes(out / "checkpoints" / "last.safetensors") == model_bytes(ref / "checkpoints" / "last.safetensors")
+
+
+def test_resume_restores_rng_and_optimizer_state(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    train(out, "train.max_steps=2")
+    tensors, meta = ckpt.load(out / "checkpoints" / "last.safetensors")
+    state = ckpt.state_of(meta, out / "checkpoints" / "last.safetensors")
+    assert {"rng/torch", "rng/numpy", "rng/python"} <= tensors.keys()
+    velocities = [k for k in tensors if k.startswith("optimizer/") and k.endswith("/velocity")]
+    assert len(velocities) == 6 and all(tensors[k].abs().sum() > 0 for k in velocities)
+    assert state["step"] == 2 and state["epoch"] == 0 and state["batch_in_epoch"] == 2
+    assert "schedule" in state and "optimizer_groups" in state
