@@ -217,6 +217,15 @@ class Run:
                 f"--out {shlex.quote(str(self.out))} --resume {shlex.quote(str(ckp))}")
 
     def train(self) -> dict[str, Any]:
+        try:
+            return self._train()
+        except RuntimeError as exc:  # a lost peer under a multi-process strategy: one clear line
+            error = self.strategy.translate_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _train(self) -> dict[str, Any]:
         self._setup()
         r = self.recipe
         old_handler = None
@@ -316,7 +325,11 @@ class Run:
                 logits = self.module(x)
             loss = nn.functional.cross_entropy(logits.float(), y)
             loss.backward()
-            value = float(loss.detach())
+            # The mean over the GLOBAL batch when processes hold shards of it (ddp); every
+            # process then takes the same finite/non-finite branch below.
+            total = self.strategy.all_reduce_sum(
+                torch.tensor([float(loss.detach()) * len(labels), len(labels)], dtype=torch.float64))
+            value = float(total[0] / total[1])
             if not math.isfinite(value):
                 if r.train.on_nonfinite == "stop":
                     last = self.checkpoint_path("last")

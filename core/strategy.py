@@ -73,6 +73,10 @@ class Strategy:
     def barrier(self) -> None:
         pass
 
+    def translate_error(self, exc: BaseException) -> Exception | None:
+        """A clear error for a failure of this strategy's machinery (a lost peer), else None."""
+        return None
+
     def close(self) -> None:
         pass
 

@@ -42,5 +42,7 @@ def format_summary(info: dict[str, Any]) -> str:
     for d in info["devices"]:
         lines.append(f"device {d['device']}: {d['params']:,} parameters, "
                      f"{d['activation_bytes_per_sample']:,} activation bytes per sample, "
-                     f"{d['exchanged_bytes_per_sample']:,} bytes exchanged per sample")
+                     f"{d['exchanged_bytes_per_sample']:,} bytes exchanged per sample"
+                     + (f", {d['exchanged_bytes_per_step']:,} bytes exchanged per step"
+                        if "exchanged_bytes_per_step" in d else ""))
     return "\n".join(lines)

@@ -1,12 +1,21 @@
-"""Parallelism strategies."""
+"""Parallelism strategies: single, model-parallel, tower-parallel, ddp."""
 from __future__ import annotations
 
 from convnet.core.hookspecs import hookimpl
 from convnet.core.registry import Registries
+from convnet.plugins.parallel.ddp import DDPOptions, build_ddp
+from convnet.plugins.parallel.model_parallel import ModelParallelOptions, build_model_parallel
 from convnet.plugins.parallel.single import SingleOptions, build_single
+from convnet.plugins.parallel.tower_parallel import TowerParallelOptions, build_tower_parallel
 
 
 @hookimpl
 def convnet_register(registries: Registries) -> None:
-    registries.strategy.add("single", build_single, SingleOptions,
-                            "one device; tower-local layers run as grouped convolutions")
+    add = registries.strategy.add
+    add("single", build_single, SingleOptions, "one device; tower-local layers run as grouped convolutions")
+    add("model-parallel", build_model_parallel, ModelParallelOptions,
+        "the paper's scheme in one process: tower t on devices[t], exchanges at cross layers")
+    add("tower-parallel", build_tower_parallel, TowerParallelOptions,
+        "one process per tower over torch.distributed (torchrun), all-gather at cross layers")
+    add("ddp", build_ddp, DDPOptions,
+        "data parallel: DistributedDataParallel over torchrun processes, any world size, multi-node")

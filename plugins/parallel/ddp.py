@@ -1,0 +1,142 @@
+"""Data parallel: DistributedDataParallel, one process per rank, any world size, any nodes.
+
+``data.batch_size`` is the GLOBAL batch: rank r trains on its contiguous ``B / W`` slice of
+every global batch, so W processes follow the same trajectory as one process with batch B
+(the loss is a mean over the rank's slice and DDP averages the gradients over ranks).
+Evaluation splits the samples over ranks (none twice, none dropped) and evaluators sum
+their counts with ``all_reduce_sum``, so the numbers equal a single-process evaluation.
+Only rank 0 writes.
+
+Launch: ``torchrun --standalone --nproc-per-node=2 -m convnet.core run RECIPE --set
+parallel.strategy=ddp`` (multi-node: see docs/parallel.md).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Iterator
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from convnet.core import schema
+from convnet.core.errors import RecipeError
+from convnet.core.model import Network
+from convnet.plugins.parallel.distributed import DistributedOptions, DistributedStrategy
+
+
+@attrs.define
+class DDPOptions(DistributedOptions):
+    pass
+
+
+class _DDP(DistributedDataParallel):
+    """DDP whose training forward draws this rank's own dropout masks, and whose
+    evaluation forward skips DDP's machinery (ranks may evaluate different numbers of batches)."""
+
+    def forward(self, *args, **kwargs):  # type: ignore[override]
+        strategy = self._convnet_strategy
+        if not (self.training and torch.is_grad_enabled()):
+            return self.module(*args, **kwargs)
+        strategy.new_step_seed()
+        with strategy.rng(strategy.rank):
+            return super().forward(*args, **kwargs)
+
+    def features(self, x: torch.Tensor, layer_id: str) -> torch.Tensor:
+        return self.module.features(x, layer_id)
+
+
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+class DDP(DistributedStrategy):
+    label = "ddp"
+
+    def __init__(self, options: DDPOptions, batch_size: int) -> None:
+        super().__init__(options)
+        self.batch_size = batch_size
+
+    def prepare(self, model: Network) -> nn.Module:
+        if self.batch_size % self.world_size:
+            raise RecipeError(f"data.batch_size = {self.batch_size} is the global batch and must divide by the "
+                              f"{self.world_size} ddp processes")
+        self.start()
+        model = model.to(self.device)
+        # No buffer broadcast in forward: the model's buffers are not trained state, and ranks
+        # must not meet in a collective on every forward.
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+        with self.collective("broadcasting the initial weights"):
+            module = _DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None, **sync)
+        module._convnet_strategy = self
+        return module
+
+    @staticmethod
+    def _inner(module: nn.Module) -> nn.Module:
+        return module.module if isinstance(module, DistributedDataParallel) else module
+
+    def named_parameters(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        return self._inner(module).named_parameters()
+
+    def state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self._inner(module).state_dict().items()}
+
+    def load_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self._inner(module).load_state_dict(state)
+
+    def shard_batch(self, indices: list[int]) -> list[int]:
+        per = len(indices) // self.world_size
+        return indices[self.rank * per:(self.rank + 1) * per]
+
+    def shard_eval(self, indices: list[int]) -> list[int]:
+        n, w = len(indices), self.world_size
+        start = self.rank * (n // w) + min(self.rank, n % w)
+        return indices[start:start + n // w + (self.rank < n % w)]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._started:
+            return tensor
+        work = tensor.detach().to(self.device, copy=True)
+        with self.collective("summing results over ranks"):
+            dist.all_reduce(work)
+        return work.to(tensor.device)
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._started:
+            return tensor
+        local = tensor.detach().to(self.device)
+        with self.collective("gathering results from ranks"):
+            sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
+            dist.all_gather(sizes, torch.tensor([local.shape[0]], device=self.device))
+            longest = int(max(s.item() for s in sizes))
+            padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=self.device)
+            padded[:local.shape[0]] = local
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(parts, padded)
+        return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
+
+    def describe(self, model: Network) -> list[dict]:
+        """Each rank holds the whole model; a step all-reduces every gradient (a ring moves
+        2 (W-1)/W of the gradient bytes in and out of each rank)."""
+        world = int(os.environ.get("WORLD_SIZE", self.world_size))
+        params = sum(p.numel() for p in model.parameters())
+        elem = next(iter(model.parameters())).element_size()
+        act = sum(elem * _numel(i.out_shape) for i in model.info)
+        step = 2 * (world - 1) * params * elem // world
+        per_rank_batch = max(self.batch_size // world, 1)
+        return [{"device": f"each of {world} rank(s): {self.device}", "params": params,
+                 "activation_bytes_per_sample": act, "exchanged_bytes_per_sample": step // per_rank_batch,
+                 "exchanged_bytes_per_step": step}]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_ddp(options: DDPOptions, recipe: schema.Recipe) -> DDP:
+    return DDP(options, recipe.data.batch_size)

@@ -1,0 +1,317 @@
+"""Cutting the single-device ``Network`` into towers, and running the tower pieces.
+
+The ``Network`` keeps every weight's output rows in tower order, so tower ``t`` of a layer
+with ``O`` outputs owns rows ``t*O/T : (t+1)*O/T`` of each of its parameters. How each
+layer runs under a tower split (its *mode*):
+
+- ``local``: tower ``t`` reads its own block of the previous activation. A layer with
+  parameters gets those rows, with ``groups`` set to 1 (grouped conv, grouped fc, LRN).
+  A layer without parameters is applied to each tower's block on its own: exact for
+  layers that treat channels independently (activations, pooling, dropout, flatten,
+  third-party elementwise layers such as swish) or in tower groups (LRN).
+- ``cross``: tower ``t`` reads every tower's block (one exchange) and computes its own
+  rows; a parameter-free cross layer is computed whole on every tower, which keeps its
+  own block of the output.
+- ``whole``: a ``cross`` layer whose outputs do not divide by the towers (the last
+  layer's ``num_classes``, say) runs unsplit on tower 0; so do the parameter-free layers
+  after it.
+
+A strategy supplies an :class:`Exchange` (how blocks move between towers) and runs
+:func:`run_towers`. ``model-parallel`` holds every tower in one process;
+``tower-parallel`` holds one tower per process.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Callable, Iterator, Protocol, Sequence
+
+import attrs
+import torch
+from torch import nn
+
+from convnet.core.errors import RecipeError
+from convnet.core.model import LayerInfo, Network
+
+ROW_ATTRS_OUT = ("out_channels", "out_features", "num_features")
+ROW_ATTRS_IN = ("in_channels", "in_features")
+
+
+def layer_modes(model: Network) -> list[str]:
+    """Each layer's mode (``local``, ``cross`` or ``whole``), from the recipe's shapes alone."""
+    towers = model.towers
+    modes = []
+    for info in model.info:
+        rows = info.out_shape[0]
+        if info.towers == "cross" and rows % towers:
+            modes.append("whole")
+        elif info.towers == "cross":
+            modes.append("cross")
+        elif info.params and rows % towers:
+            raise RecipeError(f"model.layers ({info.id}): a tower-local layer with parameters needs its "
+                              f"{rows} outputs to divide by {towers} towers")
+        else:
+            modes.append("local")
+    return modes
+
+
+@attrs.define
+class LayerSplit:
+    """One layer cut into towers: ``pieces[t]`` is tower t's module (None if not held here)."""
+
+    id: str
+    mode: str
+    info: LayerInfo
+    module: nn.Module | None          # the canonical module (parameter-free layers only)
+    pieces: list[nn.Module | None]
+    sharded: tuple[str, ...] = ()     # tensor names (inside the layer) split by rows
+    replicated: tuple[str, ...] = ()  # tensor names every tower holds whole
+
+    @property
+    def has_params(self) -> bool:
+        return self.info.params > 0
+
+
+class TakeBlock(nn.Module):
+    """A parameter-free cross layer computed whole; tower ``t`` keeps its output block."""
+
+    def __init__(self, module: nn.Module, tower: int, towers: int) -> None:
+        super().__init__()
+        self.inner, self.tower, self.towers = module, tower, towers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        rows = y.shape[1] // self.towers
+        return y.narrow(1, self.tower * rows, rows)
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
+def _shell(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are left empty (None)."""
+    memo: dict[int, object] = {id(t): None for t in _tensors(module).values()}
+    return copy.deepcopy(module, memo)
+
+
+def _set_tensor(piece: nn.Module, name: str, value: torch.Tensor, is_param: bool, requires_grad: bool) -> None:
+    prefix, _, leaf = name.rpartition(".")
+    owner = piece.get_submodule(prefix) if prefix else piece
+    if is_param:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=requires_grad)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _ungroup(piece: nn.Module, towers: int, mode: str, rows: int, in_rows: int) -> None:
+    """Tower pieces compute one group: ``groups`` = towers becomes 1; sizes follow."""
+    for m in piece.modules():
+        if towers > 1 and getattr(m, "groups", None) == towers:
+            m.groups = 1
+    for attr in ROW_ATTRS_OUT:
+        if isinstance(getattr(piece, attr, None), int) and getattr(piece, attr) == rows:
+            setattr(piece, attr, rows // towers)
+    if mode == "local":
+        for attr in ROW_ATTRS_IN:
+            if isinstance(getattr(piece, attr, None), int) and getattr(piece, attr) == in_rows:
+                setattr(piece, attr, in_rows // towers)
+
+
+def _row_piece(module: nn.Module, info: LayerInfo, mode: str, tower: int, towers: int
+               ) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
+    rows = info.out_shape[0]
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    piece = _shell(module)
+    sharded, replicated = [], []
+    per = rows // towers
+    for name, tensor in (params | buffers).items():
+        is_param = name in params
+        if tensor.dim() >= 1 and tensor.shape[0] == rows:
+            value = tensor.detach()[tower * per:(tower + 1) * per].clone()
+            sharded.append(name)
+        elif is_param:
+            raise RecipeError(f"model.layers ({info.id}): parameter {name!r} of shape {list(tensor.shape)} "
+                              f"is not laid out by the layer's {rows} output rows, so it cannot be split "
+                              "into towers")
+        else:
+            value = tensor.detach().clone()
+            replicated.append(name)
+        _set_tensor(piece, name, value, is_param, tensor.requires_grad)
+    _ungroup(piece, towers, mode, rows, info.in_shape[0])
+    return piece, tuple(sharded), tuple(replicated)
+
+
+def split_network(model: Network, held: Sequence[int] | None = None) -> list[LayerSplit]:
+    """Cut ``model`` into tower pieces (copies; the model is left as it was).
+
+    ``held``: the towers to build (default all); the others' pieces are None.
+    """
+    towers = model.towers
+    held_set = set(range(towers) if held is None else held)
+    splits = []
+    for info, mode in zip(model.info, layer_modes(model)):
+        module = model.layers[info.id]
+        if mode == "whole":
+            whole = _shell(module)
+            for name, tensor in _tensors(module).items():
+                _set_tensor(whole, name, tensor.detach().clone(), name in dict(module.named_parameters()),
+                            tensor.requires_grad)
+            splits.append(LayerSplit(info.id, mode, info, None, [whole],
+                                     replicated=tuple(_tensors(module))))
+            continue
+        if info.params:
+            pieces: list[nn.Module | None] = []
+            sharded: tuple[str, ...] = ()
+            replicated: tuple[str, ...] = ()
+            for t in range(towers):
+                if t in held_set:
+                    piece, sharded, replicated = _row_piece(module, info, mode, t, towers)
+                    pieces.append(piece)
+                else:
+                    pieces.append(None)
+            splits.append(LayerSplit(info.id, mode, info, None, pieces, sharded, replicated))
+            continue
+        pieces = []
+        for t in range(towers):
+            if t not in held_set:
+                pieces.append(None)
+            elif mode == "cross":
+                pieces.append(TakeBlock(copy.deepcopy(module), t, towers))
+            else:
+                piece = copy.deepcopy(module)
+                _ungroup(piece, towers, mode, info.out_shape[0], info.in_shape[0])
+                pieces.append(piece)
+        splits.append(LayerSplit(info.id, mode, info, copy.deepcopy(module), pieces,
+                                 replicated=tuple(_tensors(module))))
+    return splits
+
+
+class Exchange(Protocol):
+    """How activation blocks move between the towers a process holds."""
+
+    def scatter(self, whole: torch.Tensor) -> list[torch.Tensor]:
+        """A whole activation (on tower 0, or replicated) -> the held towers' blocks."""
+
+    def cross_inputs(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The held towers' blocks -> for each held tower, every tower's blocks concatenated."""
+
+    def replicate(self, whole: torch.Tensor) -> list[torch.Tensor]:
+        """A whole activation -> one copy per held tower, for a cross layer."""
+
+    def to_whole(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The held towers' blocks -> the whole activation (on tower 0, or replicated)."""
+
+
+def run_towers(splits: list[LayerSplit], pieces: nn.ModuleDict, whole: nn.ModuleDict, x: torch.Tensor,
+               exchange: Exchange, stop_at: str | None = None,
+               around: Callable[[LayerSplit, bool], object] | None = None) -> torch.Tensor:
+    """The forward pass over tower pieces: returns the whole output (or ``stop_at``'s).
+
+    ``pieces[id]`` holds the held towers' modules, ``whole[id]`` the unsplit modules.
+    ``around(split, sharded)`` may return a context manager entered around each
+    parameter-free layer (tower-parallel uses it for per-tower dropout masks).
+    """
+    blocks: list[torch.Tensor] | None = None
+    state = x
+    for s in splits:
+        replicated = s.mode == "whole" or (s.mode == "local" and blocks is None and not s.has_params)
+        ctx = around(s, not replicated) if around is not None and not s.has_params else None
+        with ctx if ctx is not None else contextlib.nullcontext():
+            if s.mode == "whole":
+                state = whole[s.id](exchange.to_whole(blocks) if blocks is not None else state)
+                blocks = None
+            elif replicated:
+                state = whole[s.id](state)
+            else:
+                if s.mode == "local":
+                    inputs = blocks if blocks is not None else exchange.scatter(state)
+                else:
+                    inputs = exchange.cross_inputs(blocks) if blocks is not None else exchange.replicate(state)
+                blocks = [m(b) for m, b in zip(pieces[s.id], inputs)]
+        if s.id == stop_at:
+            break
+    return exchange.to_whole(blocks) if blocks is not None else state
+
+
+def canonical(layer_id: str, name: str) -> str:
+    return f"layers.{layer_id}.{name}"
+
+
+def iter_tensors(splits: list[LayerSplit]) -> Iterator[tuple[LayerSplit, str, bool]]:
+    """(split, tensor name inside the layer, sharded?) for every tensor of the model."""
+    for s in splits:
+        for name in s.sharded:
+            yield s, name, True
+        for name in s.replicated:
+            yield s, name, False
+
+
+def piece_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    prefix, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    t = owner._parameters.get(leaf)
+    return t if t is not None else owner._buffers[leaf]
+
+
+# ---------------------------------------------------------------------------- accounting
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def tower_costs(model: Network, elem_bytes: int) -> list[dict[str, int]]:
+    """Per tower: parameters, activation bytes and bytes received per sample (forward).
+
+    Activations count every layer's output block a tower keeps plus the other towers'
+    blocks it receives at cross layers. The input image is on every tower already.
+    """
+    towers = model.towers
+    params = [0] * towers
+    act = [0] * towers
+    recv = [0] * towers
+    split = False
+    for index, (info, mode) in enumerate(zip(model.info, layer_modes(model))):
+        n_in, n_out = _numel(info.in_shape), _numel(info.out_shape)
+        if mode == "whole" or (mode == "local" and not split and not info.params):
+            if split:
+                recv[0] += n_in * (towers - 1) // towers
+                act[0] += n_in * (towers - 1) // towers
+            params[0] += info.params
+            act[0] += n_out
+            split = False
+            continue
+        if mode == "cross" and split:
+            for t in range(towers):
+                recv[t] += n_in * (towers - 1) // towers
+                act[t] += n_in * (towers - 1) // towers
+        elif not split and index > 0:  # a whole activation on tower 0 goes to the others
+            share = n_in if mode == "cross" else n_in // towers
+            for t in range(1, towers):
+                recv[t] += share
+                act[t] += share
+        for t in range(towers):
+            params[t] += info.params // towers
+            act[t] += n_out // towers
+        split = True
+    if split:
+        n = _numel(model.info[-1].out_shape)
+        recv[0] += n * (towers - 1) // towers
+    return [{"params": params[t], "activation_bytes_per_sample": act[t] * elem_bytes,
+             "received_bytes_per_sample": recv[t] * elem_bytes} for t in range(towers)]
+
+
+def describe_towers(model: Network, devices: Sequence[str], batch_size: int) -> list[dict]:
+    """``Strategy.describe`` rows for a tower split: backward moves as many bytes as forward."""
+    elem = next(iter(model.parameters())).element_size() if any(True for _ in model.parameters()) else 4
+    rows = []
+    for t, cost in enumerate(tower_costs(model, elem)):
+        per_sample = 2 * cost["received_bytes_per_sample"]
+        rows.append({"device": devices[t], "params": cost["params"],
+                     "activation_bytes_per_sample": cost["activation_bytes_per_sample"],
+                     "exchanged_bytes_per_sample": per_sample,
+                     "exchanged_bytes_per_step": per_sample * batch_size})
+    return rows

@@ -1,0 +1,295 @@
+"""tower-parallel and ddp in real processes (gloo on this CPU) against single, and a rank
+that dies mid-run. Every launch has a hard timeout and its own free port."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import convnet.core as cn
+from convnet.core.engine import Run
+
+LAUNCH_TIMEOUT = 120  # seconds; a launch that takes longer is killed and the test fails
+
+# Every kind of exchange tower-parallel has: the image replicated into a cross conv, local
+# layers, a cross conv reading both towers (conv3 -> whole, its 3 maps do not split in 2),
+# a replicated activation read by a cross conv (conv4), a replicated tensor scattered into
+# a local fc (fc6), a cross fc (fc7), and the last layer whole (5 classes).
+TINY = """
+seed = 3
+[model]
+input = [3, 16, 16]
+num_classes = 5
+towers = 2
+[[model.layers]]
+name = "conv"
+id = "conv1"
+towers = "cross"
+out = 8
+kernel = 3
+padding = 1
+weight_init = "kaiming"
+[[model.layers]]
+name = "relu"
+[[model.layers]]
+name = "lrn"
+impl = "reference"
+[[model.layers]]
+name = "maxpool"
+kernel = 2
+stride = 2
+[[model.layers]]
+name = "conv"
+id = "conv2"
+out = 8
+kernel = 3
+padding = 1
+weight_init = "kaiming"
+bias = 0.1
+[[model.layers]]
+name = "relu"
+[[model.layers]]
+name = "conv"
+id = "conv3"
+towers = "cross"
+out = 3
+kernel = 3
+padding = 1
+weight_init = "kaiming"
+[[model.layers]]
+name = "relu"
+[[model.layers]]
+name = "conv"
+id = "conv4"
+towers = "cross"
+out = 4
+kernel = 3
+padding = 1
+weight_init = "kaiming"
+[[model.layers]]
+name = "relu"
+[[model.layers]]
+name = "maxpool"
+kernel = 2
+stride = 2
+[[model.layers]]
+name = "conv"
+id = "conv5"
+towers = "cross"
+out = 3
+kernel = 1
+weight_init = "kaiming"
+[[model.layers]]
+name = "flatten"
+[[model.layers]]
+name = "fc"
+id = "fc6"
+out = 16
+weight_init = "kaiming"
+bias = 0.1
+[[model.layers]]
+name = "relu"
+[[model.layers]]
+name = "fc"
+id = "fc7"
+towers = "cross"
+out = 16
+weight_init = "kaiming"
+[[model.layers]]
+name = "relu"
+[[model.layers]]
+name = "dropout"
+p = 0.0
+[[model.layers]]
+name = "fc"
+id = "fc8"
+towers = "cross"
+out = 5
+weight_init = "kaiming"
+[data]
+batch_size = 16
+workers = 0
+[data.dataset]
+name = "synthetic"
+train_size = 48
+val_size = 21
+[train]
+epochs = 3
+max_steps = 5
+log_every = 1
+[train.optimizer]
+name = "paper-sgd"
+lr = 0.05
+[parallel]
+strategy = "single"
+device = "cpu"
+[[evaluate]]
+name = "topk"
+k = [1, 2]
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY, encoding="utf-8")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}, **extra)
+    return env
+
+
+def _spawn_ranks(args: list[str], world: int) -> list[subprocess.Popen]:
+    """One process per rank with the environment torchrun would give it."""
+    port = str(_free_port())
+    return [subprocess.Popen([sys.executable, "-m", "convnet.core", *args],
+                             env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port, LOCAL_WORLD_SIZE=str(world)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for r in range(world)]
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append((p.returncode, out + err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"multi-process run still going after {timeout} s (hang)")
+    return results
+
+
+def _torchrun(args: list[str], nproc: int) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "convnet.core", *args]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    return _wait_all([proc], LAUNCH_TIMEOUT)[0]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def _evals(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "lr"} for r in records if r["kind"] in ("eval", "final")]
+
+
+def _single(recipe_path: Path, out: Path, *sets: str, resume: Path | None = None) -> Path:
+    recipe = cn.load_recipe(str(recipe_path), list(sets))
+    Run(recipe, out=out, resume=resume, quiet=True).train()
+    return out
+
+
+def _assert_same_checkpoint(a: Path, b: Path, rel: float) -> None:
+    ta, tb = load_file(a / "checkpoints" / "last.safetensors"), load_file(b / "checkpoints" / "last.safetensors")
+    model = sorted(k for k in ta if not k.startswith("rng/"))
+    assert model == sorted(k for k in tb if not k.startswith("rng/")), "checkpoint formats differ"
+    for k in model:
+        scale = ta[k].abs().max().item() or 1.0
+        assert (ta[k] - tb[k]).abs().max().item() <= rel * scale, k
+
+
+def _assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float) -> None:
+    assert sorted(a) == sorted(b) and a
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])
+
+
+def test_tower_parallel_two_processes_follow_single(tiny: Path, tmp_path: Path) -> None:
+    single = _single(tiny, tmp_path / "single")
+    procs = _spawn_ranks(["run", str(tiny), "--quiet", "--out", str(tmp_path / "tp"),
+                          "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2)
+    for code, text in _wait_all(procs, LAUNCH_TIMEOUT):
+        assert code == 0, text
+    _assert_same_losses(_losses(single), _losses(tmp_path / "tp"), 1e-5)
+    assert len(_losses(single)) == 5
+    _assert_same_checkpoint(single, tmp_path / "tp", 1e-5)
+    assert _evals(single) == _evals(tmp_path / "tp")
+    assert not (tmp_path / "tp" / "checkpoints" / "rank1").exists()
+
+
+def test_tower_parallel_resumes_a_single_checkpoint(tiny: Path, tmp_path: Path) -> None:
+    """Checkpoints are one format: 2 steps under single, 3 more under tower-parallel ==
+    5 under single (the resume loads, slices and re-gathers model and optimizer state)."""
+    straight = _single(tiny, tmp_path / "straight")
+    first = _single(tiny, tmp_path / "first", "train.max_steps=2")
+    resumed = tmp_path / "resumed"
+    procs = _spawn_ranks(["run", str(tiny), "--quiet", "--out", str(resumed),
+                          "--resume", str(first / "checkpoints" / "last.safetensors"),
+                          "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2)
+    for code, text in _wait_all(procs, LAUNCH_TIMEOUT):
+        assert code == 0, text
+    tail = {s: v for s, v in _losses(straight).items() if s > 2}
+    _assert_same_losses(tail, _losses(resumed), 1e-5)
+    _assert_same_checkpoint(straight, resumed, 1e-5)
+
+
+def test_ddp_two_processes_half_batch_each_follow_single(tiny: Path, tmp_path: Path) -> None:
+    """torchrun, 2 ranks x 8 samples == one process x 16: losses, weights, evaluation."""
+    single = _single(tiny, tmp_path / "single")
+    code, text = _torchrun(["run", str(tiny), "--quiet", "--out", str(tmp_path / "ddp"),
+                            "--set", "parallel.strategy=ddp", "--set", "parallel.timeout=60"], nproc=2)
+    assert code == 0, text
+    _assert_same_losses(_losses(single), _losses(tmp_path / "ddp"), 1e-5)
+    _assert_same_checkpoint(single, tmp_path / "ddp", 1e-5)
+    # 21 validation samples split 11 + 10 over the ranks, counts summed: the same numbers.
+    assert _evals(single) == _evals(tmp_path / "ddp")
+    assert _evals(single)[0]["samples"] == 21
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tiny: Path, tmp_path: Path, strategy: str) -> None:
+    out = tmp_path / "run"
+    procs = _spawn_ranks(["run", str(tiny), "--quiet", "--out", str(out), "--set", "train.max_steps=100000",
+                          "--set", "train.epochs=100000", "--set", f"parallel.strategy={strategy}",
+                          "--set", "parallel.timeout=20"], world=2)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert procs[0].poll() is None and procs[1].poll() is None, "a rank ended before the kill"
+            assert time.monotonic() < deadline, "the run never got going"
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            _, err = procs[0].communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("rank 0 hung for 60 s after rank 1 died")
+        procs[1].communicate(timeout=10)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert procs[0].returncode == 1, err
+    assert time.monotonic() - killed_at < 60
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith(f"convnet: error: {strategy} rank 0 of 2:"), err
+    assert "another process probably died" in last
+    assert "Traceback" not in err
