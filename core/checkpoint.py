@@ -55,24 +55,45 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
                    metadata={"convnet.format": FORMAT, **metadata})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _write_atomic(path, blob)
+
+
+def copy(src: Path, dst: Path) -> None:
+    """Copy a checkpoint (last -> best) as atomically as ``save`` writes one."""
+    _write_atomic(Path(dst), Path(src).read_bytes())
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            kept = "the previous checkpoint is unchanged" if path.exists() else "no checkpoint was written"
+            raise CheckpointError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); {kept}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    # temp files of writers that were killed mid-write: never a checkpoint, only litter
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
 
 
 def _sniff(path: Path, head: bytes) -> str | None:
