@@ -61,6 +61,14 @@ def check_writable(out: Path, needed_bytes: int) -> None:
                            f"{needed_bytes / 2**20:.1f} MiB")
 
 
+def checkpoint_room(recipe: schema.Recipe, registries: Registries) -> int:
+    """Bytes the run folder needs: an atomic save holds the old and the new checkpoint at once,
+    each with the weights and up to two optimizer buffers per weight (sized on the meta device)."""
+    model = build_model(recipe, "meta", registries)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * 3 * weights + (1 << 20)
+
+
 class Run:
     """One training run; the object lifecycle hooks receive."""
 
@@ -95,11 +103,10 @@ class Run:
         # cudnn.benchmark picks kernels by timing them, so it is only honoured when not deterministic.
         torch.backends.cudnn.benchmark = r.train.cudnn_benchmark and not r.train.deterministic
         torch.manual_seed(r.seed)
+        if self.strategy.is_main:  # before anything is allocated or read: a full disk costs nothing
+            check_writable(self.out, needed_bytes=checkpoint_room(r, self.registries))
         model = build_model(r, "cpu", self.registries)
         self.network: Network = model
-        params = sum(p.numel() for p in model.parameters())
-        if self.strategy.is_main:
-            check_writable(self.out, needed_bytes=3 * 4 * params + (1 << 20))
         self.splits = cdata.build_dataset(r, self.registries)
         self.module: nn.Module = self.strategy.prepare(model)
         self.dtype = next(iter(self.module.parameters())).dtype
@@ -191,8 +198,6 @@ class Run:
             ckpt.restore_rng(tensors, state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: RNG state is missing or corrupt ({exc})") from None
-        if self.batch_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
@@ -292,9 +297,8 @@ class Run:
             if improved:
                 self.best = metric
             self.save_checkpoint("last")
-            if improved:
-                shutil.copyfile(self.checkpoint_path("last"), self.checkpoint_path("best")) \
-                    if self.strategy.is_main else None
+            if improved and self.strategy.is_main:
+                ckpt.copy(self.checkpoint_path("last"), self.checkpoint_path("best"))
             self.pm.hook.convnet_epoch_end(run=self, epoch=self.epoch - 1, metrics=record)
             if self.pm.hook.convnet_should_stop(run=self, epoch=self.epoch - 1, metrics=record):
                 stopped_early = True
