@@ -258,7 +258,10 @@ class Run:
         monitor = r.train.monitor
         max_steps = r.train.max_steps
         stopped_early = False
-        while self.epoch < r.train.epochs and not (max_steps and self.step >= max_steps):
+        # A checkpoint taken on an epoch's last step (before its evaluation) leaves that epoch's
+        # end pending: the loop runs it with no batches, as the straight run did.
+        while self.epoch < r.train.epochs and (not max_steps or self.step < max_steps
+                                               or self.batch_in_epoch >= self.steps_per_epoch):
             self.train_set.epoch = self.epoch
             batches = cdata.train_batches(len(self.splits.train), r.data.batch_size, r.seed, self.epoch,
                                           self.batch_in_epoch, self.strategy.shard_batch)
