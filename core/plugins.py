@@ -11,6 +11,7 @@ from convnet.core.errors import ConvnetError, PluginError
 from convnet.core.registry import Registries
 
 GROUP = "convnet"
+OWN_DISTRIBUTION = "convnet"
 
 
 class PluginWarning(UserWarning):
@@ -59,15 +60,18 @@ def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registri
                      f"{type(exc).__name__}: {exc}")
             continue
         dists[ep.name] = dist
-    for impl in pm.hook.convnet_register.get_hookimpls():
+    # convnet's own plugins first, then the others by name: a third party can never take a
+    # built-in name (its registration is the one refused), whatever the order of sys.path.
+    impls = sorted(pm.hook.convnet_register.get_hookimpls(),
+                   key=lambda i: (dists.get(i.plugin_name, "").split(" ")[0] != OWN_DISTRIBUTION, i.plugin_name))
+    for impl in impls:
         name = impl.plugin_name
         registries.current_plugin = (name, dists.get(name, "<registered directly>"))
         try:
             impl.function(registries=registries)
-        except ConvnetError as exc:
-            _problem(registries, strict, str(exc))
         except Exception as exc:
-            _problem(registries, strict,
+            registries.discard_plugin(name)  # a plugin is loaded whole or not at all
+            _problem(registries, strict, str(exc) if isinstance(exc, ConvnetError) else
                      f"plugin {name!r} (distribution {dists.get(name)}) failed while registering: "
                      f"{type(exc).__name__}: {exc}")
     registries.current_plugin = ("<none>", "<none>")

@@ -89,6 +89,11 @@ class Registries:
             raise KeyError(kind)
         return getattr(self, kind)
 
+    def discard_plugin(self, plugin: str) -> None:
+        """Drop what ``plugin`` registered (it failed part-way: keep none of it)."""
+        for _, registry in self.items():
+            registry._entries = {n: e for n, e in registry._entries.items() if e.plugin != plugin}
+
     def items(self) -> Iterator[tuple[str, Registry]]:
         for kind in KINDS:
             yield kind, self[kind]
