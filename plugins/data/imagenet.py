@@ -57,15 +57,19 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (bilinear, antialiased when shrinking), then the centre square."""
+    """Shorter side to ``size`` (PIL bilinear, antialiased when shrinking), then the centre square.
+
+    Rounding follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` exactly (long side
+    truncated, crop offset rounded), so the two give the same pixels.
+    """
     w, h = img.size
     if w <= h:
-        nw, nh = size, max(size, round(h * size / w))
+        nw, nh = size, int(size * h / w)
     else:
-        nw, nh = max(size, round(w * size / h)), size
+        nw, nh = int(size * w / h), size
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 

@@ -1,0 +1,283 @@
+"""The imagenet dataset on real JPEG trees written on the fly (pieces of scikit-learn's sample photos)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convnet.core import cli
+from convnet.core.data import build_dataset
+from convnet.core.engine import train
+from convnet.core.errors import DataError, RecipeError
+from convnet.core.recipe import load_recipe
+from convnet.plugins.data.imagenet import ImageFiles, preprocess
+
+CLASSES = ("n01440764", "n02102040")  # two wnids, as folder names
+
+
+class NotData:
+    """An arbitrary class: pickled into a file, it must not be loaded back."""
+
+
+def photos() -> list[np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    return list(load_sample_images().images)  # china.jpg, flower.jpg: 427x640x3 uint8
+
+
+def pieces(photo: np.ndarray, count: int, seed: int) -> list[Image.Image]:
+    """Crops of varied size and aspect ratio, portrait and landscape."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        h, w = int(rng.integers(60, 300)), int(rng.integers(60, 300))
+        y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
+        out.append(Image.fromarray(photo[y:y + h, x:x + w]))
+    return out
+
+
+def write_tree(root: Path, train_per_class: int = 4, val_per_class: int = 2, flat_val: bool = False) -> dict:
+    """``root/train/<wnid>/*.JPEG`` and ``root/val/...``; one grey, one CMYK JPEG and one RGBA PNG."""
+    files: dict[str, list[Path]] = {"train": [], "val": []}
+    val_wnids = []
+    for c, (wnid, photo) in enumerate(zip(CLASSES, photos())):
+        imgs = pieces(photo, train_per_class + val_per_class, seed=c)
+        for i, img in enumerate(imgs):
+            split = "train" if i < train_per_class else "val"
+            folder = root / split / wnid
+            if split == "val" and flat_val:
+                folder = root / "val"
+                val_wnids.append(wnid)
+                name = f"ILSVRC2012_val_{len(val_wnids):08d}.JPEG"
+            else:
+                name = f"{wnid}_{i}.JPEG"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            if i == 1:
+                img.convert("L").save(path, "JPEG", quality=90)
+            elif i == 2:
+                img.convert("CMYK").save(path, "JPEG", quality=90)
+            elif i == 3:
+                path = path.with_suffix(".png")
+                rgba = img.convert("RGBA")
+                rgba.putalpha(128)
+                rgba.save(path, "PNG")
+            else:
+                img.save(path, "JPEG", quality=90)
+            files[split].append(path)
+    return {"files": files, "val_wnids": val_wnids}
+
+
+def tiny_recipe(tmp_path: Path, root: Path, extra: str = "", workers: int = 0) -> Path:
+    """A small network on the imagenet dataset at 32x32, to train in seconds."""
+    text = f"""
+description = "test"
+seed = 0
+[model]
+input = [3, 32, 32]
+num_classes = 2
+towers = 2
+[[model.layers]]
+name = "conv"
+towers = "cross"
+out = 8
+kernel = 5
+stride = 2
+weight_init = "kaiming"
+[[model.layers]]
+name = "relu"
+[[model.layers]]
+name = "maxpool"
+kernel = 3
+stride = 2
+[[model.layers]]
+name = "flatten"
+[[model.layers]]
+name = "fc"
+towers = "cross"
+out = 2
+[data]
+batch_size = 2
+workers = {workers}
+{extra}
+[data.dataset]
+name = "imagenet"
+root = "{root}"
+size = 32
+[train]
+epochs = 1
+[train.optimizer]
+name = "paper-sgd"
+lr = 0.001
+[parallel]
+strategy = "single"
+device = "cpu"
+[[evaluate]]
+name = "topk"
+k = [1]
+"""
+    path = tmp_path / "tiny.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "imagenet"
+    info = write_tree(root)
+    return root, info
+
+
+def test_every_file_becomes_uint8_3x256x256(tree):
+    root, info = tree
+    for path in info["files"]["train"] + info["files"]["val"]:
+        image = preprocess(path)
+        assert image.dtype == torch.uint8 and image.shape == (3, 256, 256), path
+    grey = preprocess(info["files"]["train"][1])
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    cmyk = preprocess(info["files"]["train"][2])
+    assert not torch.equal(cmyk[0], cmyk[2])  # converted to colour, not read as one plane
+
+
+def test_preprocessing_equals_torchvision_resize_and_center_crop(tree):
+    tv = pytest.importorskip("torchvision.transforms")
+    root, info = tree
+    pipeline = tv.Compose([tv.Resize(256), tv.CenterCrop(256), tv.PILToTensor()])
+    for path in info["files"]["train"]:
+        with Image.open(path) as img:
+            expected = pipeline(img.convert("RGB"))
+        assert torch.equal(preprocess(path), expected), path
+
+
+@pytest.mark.parametrize("size", [(600, 300), (300, 600), (301, 777)])
+def test_centre_crop_keeps_the_middle_of_the_longer_side(tmp_path, size):
+    w, h = size
+    a = np.zeros((h, w, 3), np.uint8)
+    a[...] = (255, 0, 0)
+    long = max(w, h)
+    band = slice(long // 4, long - long // 4)  # the middle half of the long side is blue
+    if w > h:
+        a[:, band] = (0, 0, 255)
+    else:
+        a[band, :] = (0, 0, 255)
+    path = tmp_path / "bands.png"
+    Image.fromarray(a).save(path)
+    out = preprocess(path)
+    inner = out[:, 3:-3, 3:-3]  # bilinear blends one or two pixels at the band edges
+    assert torch.all(inner[2] >= 250) and torch.all(inner[0] <= 5)
+
+
+def test_truncated_or_garbage_files_are_none(tree, tmp_path):
+    root, info = tree
+    good = info["files"]["train"][0]
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.JPEG"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.JPEG"
+    garbage.write_bytes(b"not a jpeg at all" * 10)
+    empty = tmp_path / "empty.JPEG"
+    empty.write_bytes(b"")
+    ds = ImageFiles([str(good), str(truncated), str(garbage), str(empty)], [0, 0, 1, 1], 256)
+    assert ds[0] is not None and ds[0][1] == 0
+    assert ds[1] is None and ds[2] is None and ds[3] is None
+
+
+def test_folders_layout_builds_both_splits(tree, tmp_path, registries):
+    root, info = tree
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    splits = build_dataset(recipe, registries)
+    assert splits.classes == list(CLASSES) and splits.num_classes == 2
+    assert len(splits.train) == 8 and len(splits.val) == 4
+    labels = [splits.train[i][1] for i in range(len(splits.train))]
+    assert labels == [0] * 4 + [1] * 4
+    assert splits.train[0][0].shape == (3, 32, 32)
+
+
+def test_devkit_layout_with_flat_val_uses_the_ground_truth(tmp_path, registries):
+    root = tmp_path / "ilsvrc"
+    info = write_tree(root, flat_val=True)
+    torch.save(({CLASSES[0]: ("tench", "Tinca tinca"), CLASSES[1]: ("English springer",)}, info["val_wnids"]),
+               root / "meta.bin")
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    splits = build_dataset(recipe, registries)
+    assert splits.classes == [f"{CLASSES[0]} tench", f"{CLASSES[1]} English springer"]
+    assert len(splits.val) == len(info["val_wnids"]) == 4
+    expected = [CLASSES.index(w) for w in info["val_wnids"]]
+    assert [splits.val[i][1] for i in range(4)] == expected
+    assert sorted(Path(p).name for p in splits.val.paths) == [p.name for p in info["files"]["val"]]
+
+
+def test_devkit_meta_must_be_weights_only(tmp_path, registries):
+    root = tmp_path / "ilsvrc"
+    write_tree(root, flat_val=True)
+    torch.save(({CLASSES[0]: ("x",)}, [NotData()]), root / "meta.bin")
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    with pytest.raises(DataError, match="meta.bin: not a torchvision ImageNet meta file"):
+        build_dataset(recipe, registries)
+
+
+@pytest.mark.parametrize("case", ["missing", "no-train", "no-images"])
+def test_bad_root_is_one_line_naming_path_and_layout(tmp_path, registries, case):
+    root = tmp_path / "data"
+    if case != "missing":
+        root.mkdir()
+    if case == "no-images":
+        (root / "train" / CLASSES[0]).mkdir(parents=True)
+        (root / "train" / CLASSES[0] / "notes.txt").write_text("x")
+        (root / "val").mkdir()
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    with pytest.raises(DataError) as err:
+        build_dataset(recipe, registries)
+    msg = str(err.value)
+    assert "\n" not in msg and str(root) in msg and "expected <root>/train/<class>/*.JPEG" in msg
+    if case == "no-images":
+        assert "no images" in msg
+
+
+def test_missing_root_from_the_command_line(tmp_path, capsys):
+    path = tiny_recipe(tmp_path, tmp_path / "nowhere")
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and str(tmp_path / "nowhere") in err[0] and "ImageFolder" in err[0]
+
+
+def test_num_classes_mismatch_is_a_recipe_error(tree, tmp_path, registries):
+    root, _ = tree
+    recipe = load_recipe(tiny_recipe(tmp_path, root), ["model.num_classes=3", "model.layers[4].out=3"],
+                         registries=registries)
+    with pytest.raises(RecipeError, match="model.num_classes = 3"):
+        build_dataset(recipe, registries)
+
+
+def _corrupt(root: Path) -> int:
+    """Truncate one training JPEG and replace another by garbage: two unreadable samples."""
+    jpegs = sorted((root / "train").rglob("*.JPEG"))
+    data = jpegs[0].read_bytes()
+    jpegs[0].write_bytes(data[: len(data) // 3])
+    jpegs[-1].write_bytes(b"\x00" * 100)
+    return 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_training_images_are_skipped_counted_and_reported(tree, tmp_path, registries, workers, capsys):
+    root, _ = tree
+    bad = _corrupt(root)
+    recipe = load_recipe(tiny_recipe(tmp_path, root, workers=workers), registries=registries)
+    out = tmp_path / "run"
+    summary = train(recipe, out=out, registries=registries)
+    assert summary["skipped_samples"] == bad
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_samples"] for r in evals if r["kind"] == "eval"] == [bad]
+    assert f"skipped {bad} unreadable training sample(s)" in capsys.readouterr().err
+
+
+def test_unreadable_training_image_is_fatal_when_the_recipe_says_so(tree, tmp_path, registries):
+    root, _ = tree
+    _corrupt(root)
+    recipe = load_recipe(tiny_recipe(tmp_path, root, extra='bad_samples = "fatal"'), registries=registries)
+    with pytest.raises(DataError, match="unreadable sample"):
+        train(recipe, out=tmp_path / "run", registries=registries)
