@@ -95,7 +95,8 @@ class Augment(Protocol):
     ``batch(images, keys)`` (optional) does the same for ``[N, C, H, W]`` on the device after
     transfer, one call per batch; ``keys`` is the ``[N]`` int64 CPU tensor of the same keys, so
     an augmenter that derives its draws from the key (rather than the generator's stream) gives
-    the same output per sample in either placement.
+    the same output per sample in either placement. ``batch`` may overwrite ``images`` (the
+    engine hands over a batch it no longer needs; a fresh float batch is costly on a CPU).
     """
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...

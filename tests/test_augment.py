@@ -62,10 +62,12 @@ def test_random_crop_batched_matches_per_image(shape, n, seed, epoch):
     crop = g.RandomCrop(g.RandomCropOptions(size=size), ctx())
     images = torch.stack([distinct_image(c, h, w) + 1000 * i for i in range(n)])
     keys = keys_for(seed, epoch, list(range(n)))
-    batched = crop.batch(images, keys)
+    batched = crop.batch(images.clone(), keys)
     assert batched.shape == (n, c, size, size)
     for i in range(n):
         assert torch.equal(batched[i], crop(images[i], gen(int(keys[i]))))
+    tops, lefts = (torch.from_numpy(a) for a in crop.offsets(keys, h, w))
+    assert torch.equal(g.window_gather(images, tops, lefts, size, one_kernel=True), batched)
 
 
 def test_random_crop_is_uniform_over_all_positions():
@@ -117,9 +119,11 @@ def test_hflip_batched_matches_per_image(n, w, seed):
     flip = g.HFlip(g.HFlipOptions(), ctx())
     images = torch.randn(n, 3, 5, w, generator=gen(seed))
     keys = keys_for(seed, 0, list(range(n)))
-    batched = flip.batch(images, keys)
+    batched = flip.batch(images.clone(), keys)  # the batched forms may overwrite their input
     for i in range(n):
         assert torch.equal(batched[i], flip(images[i], gen(int(keys[i]))))
+    mask = torch.from_numpy(flip.flips(keys))
+    assert torch.equal(g.flip_where(images.clone(), mask, one_kernel=True), batched)
 
 
 # ---------------------------------------------------------------------------- pca-lighting
@@ -175,7 +179,7 @@ def test_pca_lighting_batched_matches_per_image(n, seed):
     light = p.PcaLighting(p.PcaLightingOptions(eigvals=vals, eigvecs=vecs), ctx())
     images = torch.randint(0, 256, (n, 3, 4, 5), dtype=torch.uint8, generator=gen(seed))
     keys = keys_for(seed, 1, list(range(n)))
-    batched = light.batch(images, keys)
+    batched = light.batch(images.clone(), keys)
     assert batched.dtype == torch.float32
     for i in range(n):
         assert torch.equal(batched[i], light(images[i], gen(int(keys[i]))))
@@ -249,6 +253,6 @@ def test_the_chain_gives_the_same_output_in_either_placement(seed, epoch, indice
 
     worker = cdata.Augmented(Base(), chain, seed, cdata.STREAM_TRAIN_AUGMENT)
     worker.epoch = epoch
-    device = _device_augment(chain, images, seed, epoch, torch.tensor(indices))
+    device = _device_augment(chain, images.clone(), seed, epoch, torch.tensor(indices))
     for j, i in enumerate(indices):
         assert torch.equal(worker[i][0], device[j])

@@ -105,17 +105,40 @@ def _pad(x: torch.Tensor, padding: int, mode: str, fill: float) -> torch.Tensor:
     return out.reshape(*lead, c, h + 2 * padding, w + 2 * padding)
 
 
-def _window_gather(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int) -> torch.Tensor:
-    """``[N, ..., H, W]`` -> ``[N, ..., size, size]``: sample n's window at (tops[n], lefts[n]), one
-    indexing kernel for the whole batch."""
-    n, dev = x.shape[0], x.device
+def _one_kernel(x: torch.Tensor) -> bool:
+    """Batched crops and flips: one indexing kernel on an accelerator; on the CPU, where a call costs
+    microseconds and TensorIterator's gathers run several times slower than strided copies, a copy
+    per image into one output is faster."""
+    return x.device.type != "cpu"
+
+
+def window_gather(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int,
+                  one_kernel: bool | None = None) -> torch.Tensor:
+    """``[N, ..., H, W]`` -> ``[N, ..., size, size]``: sample n's window at (tops[n], lefts[n])."""
+    n = x.shape[0]
     flat = x.reshape(n, -1, x.shape[-2], x.shape[-1])
-    ar = torch.arange(size, device=dev)
-    rows = (tops.to(dev)[:, None] + ar).view(n, 1, size, 1)
-    cols = (lefts.to(dev)[:, None] + ar).view(n, 1, 1, size)
-    idx_n = torch.arange(n, device=dev).view(n, 1, 1, 1)
-    idx_c = torch.arange(flat.shape[1], device=dev).view(1, -1, 1, 1)
-    return flat[idx_n, idx_c, rows, cols].reshape(*x.shape[:-2], size, size)
+    if one_kernel if one_kernel is not None else _one_kernel(x):
+        windows = flat.unfold(2, size, 1).unfold(3, size, 1)  # a view [N, K, H-s+1, W-s+1, s, s]
+        rows, cols = tops.to(x.device), lefts.to(x.device)
+        out = windows[torch.arange(n, device=x.device), :, rows, cols]
+    else:
+        out = torch.empty(n, flat.shape[1], size, size, dtype=x.dtype, device=x.device)
+        for i, (t, l) in enumerate(zip(tops.tolist(), lefts.tolist())):
+            out[i].copy_(flat[i, :, t:t + size, l:l + size])
+    return out.reshape(*x.shape[:-2], size, size)
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor, one_kernel: bool | None = None) -> torch.Tensor:
+    """Mirror sample n of ``[N, ..., W]`` where ``flip[n]``; may reuse ``x``'s memory on the CPU."""
+    if one_kernel if one_kernel is not None else _one_kernel(x):
+        w = x.shape[-1]
+        ar = torch.arange(w, device=x.device)
+        cols = torch.where(flip.to(x.device)[:, None], ar.flip(0), ar)
+        shape = [x.shape[0]] + [1] * (x.dim() - 2) + [w]
+        return torch.gather(x, -1, cols.view(shape).expand_as(x))
+    for i in flip.nonzero().flatten().tolist():
+        x[i] = x[i].flip(-1)
+    return x
 
 
 # ---------------------------------------------------------------------------- resize-shorter
@@ -219,7 +242,7 @@ class RandomCrop:
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         x = self._prepare(images, True)
         tops, lefts = self.offsets(keys, *x.shape[-2:])
-        return _window_gather(x, torch.from_numpy(tops), torch.from_numpy(lefts), self.options.size)
+        return window_gather(x, torch.from_numpy(tops), torch.from_numpy(lefts), self.options.size)
 
 
 # ---------------------------------------------------------------------------- hflip
@@ -241,12 +264,7 @@ class HFlip:
         return image.flip(-1) if self.flips(key_of(generator))[0] else image
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        flip = torch.from_numpy(self.flips(keys)).to(images.device)
-        w = images.shape[-1]
-        ar = torch.arange(w, device=images.device)
-        cols = torch.where(flip[:, None], ar.flip(0), ar)
-        shape = [len(keys)] + [1] * (images.dim() - 2) + [w]
-        return torch.gather(images, -1, cols.view(shape).expand_as(images))
+        return flip_where(images, torch.from_numpy(self.flips(keys)))
 
 
 # ---------------------------------------------------------------------------- ten-crop

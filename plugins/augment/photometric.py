@@ -60,8 +60,13 @@ def load_stats(path: str, ctx: DataContext, keys: tuple[str, ...]) -> dict[str, 
     return tensors
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_floating_point() else x.to(torch.float32)
+def _add(x: torch.Tensor, other: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``x + other`` as float: an integer image is converted to a fresh float32 tensor and updated
+    in place (one fast pass); a float one is updated in place only for the batched forms, which may
+    overwrite their input (the engine hands over a batch it no longer needs)."""
+    if not x.is_floating_point():
+        return x.to(torch.float32).add_(other)
+    return x.add_(other) if in_place else x + other
 
 
 def _check_channels(where: str, image: torch.Tensor, channels: int, what: str) -> None:
@@ -91,6 +96,10 @@ class MeanImage:
         self._fitted: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def mean_for(self, image: torch.Tensor) -> torch.Tensor:
+        """The mean image's window that ``image`` is measured against."""
+        return -self._offset_for(image)
+
+    def _offset_for(self, image: torch.Tensor) -> torch.Tensor:
         _check_channels(self.where, image, self.mean.shape[0], "the mean image")
         h, w = image.shape[-2:]
         key = (h, w, str(image.device))
@@ -99,14 +108,14 @@ class MeanImage:
             if h > mh or w > mw:
                 raise DataError(f"{self.where}: images are {h}x{w}, larger than the {mh}x{mw} mean image")
             top, left = (mh - h) // 2, (mw - w) // 2
-            self._fitted[key] = self.mean[:, top:top + h, left:left + w].contiguous().to(image.device)
+            self._fitted[key] = (-self.mean[:, top:top + h, left:left + w]).contiguous().to(image.device)
         return self._fitted[key]
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return image - self.mean_for(image)
+        return _add(image, self._offset_for(image), False)
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return images - self.mean_for(images)
+        return _add(images, self._offset_for(images), True)
 
 
 # ---------------------------------------------------------------------------- mean-rgb
@@ -135,18 +144,18 @@ class MeanRgb:
         self.mean, self.std = mean, std
         self.where = f"{ctx.path} (mean-rgb)"
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, in_place: bool) -> torch.Tensor:
         if len(self.mean) != 1:
             _check_channels(self.where, x, len(self.mean), "the mean")
         mean = self.mean.to(x.device).view(-1, 1, 1)
-        out = x - mean
-        return out if self.std is None else out / self.std.to(x.device).view(-1, 1, 1)
+        out = _add(x, -mean, in_place)
+        return out if self.std is None else out.div_(self.std.to(x.device).view(-1, 1, 1))
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self._apply(image)
+        return self._apply(image, False)
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return self._apply(images)
+        return self._apply(images, True)
 
 
 # ---------------------------------------------------------------------------- pca-lighting
@@ -207,13 +216,11 @@ class PcaLighting:
 
     def _apply(self, x: torch.Tensor, keys: torch.Tensor, batched: bool) -> torch.Tensor:
         _check_channels(self.where, x, self.channels, "the eigen data")
-        x = _as_float(x)
-        delta = torch.from_numpy(self.offsets(keys)).to(device=x.device, dtype=x.dtype)
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        delta = torch.from_numpy(self.offsets(keys)).to(device=x.device, dtype=dtype)
         if batched:
-            delta = delta.view(len(keys), *([1] * (x.dim() - 4)), self.channels, 1, 1)
-        else:
-            delta = delta.view(self.channels, 1, 1)
-        return x + delta
+            return _add(x, delta.view(len(keys), *([1] * (x.dim() - 4)), self.channels, 1, 1), True)
+        return _add(x, delta.view(self.channels, 1, 1), False)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._apply(image, key_of(generator), False)
@@ -234,12 +241,10 @@ class ToFloat:
     def __init__(self, options: ToFloatOptions, ctx: DataContext) -> None:
         self.scale = options.scale
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32)
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = image.to(torch.float32)
         return x if self.scale == 1.0 else x * self.scale
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self._apply(image)
-
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return self._apply(images)
+        x = images.to(torch.float32)
+        return x if self.scale == 1.0 else x.mul_(self.scale)
