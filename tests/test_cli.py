@@ -1,0 +1,136 @@
+"""The command line: each subcommand's output and exit code (0 ok, 2 bad recipe/command line, 1 other)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+import convnet.core as cn
+from convnet.core.cli import main
+from convnet.core.recipe import bundled_names, recipe_from_text
+
+TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
+CONVNET = Path(sys.executable).parent / "convnet"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convnet: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_recipes_lists_every_bundled_recipe(capsys) -> None:
+    code, out, _ = run_cli(capsys, "recipes")
+    assert code == 0
+    names = [line.split()[0] for line in out.splitlines()]
+    assert names == bundled_names() and "alexnet-digits" in names
+    assert any(line.startswith("alexnet-digits") and "digits" in line[len("alexnet-digits"):]
+               for line in out.splitlines())
+
+
+def test_show_prints_the_resolved_recipe(capsys, registries) -> None:
+    code, out, _ = run_cli(capsys, "show", "alexnet-digits", "--set", "train.epochs=7")
+    assert code == 0
+    shown = recipe_from_text(out, registries)
+    assert shown.train.epochs == 7 and shown.name == "alexnet-digits"
+    assert shown == cn.load_recipe("alexnet-digits", ["train.epochs=7"], registries)
+    raw = tomllib.loads(out)
+    assert raw["model"]["layers"][2]["name"] == "lrn" and "k" in raw["model"]["layers"][2]  # defaults filled in
+
+
+def test_show_of_a_bad_recipe_exits_2_naming_the_path(capsys, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.read_text().replace("out = 8\nkernel = 3", "out = \"eight\"\nkernel = 3", 1), encoding="utf-8")
+    code, out, err = run_cli(capsys, "show", str(bad))
+    assert code == 2 and not out
+    line = one_error_line(err)
+    assert str(bad) in line and "model.layers[0].out" in line and "'eight'" in line
+    code, _, err = run_cli(capsys, "show", str(TINY), "--set", "data.batch_size=-3")
+    assert code == 2 and "data.batch_size" in one_error_line(err)
+    code, _, err = run_cli(capsys, "show", "alexnet-digit")
+    assert code == 2 and "did you mean 'alexnet-digits'?" in one_error_line(err)
+    code, _, err = run_cli(capsys, "show", str(tmp_path / "nowhere.toml"))
+    assert code == 2 and "no such recipe file" in one_error_line(err)
+
+
+def test_summary_text_and_json(capsys, registries) -> None:
+    code, out, _ = run_cli(capsys, "summary", "alexnet-digits", "--json")
+    assert code == 0
+    info = json.loads(out)
+    model = cn.build_model(cn.load_recipe("alexnet-digits", registries=registries), "meta", registries)
+    assert info["params"] == sum(p.numel() for p in model.parameters()) == sum(r["params"] for r in info["layers"])
+    assert [r["id"] for r in info["layers"]][:4] == ["conv1", "relu1", "lrn1", "pool1"]
+    assert info["layers"][-1]["out_shape"] == [10] and info["towers"] == 2
+    assert {"conv3", "fc6"} <= set(info["exchange_layers"])
+    code, out, _ = run_cli(capsys, "summary", "alexnet-digits")
+    assert code == 0 and "conv1" in out and "total" in out and f"{info['params']:,}" in out
+
+
+def test_plugins_json_lists_every_kind(capsys) -> None:
+    code, out, _ = run_cli(capsys, "--strict", "plugins", "--json")
+    assert code == 0
+    listing = json.loads(out)
+    kinds = {row["kind"] for row in listing["components"]}
+    assert kinds == {"layer", "augmenter", "strategy", "evaluator", "dataset", "optimizer", "schedule", "lrn"}
+    assert listing["problems"] == []
+    assert {"kind": "dataset", "name": "digits"}.items() <= next(
+        r for r in listing["components"] if r["name"] == "digits").items()
+
+
+def test_run_trains_and_reports(capsys, tmp_path: Path) -> None:
+    code, out, err = run_cli(capsys, "run", str(TINY), "--set", "train.max_steps=5", "--out", str(tmp_path),
+                             "--quiet")
+    assert code == 0, err
+    assert "tiny: validation top1 error" in out and "after 5 steps" in out and f"run folder: {tmp_path}" in out
+    for name in ("recipe.toml", "metrics.jsonl", "eval.json", "checkpoints/last.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert {"kind", "step", "epoch", "loss", "lr"} <= records[0].keys()
+    assert any(r["kind"] == "eval" and "top1_error" in r for r in records)
+    saved = cn.load_recipe(tmp_path / "recipe.toml")
+    assert saved == cn.load_recipe(TINY, ["train.max_steps=5"])
+
+
+def test_bad_command_lines_exit_2(capsys) -> None:
+    for argv in (["frobnicate"], ["run"], ["show"], ["summary", "alexnet-digits", "--jsn"], []):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "usage:" in err, argv
+
+
+def test_run_with_a_bad_recipe_exits_2_before_anything(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "run", str(TINY), "--set", "train.on_nonfinite=ignore", "--out", str(tmp_path / "r"))
+    assert code == 2 and "train.on_nonfinite" in one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_installed_programs(tmp_path: Path) -> None:
+    """The console script and ``python -m convnet.core`` as a user starts them: no traceback, exit 2."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\ninput = [3, 8]\n", encoding="utf-8")
+    for program in ([str(CONVNET)], [sys.executable, "-m", "convnet.core"]):
+        proc = subprocess.run([*program, "show", str(bad)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and not proc.stdout
+        assert str(bad) in one_error_line(proc.stderr)
