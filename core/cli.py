@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="learning curves (PNG) and index.html for a run folder")
     p.add_argument("run_folder", metavar="RUN_FOLDER", help="a run folder (holds metrics.jsonl)")
+
+    p = sub.add_parser("build-kernels", help="build the compiled kernels (LRN cpu/cuda) ahead of first use")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="build only the components with this name, e.g. cpu (repeatable)")
     return parser
 
 
@@ -202,6 +207,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    """Every registered component whose factory has a ``build`` step (a compiled kernel) runs it."""
+    regs = _registries(args)
+    failed = 0
+    for kind, reg in regs.items():
+        for entry in reg:
+            build = getattr(entry.factory, "build", None)
+            if build is None or (args.only and entry.name not in args.only):
+                continue
+            try:
+                status = build(verbose=args.verbose)
+            except Exception as exc:  # noqa: BLE001  (report every kernel, then fail)
+                failed += 1
+                status = f"FAILED: {exc}"
+            print(f"{kind} {entry.name}: {status}", flush=True)
+    return 1 if failed else 0
+
+
 COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
             "recipes": cmd_recipes, "stats": cmd_stats, "convert": cmd_convert,
-            "eval": cmd_eval, "report": cmd_report}
+            "eval": cmd_eval, "report": cmd_report, "build-kernels": cmd_build_kernels}

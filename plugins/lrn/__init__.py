@@ -6,6 +6,7 @@ fastest one available for the tensor's device.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -17,6 +18,7 @@ from torch import nn
 from convnet.core.hookspecs import hookimpl
 from convnet.core.model import BuiltLayer, LayerContext
 from convnet.core.registry import Registries
+from convnet.plugins.lrn import kernels
 from convnet.plugins.lrn.reference import lrn_reference, lrn_torch
 
 LrnFn = Callable[[torch.Tensor, int, float, float, float], torch.Tensor]
@@ -30,11 +32,7 @@ class ImplOptions:
 
 
 def _kernel(name: str) -> LrnFn | None:
-    """A compiled kernel, or None when it cannot be built here."""
-    try:
-        from convnet.plugins.lrn import kernels  # noqa: PLC0415
-    except ImportError:
-        return None
+    """A compiled kernel, or None when it cannot be built here (``kernels.failure`` says why)."""
     return kernels.get(name)
 
 
@@ -42,12 +40,14 @@ _warned: set[str] = set()
 
 
 def _auto(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    name = "cuda" if x.is_cuda else "cpu" if x.device.type == "cpu" else None
+    name = {"cuda": "cuda", "cpu": "cpu"}.get(x.device.type)
     fn = _kernel(name) if name else None
     if fn is None:
-        if name not in _warned:
-            _warned.add(str(name))
-            warnings.warn(f"LRN: no {name} kernel available for {x.device}; using the reference "
+        key = name or x.device.type
+        if key not in _warned:
+            _warned.add(key)
+            why = kernels.failure(name) if name else "no kernel for this device type"
+            warnings.warn(f"LRN: the {key} kernel is not available ({why}); using the reference "
                           "implementation (slower, same result)", RuntimeWarning, stacklevel=3)
         return lrn_reference(x, size, alpha, beta, k)
     return fn(x, size, alpha, beta, k)
@@ -57,7 +57,7 @@ def _require(name: str) -> LrnFn:
     def run(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
         fn = _kernel(name)
         if fn is None:
-            raise RuntimeError(f"LRN impl {name!r} is not available here (kernel not built); "
+            raise RuntimeError(f"LRN impl {name!r} is not available here ({kernels.failure(name)}); "
                                "use impl = \"auto\" or \"reference\"")
         return fn(x, size, alpha, beta, k)
     return run
@@ -115,6 +115,9 @@ def build_lrn(options: LrnOptions, ctx: LayerContext) -> BuiltLayer:
 def _impl_factory(name: str) -> Callable[[LrnOptions, LayerContext], LrnFn]:
     def factory(options: LrnOptions, ctx: LayerContext) -> LrnFn:
         return lambda x, size, alpha, beta, k: local_response_norm(x, size, alpha, beta, k, impl=name)
+    if name in kernels.KERNELS:
+        # `convnet build-kernels` calls this ahead of time: it knows nothing of LRN, only the attribute.
+        factory.build = functools.partial(kernels.build_ahead, name)  # type: ignore[attr-defined]
     return factory
 
 

@@ -1,0 +1,98 @@
+"""LRN speed: every implementation on every device present, on the paper's LRN shapes.
+
+Prints, per shape and pass (forward alone under no_grad; forward + backward), the median time,
+the bandwidth counted from the minimal bytes (each input read once, each output written once:
+forward reads x and writes y; forward + backward also reads the output gradient and x and writes
+the input gradient) and the speed-up over ``torch`` (F.local_response_norm) measured in the
+same run. Usage: ``python benchmarks/lrn.py [--batch 128 32] [--repeat 5] [--dtype float32]``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from convnet.plugins.lrn import kernels, local_response_norm
+
+CHANNELS_HW = ((96, 55), (256, 27))  # conv1 and conv2 outputs in the paper (per whole network)
+PAPER = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], None], device: str, repeat: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _impls(device: str) -> list[str]:
+    names = ["torch", "reference"]
+    kernel = "cpu" if device == "cpu" else "cuda"
+    if kernels.get(kernel) is not None:
+        names.append(kernel)
+    else:
+        print(f"# {kernel} kernel unavailable on {device}: {kernels.failure(kernel)}")
+    return names
+
+
+def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, warmup: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    nbytes = x.numel() * x.element_size()
+    rows = []
+    for impl in _impls(device):
+        def forward(impl: str = impl) -> None:
+            with torch.no_grad():
+                local_response_norm(x, impl=impl, **PAPER)
+
+        def forward_backward(impl: str = impl) -> None:
+            xr = x.detach().requires_grad_(True)
+            local_response_norm(xr, impl=impl, **PAPER).backward(grad)
+
+        rows.append((impl, _time(forward, device, repeat, warmup), _time(forward_backward, device, repeat, warmup)))
+    base = {r[0]: r for r in rows}["torch"]
+    label = f"{device} {list(shape)} {str(dtype).replace('torch.', '')}"
+    for impl, fwd, both in rows:
+        print(f"{label:<34} {impl:<10} fwd {fwd * 1e3:9.2f} ms {2 * nbytes / fwd / 1e9:7.2f} GB/s x{base[1] / fwd:6.2f}"
+              f"   fwd+bwd {both * 1e3:9.2f} ms {5 * nbytes / both / 1e9:7.2f} GB/s x{base[2] / both:6.2f}",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[128, 32], help="batch sizes (default 128 32)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices: {', '.join(devices)}"
+          f"{'' if 'cuda' in devices else ' (no GPU here: no cuda numbers)'}")
+    print("# ratio x = torch's time / this time (higher is faster); GB/s over the minimal bytes")
+    for device in devices:
+        for batch in args.batch:
+            for channels, hw in CHANNELS_HW:
+                bench(device, (batch, channels, hw, hw), dtype, args.repeat, args.warmup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+// The paper's local response normalisation across channels, fused, on the CPU.
+//
+// Work item = (image, block of kBlock pixels). For one item the kernel walks the channels once,
+// keeping the squares of the last `span` channel rows in a ring (span = the window, clipped to
+// the channel count) so each input row is read from memory once; the window sum is re-added
+// from the ring at every step instead of kept as a running add/subtract, which would lose
+// precision when large and small channels alternate. Inner loops run over contiguous pixels
+// (they vectorise). Forward saves scale = (k + alpha * sum)^-beta; backward reuses it, so it
+// needs no power at all, only the window sums (additions) to rebuild the denominators.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "lrn_common.h"
+
+namespace {
+
+constexpr int64_t kBlock = 256;
+
+template <typename acc_t>
+void inverse_power(acc_t* v, int64_t len, acc_t beta, convnet_lrn::PowerKind kind) {
+  using convnet_lrn::PowerKind;
+  switch (kind) {
+    case PowerKind::Zero:
+      for (int64_t q = 0; q < len; ++q) v[q] = acc_t(1);
+      break;
+    case PowerKind::Half:
+      for (int64_t q = 0; q < len; ++q) v[q] = acc_t(1) / std::sqrt(v[q]);
+      break;
+    case PowerKind::ThreeQuarters:
+      for (int64_t q = 0; q < len; ++q) {
+        acc_t r = acc_t(1) / std::sqrt(v[q]);
+        v[q] = r * std::sqrt(r);
+      }
+      break;
+    case PowerKind::One:
+      for (int64_t q = 0; q < len; ++q) v[q] = acc_t(1) / v[q];
+      break;
+    default:
+      for (int64_t q = 0; q < len; ++q) v[q] = std::pow(v[q], -beta);
+  }
+}
+
+template <typename acc_t>
+void window_sum(const acc_t* ring, int64_t span, acc_t* out, int64_t len) {
+  std::copy(ring, ring + len, out);
+  for (int64_t r = 1; r < span; ++r) {
+    const acc_t* row = ring + r * kBlock;
+    for (int64_t q = 0; q < len; ++q) out[q] += row[q];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void load_squares(const scalar_t* src, acc_t* dst, int64_t len) {
+  for (int64_t q = 0; q < len; ++q) {
+    acc_t v = static_cast<acc_t>(src[q]);
+    dst[q] = v * v;
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& scale, const convnet_lrn::Window& w,
+                    double alpha_d, double beta_d, double k_d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t blocks = (HW + kBlock - 1) / kBlock;
+  const acc_t alpha = alpha_d, beta = beta_d, k = k_d;
+  const auto kind = convnet_lrn::power_kind(beta_d);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  acc_t* sp = scale.defined() ? scale.mutable_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> ring(w.span * kBlock), tmp(kBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, q0 = (item % blocks) * kBlock;
+      const int64_t len = std::min(kBlock, HW - q0);
+      const int64_t base = n * C * HW + q0;
+      std::fill(ring.begin(), ring.end(), acc_t(0));
+      for (int64_t m = 0; m < C + w.above; ++m) {
+        acc_t* slot = ring.data() + (m % w.span) * kBlock;
+        if (m < C) load_squares(xp + base + m * HW, slot, len);
+        else std::fill(slot, slot + len, acc_t(0));
+        const int64_t c = m - w.above;
+        if (c < 0) continue;
+        window_sum(ring.data(), w.span, tmp.data(), len);
+        for (int64_t q = 0; q < len; ++q) tmp[q] = k + alpha * tmp[q];
+        inverse_power(tmp.data(), len, beta, kind);
+        const scalar_t* xc = xp + base + c * HW;
+        scalar_t* yc = yp + base + c * HW;
+        for (int64_t q = 0; q < len; ++q) yc[q] = static_cast<scalar_t>(static_cast<acc_t>(xc[q]) * tmp[q]);
+        if (sp != nullptr) std::copy(tmp.data(), tmp.data() + len, sp + base + c * HW);
+      }
+    }
+  });
+}
+
+// dx[i] = g[i] s[i] - 2 alpha beta x[i] * sum over the c whose window holds i of g[c] x[c] s[c] / d[c],
+// with s = d^-beta. Step m loads row m; c = m - above gets its t = g x s / d; i = m - span + 1 is done.
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
+                     const convnet_lrn::Window& w, double alpha_d, double beta_d, double k_d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t blocks = (HW + kBlock - 1) / kBlock;
+  const acc_t alpha = alpha_d, k = k_d, coef = acc_t(2) * alpha_d * beta_d;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const acc_t* sp = scale.const_data_ptr<acc_t>();
+  scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> squares(w.span * kBlock), terms(w.span * kBlock), tmp(kBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, q0 = (item % blocks) * kBlock;
+      const int64_t len = std::min(kBlock, HW - q0);
+      const int64_t base = n * C * HW + q0;
+      std::fill(squares.begin(), squares.end(), acc_t(0));
+      std::fill(terms.begin(), terms.end(), acc_t(0));
+      for (int64_t m = 0; m < C + w.span - 1; ++m) {
+        acc_t* slot = squares.data() + (m % w.span) * kBlock;
+        if (m < C) load_squares(xp + base + m * HW, slot, len);
+        else std::fill(slot, slot + len, acc_t(0));
+        const int64_t c = m - w.above;
+        if (c >= 0) {
+          acc_t* t = terms.data() + (c % w.span) * kBlock;
+          if (c < C) {
+            window_sum(squares.data(), w.span, tmp.data(), len);
+            const int64_t off = base + c * HW;
+            for (int64_t q = 0; q < len; ++q) {
+              t[q] = static_cast<acc_t>(gp[off + q]) * static_cast<acc_t>(xp[off + q]) * sp[off + q] /
+                     (k + alpha * tmp[q]);
+            }
+          } else {
+            std::fill(t, t + len, acc_t(0));
+          }
+        }
+        const int64_t i = m - w.span + 1;
+        if (i < 0) continue;
+        window_sum(terms.data(), w.span, tmp.data(), len);
+        const int64_t off = base + i * HW;
+        for (int64_t q = 0; q < len; ++q) {
+          dp[off + q] = static_cast<scalar_t>(static_cast<acc_t>(gp[off + q]) * sp[off + q] -
+                                              coef * static_cast<acc_t>(xp[off + q]) * tmp[q]);
+        }
+      }
+    }
+  });
+}
+
+void check_input(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 4, "LRN (cpu kernel): ", what, " must be NCHW, got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.device().is_cpu(), "LRN (cpu kernel): ", what, " must be on the CPU, got ", x.device());
+}
+
+// Returns (y, scale); scale is saved for backward only when asked (an undefined tensor otherwise).
+std::tuple<at::Tensor, at::Tensor> lrn_forward(const at::Tensor& input, int64_t size, double alpha, double beta,
+                                               double k, bool save_scale) {
+  check_input(input, "input");
+  TORCH_CHECK(size > 0, "LRN: size must be positive, got ", size);
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor scale;
+  if (save_scale) scale = at::empty(x.sizes(), x.options().dtype(at::toOpMathType(x.scalar_type())));
+  if (x.numel() == 0) return {y, scale};
+  const auto w = convnet_lrn::clipped_window(size, x.size(1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cpu_forward", [&] {
+    forward_kernel<scalar_t>(x, y, scale, w, alpha, beta, k);
+  });
+  return {y, scale};
+}
+
+at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale, int64_t size,
+                        double alpha, double beta, double k) {
+  check_input(grad, "grad");
+  check_input(input, "input");
+  TORCH_CHECK(grad.sizes() == input.sizes() && scale.sizes() == input.sizes(),
+              "LRN backward: grad, input and scale shapes differ");
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "LRN backward: grad and input dtypes differ");
+  TORCH_CHECK(scale.scalar_type() == at::toOpMathType(input.scalar_type()), "LRN backward: scale dtype");
+  const at::Tensor g = grad.contiguous(), x = input.contiguous(), s = scale.contiguous();
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return dx;
+  const auto w = convnet_lrn::clipped_window(size, x.size(1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cpu_backward", [&] {
+    backward_kernel<scalar_t>(g, x, s, dx, w, alpha, beta, k);
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(convnet_lrn_cpu, m) {
+  m.def("forward(Tensor x, int size, float alpha, float beta, float k, bool save_scale) -> (Tensor, Tensor)", &lrn_forward);
+  m.def("backward(Tensor grad, Tensor x, Tensor scale, int size, float alpha, float beta, float k) -> Tensor",
+        &lrn_backward);
+}

@@ -1,0 +1,187 @@
+"""The compiled LRN kernels: built with ``torch.utils.cpp_extension`` on first use, cached.
+
+``get(name)`` returns ``fn(x, size, alpha, beta, k) -> Tensor`` (differentiable through an
+``autograd.Function``) or None when the kernel cannot be built or run here; ``failure(name)``
+then says why. Builds land in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
+and are reused by later processes until the sources or flags change.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+KERNELS = ("cpu", "cuda")
+
+LrnFn = Callable[[torch.Tensor, int, float, float, float], torch.Tensor]
+
+_failures: dict[str, str] = {}
+
+
+def _cpu_flags() -> list[str]:
+    """-O3 plus AVX2/FMA when this CPU has them (the build's name says so, see _cpu_build_name)."""
+    flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    if _has_avx2():
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _has_avx2() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = set(text.split())
+    return "avx2" in words and "fma" in words
+
+
+def _cpu_build_name() -> str:
+    return "convnet_lrn_cpu_avx2" if _has_avx2() else "convnet_lrn_cpu"
+
+
+def _load(name: str, sources: list[Path], cflags: list[str], cuda_cflags: list[str] | None = None,
+          verbose: bool = False) -> None:
+    from torch.utils import cpp_extension  # noqa: PLC0415  (slow import, only when building)
+
+    cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+                       extra_cuda_cflags=cuda_cflags, extra_include_paths=[str(CSRC)],
+                       is_python_module=False, verbose=verbose)
+
+
+def build(name: str, verbose: bool = False) -> None:
+    """Build (or find in the cache) and load one kernel; raises when it cannot."""
+    if name == "cpu":
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+        _load(_cpu_build_name(), [CSRC / "lrn_cpu.cpp"], _cpu_flags(), verbose=verbose)
+    elif name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device")
+        from torch.utils import cpp_extension  # noqa: PLC0415
+
+        if cpp_extension.CUDA_HOME is None:
+            raise RuntimeError("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+        _load("convnet_lrn_cuda", [CSRC / "lrn_cuda.cu"], ["-O3"], ["-O3"], verbose=verbose)
+    else:
+        raise ValueError(f"unknown LRN kernel {name!r}; expected one of {', '.join(KERNELS)}")
+
+
+def build_ahead(name: str, verbose: bool = False) -> str:
+    """For ``convnet build-kernels``: build and load ``name``, or say why it is skipped.
+
+    Without a CUDA device the CUDA source is still compiled with nvcc (not loaded), so a
+    syntax or API error shows up on a machine with no GPU. Raises RuntimeError on failure.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        if find_nvcc() is None:
+            return "skipped: no CUDA device and no nvcc"
+        import tempfile  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory() as tmp:
+            compile_cuda_object(Path(tmp))
+        return "compiled with nvcc for sm_90 (no CUDA device here, so not loaded)"
+    build(name, verbose=verbose)
+    from torch.utils import cpp_extension  # noqa: PLC0415
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return f"built and loaded (cached under {root})"
+
+
+def find_nvcc() -> str | None:
+    """nvcc from PATH, CUDA_HOME / CUDA_PATH, /usr/local/cuda or the newest /usr/local/cuda-*."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for root in filter(None, roots):
+        candidate = Path(root) / "bin" / "nvcc"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def compile_cuda_object(out_dir: Path, arch: str = "90") -> Path:
+    """Compile the CUDA source to an object file with nvcc, without loading it (no GPU needed).
+
+    Uses torch's include paths and nvcc flags, one architecture (sm_90 by default) to keep it
+    short. Raises RuntimeError with nvcc's output when it fails or nvcc is missing.
+    """
+    from torch.utils import cpp_extension  # noqa: PLC0415
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda*)")
+    out = Path(out_dir) / "lrn_cuda.o"
+    includes = [flag for path in cpp_extension.include_paths("cuda") for flag in ("-isystem", path)]
+    cmd = [nvcc, "-c", str(CSRC / "lrn_cuda.cu"), "-o", str(out), "-std=c++20", "-O3",
+           "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+           "-DTORCH_EXTENSION_NAME=convnet_lrn_cuda", *cpp_extension.COMMON_NVCC_FLAGS,
+           f"-I{CSRC}", *includes]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({done.returncode}):\n{done.stderr or done.stdout}")
+    return out
+
+
+def _ops(name: str) -> Any:
+    return getattr(torch.ops, f"convnet_lrn_{name}")
+
+
+@functools.cache
+def get(name: str) -> LrnFn | None:
+    """The kernel ``name`` ("cpu" or "cuda") as a differentiable function, or None."""
+    try:
+        build(name)
+    except Exception as exc:  # noqa: BLE001  (any build failure means "not available here")
+        _failures[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        return None
+    ops = _ops(name)
+    device = "cpu" if name == "cpu" else "cuda"
+
+    def run(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+        if x.device.type != device:
+            raise RuntimeError(f"LRN impl {name!r} needs a {device} tensor, got one on {x.device}")
+        return _Lrn.apply(ops, x, int(size), float(alpha), float(beta), float(k))
+
+    return run
+
+
+def failure(name: str) -> str | None:
+    """Why ``get(name)`` returned None, if it did."""
+    return _failures.get(name)
+
+
+class _Lrn(torch.autograd.Function):
+    """Forward saves the input and scale = (k + alpha * sum)^-beta; backward reuses both."""
+
+    @staticmethod
+    def forward(ctx: Any, ops: Any, x: torch.Tensor, size: int, alpha: float, beta: float,
+                k: float) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"LRN expects an NCHW tensor, got {x.dim()} dimensions")
+        y, scale = ops.forward(x, size, alpha, beta, k, ctx.needs_input_grad[1])
+        ctx.save_for_backward(x, scale)
+        ctx.ops, ctx.args = ops, (size, alpha, beta, k)
+        return _like(y, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale = ctx.saved_tensors
+        dx = ctx.ops.backward(grad, x, scale, *ctx.args)
+        return None, _like(dx, x), None, None, None, None
+
+
+def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kernels write NCHW-contiguous; give a channels_last input a channels_last result."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out

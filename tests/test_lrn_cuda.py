@@ -1,0 +1,89 @@
+"""The hand-written CUDA LRN kernel: compiled with nvcc on every machine that has it (no GPU
+needed, so a syntax or API error fails CI), run against the reference where a GPU is present."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convnet.plugins.lrn import kernels, local_response_norm
+from convnet.plugins.lrn.reference import lrn_reference
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def test_cuda_source_compiles_with_nvcc(tmp_path):
+    if kernels.find_nvcc() is None:
+        pytest.skip("nvcc not found on PATH, CUDA_HOME or /usr/local/cuda*")
+    obj = kernels.compile_cuda_object(tmp_path)
+    assert obj.stat().st_size > 0
+    # the forward and backward entry points are in the object (names are mangled)
+    data = obj.read_bytes()
+    assert b"lrn_forward" in data and b"lrn_backward" in data
+
+
+def test_no_triton_in_the_kernel_path():
+    sources = [*kernels.CSRC.iterdir(), kernels.CSRC.parent / "kernels.py", kernels.CSRC.parent / "__init__.py"]
+    assert not [s.name for s in sources if "triton" in s.read_text().lower()]
+
+
+@pytest.fixture(scope="module")
+def cuda_kernel():
+    fn = kernels.get("cuda")
+    assert fn is not None, f"the cuda LRN kernel did not build: {kernels.failure('cuda')}"
+    return fn
+
+
+TOLERANCE = {torch.float64: (1e-10, 0.0), torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5),
+             torch.bfloat16: (1.6e-2, 1e-5)}
+
+
+@needs_gpu
+@settings(max_examples=40)
+@given(shape=st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 9), st.integers(1, 9)),
+       size=st.integers(1, 9), alpha=st.floats(1e-5, 2.0), beta=st.sampled_from([0.75, 0.5, 1.0, 0.3]),
+       k=st.floats(0.5, 3.0), seed=st.integers(0, 2**31), dtype=st.sampled_from(list(TOLERANCE)))
+def test_cuda_kernel_agrees_with_reference(cuda_kernel, shape, size, alpha, beta, k, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    rtol, atol = TOLERANCE[dtype]
+    expected = lrn_reference(x, size, alpha, beta, k)
+    torch.testing.assert_close(cuda_kernel(x.cuda(), size, alpha, beta, k).cpu(), expected, rtol=rtol, atol=atol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("size", [5, 4, 7, 1])
+def test_cuda_gradcheck_float64(cuda_kernel, size):
+    x = torch.randn(2, 7, 3, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: cuda_kernel(t, size, 0.1, 0.75, 2.0), (x,), eps=1e-6, atol=1e-7)
+
+
+@needs_gpu
+def test_cuda_outputs_written_everywhere_and_layouts(cuda_kernel):
+    old = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(4, device="cuda")).all(), "poisoning is not in effect"
+        base = torch.randn(3, 96, 23, 29, dtype=torch.float64) * 4
+        for x in (base, base.contiguous(memory_format=torch.channels_last), base[:, ::2], base[..., ::3]):
+            xa = x.cuda().requires_grad_(True)
+            xb = x.clone().requires_grad_(True)
+            ya, yb = cuda_kernel(xa, 5, 1e-3, 0.75, 2.0), lrn_reference(xb, 5, 1e-3, 0.75, 2.0)
+            g = torch.randn_like(yb)
+            ya.backward(g.cuda())
+            yb.backward(g)
+            torch.testing.assert_close(ya.cpu(), yb, rtol=1e-10, atol=0.0)
+            torch.testing.assert_close(xa.grad.cpu(), xb.grad, rtol=1e-9, atol=1e-12)
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+@needs_gpu
+def test_auto_picks_cuda_on_cuda_tensors(cuda_kernel):
+    x = torch.randn(0, 6, 5, 5, device="cuda")
+    assert local_response_norm(x, impl="auto").shape == x.shape
+    x = torch.randn(2, 6, 5, 5, device="cuda")
+    torch.testing.assert_close(local_response_norm(x, impl="auto"), cuda_kernel(x, 5, 1e-4, 0.75, 2.0), rtol=0, atol=0)
