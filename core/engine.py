@@ -242,9 +242,21 @@ class Run:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+        if self.strategy.is_main:
+            self._report()
         self.pm.hook.convnet_train_end(run=self, summary=summary)
         self.strategy.close()
         return summary
+
+    def _report(self) -> None:
+        """Curves and index.html in the run folder; a plotting failure never loses a run."""
+        from convnet.core import report
+
+        try:
+            report.render(self.out)
+        except Exception as exc:  # the run itself is saved; the report can be redone
+            print(f"convnet: warning: the report for {self.out} failed ({type(exc).__name__}: {exc}); "
+                  f"the run is intact, retry with: convnet report {self.out}", file=sys.stderr)
 
     def _evaluate(self, final: bool) -> dict[str, Any]:
         ctx = EvalContext(self.recipe, self.module, self.strategy, self.splits, self.eval_aug,

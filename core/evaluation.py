@@ -1,8 +1,9 @@
 """The interface evaluators implement, and the shared predictions they read."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 import torch
@@ -36,40 +37,71 @@ class EvalContext:
     epoch: int
     final: bool
     _cache: dict[str, Predictions] = attrs.Factory(dict)
+    skipped: dict[str, int] = attrs.Factory(dict)
 
-    def predict(self, split: str = "val", batch_size: int | None = None,
-                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Predictions:
-        """Run the model on a split (eval augmentation applied); cached per split."""
-        if transform is None and split in self._cache:
-            return self._cache[split]
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode and no gradients inside; the module's previous mode restored after."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.module.train(was_training)
+
+    def batches(self, split: str = "val", batch_size: int | None = None, indices: Sequence[int] | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This process's share of a split (or of the samples ``indices`` of it) as
+        ``(images on the input device, labels, indices)``.
+
+        Eval augmentation is applied. Use inside ``evaluating()``. Unreadable samples are
+        counted in ``self.skipped[split]``.
+        """
         dataset = getattr(self.splits, split)
         ds = cdata.Augmented(dataset, self.eval_augmenters, self.recipe.seed, cdata.STREAM_EVAL_AUGMENT)
         bs = batch_size or self.recipe.data.eval_batch_size or self.recipe.data.batch_size
-        batches = cdata.eval_batches(len(dataset), bs, self.strategy.shard_eval)
-        loader = cdata.loader(ds, batches, self.recipe.data.workers)
-        logits, labels, indices, skipped = [], [], [], 0
-        was_training = self.module.training
-        self.module.eval()
+        share = self.strategy.shard_eval(list(range(len(dataset))) if indices is None else list(indices))
+        batches = [share[i:i + bs] for i in range(0, len(share), bs)]
         dtype = next(iter(self.module.parameters())).dtype
-        try:
-            with torch.no_grad():
-                for images, y, idx, bad in loader:
-                    skipped += bad
-                    if len(y) == 0:
-                        continue
-                    x = images.to(self.strategy.input_device, dtype=dtype, non_blocking=True)
-                    out = self.module(x) if transform is None else transform(x)
-                    logits.append(out.float().cpu())
-                    labels.append(y)
-                    indices.append(idx)
-        finally:
-            self.module.train(was_training)
+        self.skipped[split] = 0
+        for images, y, idx, bad in cdata.loader(ds, batches, self.recipe.data.workers):
+            self.skipped[split] += bad
+            if len(y):
+                yield images.to(self.strategy.input_device, dtype=dtype, non_blocking=True), y, idx
+
+    def predict(self, split: str = "val", batch_size: int | None = None,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Predictions:
+        """Run the model on a split (eval augmentation applied); cached per split.
+
+        A batch of several views per image (``[N, V, C, H, W]``, e.g. from a ``ten-crop``
+        eval augmenter) is scored by the softmax averaged over the views, returned as its
+        logarithm (a valid logit vector: its softmax is the averaged softmax).
+        """
+        if transform is None and split in self._cache:
+            return self._cache[split]
+        model = self.module if transform is None else transform
+        logits, labels, indices = [], [], []
+        with self.evaluating():
+            for x, y, idx in self.batches(split, batch_size):
+                out = multiview_logits(model, x) if x.dim() == 5 else model(x)
+                logits.append(out.float().cpu())
+                labels.append(y)
+                indices.append(idx)
         pred = Predictions(torch.cat(logits) if logits else torch.empty(0, self.recipe.model.num_classes),
                            torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-                           torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), skipped)
+                           torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
+                           self.skipped.get(split, 0))
         if transform is None:
             self._cache[split] = pred
         return pred
+
+
+def multiview_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``[N, V, C, H, W]`` -> log of the softmax averaged over the V views, ``[N, classes]``."""
+    n, views = x.shape[:2]
+    probs = torch.softmax(model(x.flatten(0, 1)).float(), dim=1)
+    return probs.reshape(n, views, -1).mean(1).log()
 
 
 class Evaluator:

@@ -1,0 +1,98 @@
+"""Helpers the evaluators share: where an evaluator sits in the recipe, the network's layers,
+tensors to images, and writing results into the run folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from convnet.core import schema
+from convnet.core.errors import ConvnetError, RecipeError
+from convnet.core.model import Network
+
+
+def evaluator_path(recipe: schema.Recipe, options: Any, name: str) -> str:
+    """``evaluate[2]`` for the recipe entry holding these options (``evaluate[<name>]`` if added by a command)."""
+    for i, comp in enumerate(recipe.evaluate):
+        if comp.options is options:
+            return f"evaluate[{i}]"
+    return f"evaluate[{name}]"
+
+
+def layer_ids(recipe: schema.Recipe) -> list[str]:
+    """The ids of the recipe's layers, as ``build_model`` names them (built on the meta device)."""
+    from convnet.core.model import build_model
+
+    return [info.id for info in build_model(recipe, device="meta").info]
+
+
+def require_layer(recipe: schema.Recipe, options: Any, name: str, option: str, layer: str) -> None:
+    """A recipe error naming the option when the model has no layer of that id."""
+    ids = layer_ids(recipe)
+    if layer not in ids:
+        path = evaluator_path(recipe, options, name)
+        raise RecipeError(f"{path}.{option}: evaluator {name!r} asks for layer {layer!r}, which this "
+                          f"model does not have (layers: {', '.join(ids)})")
+
+
+def network_of(module: nn.Module) -> Network:
+    """The single-device ``Network`` inside a strategy's module (DDP wraps it as ``.module``)."""
+    seen = module
+    while not isinstance(seen, Network):
+        inner = getattr(seen, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise ConvnetError(f"this parallelism strategy's module ({type(module).__name__}) does not expose the "
+                               "network's layers; run this evaluator with parallel.strategy = \"single\" or \"ddp\"")
+        seen = inner
+    return seen
+
+
+def to_display(image: torch.Tensor) -> np.ndarray:
+    """A ``[C, H, W]`` image (any range) as ``[H, W, 3]`` uint8: uint8 kept, floats min-max scaled."""
+    image = image.detach().cpu()
+    if image.dim() != 3:
+        raise ValueError(f"expected a [C, H, W] image, found shape {list(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    elif image.shape[0] != 3:
+        image = image[:3] if image.shape[0] > 3 else image[:1].expand(3, -1, -1)
+    if image.dtype == torch.uint8:
+        arr = image.permute(1, 2, 0).numpy()
+    else:
+        x = image.double()
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+        arr = (x * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(arr)
+
+
+def write_json(out: Path | None, name: str, payload: Any) -> Path | None:
+    if out is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_png(out: Path | None, name: str, pixels: np.ndarray) -> Path | None:
+    """Save ``[H, W, 3]`` uint8 pixels as a PNG, exactly that many pixels."""
+    if out is None:
+        return None
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    Image.fromarray(pixels, mode="RGB").save(path)
+    return path
+
+
+def count_errors(ctx_strategy: Any, wrong: list[int], total: int) -> tuple[list[float], int]:
+    """Error rates from this process's counts, summed over processes."""
+    t = ctx_strategy.all_reduce_sum(torch.tensor(list(wrong) + [total], dtype=torch.float64))
+    n = int(t[-1])
+    return [float(w) / n if n else float("nan") for w in t[:-1].tolist()], n

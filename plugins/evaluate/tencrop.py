@@ -1,0 +1,102 @@
+"""The paper's test procedure: softmax averaged over ten crops (4 corners + centre, and their
+horizontal flips), reported beside the centre crop alone.
+
+Where the views come from, per eval batch:
+
+* ``[N, 10, C, h, w]`` (the recipe's eval augmentation already made ten views, e.g. a
+  ``ten-crop`` augmenter): those are used; view 4 is the centre crop (torchvision's
+  ``ten_crop`` order: top-left, top-right, bottom-left, bottom-right, centre, then flipped).
+* ``[N, C, H, W]``: the evaluator cuts the crops itself, of ``size`` (default: the model's
+  input height and width). Images ``pad`` pixels larger on each side are first padded by
+  replicating their edge (``pad``, default 0), so that a recipe whose images already have the
+  model's input size (the digits: 32x32 into 32x32) still gets distinct corner crops. With
+  ``pad = 0`` there, the five crops coincide and only the flip differs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from attrs import validators as v
+
+from convnet.core import schema
+from convnet.core.errors import RecipeError
+from convnet.core.evaluation import EvalContext, Evaluator
+from convnet.plugins.evaluate.common import count_errors, evaluator_path
+from convnet.plugins.evaluate.topk import _ks, label_rank
+
+CENTRE = 4
+
+
+@attrs.define
+class TenCropOptions:
+    size: int = attrs.field(default=0, validator=v.ge(0))
+    pad: int = attrs.field(default=0, validator=[v.ge(0), v.le(1024)])
+    flip: bool = True
+    k: list[int] = attrs.field(default=attrs.Factory(lambda: [1, 5]), validator=_ks)
+    split: str = attrs.field(default="val", validator=v.in_(("train", "val")))
+
+
+def ten_crops(images: torch.Tensor, height: int, width: int, flip: bool = True) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, V, C, height, width]``: the 4 corners and the centre, then
+    (with ``flip``) the same five mirrored left-right; V = 10 or 5."""
+    n, c, h, w = images.shape
+    if height > h or width > w:
+        raise ValueError(f"crop {height}x{width} is larger than the image {h}x{w}")
+    top, left = (h - height) // 2, (w - width) // 2
+    corners = [(0, 0), (0, w - width), (h - height, 0), (h - height, w - width), (top, left)]
+    crops = [images[:, :, y:y + height, x:x + width] for y, x in corners]
+    if flip:
+        crops += [crop.flip(-1) for crop in crops]
+    return torch.stack(crops, dim=1)
+
+
+class TenCrop(Evaluator):
+    when = "end"
+
+    def __init__(self, options: TenCropOptions, recipe: schema.Recipe) -> None:
+        self.options = options
+        _, h, w = recipe.model.input
+        self.height, self.width = (options.size, options.size) if options.size else (h, w)
+        if (self.height, self.width) != (h, w):
+            path = evaluator_path(recipe, options, "ten-crop")
+            raise RecipeError(f"{path}.size: crops of {self.height}x{self.width} do not fit the model's input "
+                              f"{h}x{w} (model.input); leave size = 0 to use the input size")
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            if x.shape[1] != 10:
+                raise RecipeError(f"ten-crop: the eval augmentation gives {x.shape[1]} views per image, expected 10")
+            return x
+        p = self.options.pad
+        if p:
+            x = F.pad(x, (p, p, p, p), mode="replicate")
+        try:
+            return ten_crops(x, self.height, self.width, self.options.flip)
+        except ValueError as exc:
+            raise RecipeError(f"ten-crop: {exc} (images after data.eval_augment, padded by pad = {p})") from None
+
+    def __call__(self, ctx: EvalContext) -> dict[str, Any]:
+        ks = [k for k in self.options.k if k <= ctx.recipe.model.num_classes]
+        centre_wrong, ten_wrong, total = [0] * len(ks), [0] * len(ks), 0
+        with ctx.evaluating():
+            for x, labels, _ in ctx.batches(self.options.split):
+                views = self.views(x)
+                # float64 means: averaging ten equal float32 probabilities gives them back exactly.
+                probs = torch.stack([torch.softmax(ctx.module(views[:, i]).float(), dim=1).double().cpu()
+                                     for i in range(views.shape[1])], dim=1)
+                centre_rank = label_rank(probs[:, CENTRE], labels)
+                ten_rank = label_rank(probs.mean(1), labels)
+                for j, k in enumerate(ks):
+                    centre_wrong[j] += int((centre_rank >= k).sum())
+                    ten_wrong[j] += int((ten_rank >= k).sum())
+                total += len(labels)
+        rates, n = count_errors(ctx.strategy, centre_wrong + ten_wrong, total)
+        prefix = "" if self.options.split == "val" else f"{self.options.split}_"
+        out: dict[str, Any] = {f"{prefix}tencrop_samples": n}
+        for j, k in enumerate(ks):
+            out[f"{prefix}centre_top{k}_error"] = rates[j]
+            out[f"{prefix}tencrop_top{k}_error"] = rates[len(ks) + j]
+        return out

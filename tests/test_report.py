@@ -1,0 +1,122 @@
+"""`convnet report` and the end-of-run report (issue 7)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from convnet.core.cli import main
+from convnet.core.report import ReportError, curves, render
+
+
+def write_metrics(folder, records) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+RECORDS = [
+    {"kind": "train", "step": 1, "epoch": 0, "loss": 2.3, "lr": 0.01},
+    {"kind": "train", "step": 10, "epoch": 0, "loss": 1.9, "lr": 0.01},
+    {"kind": "eval", "epoch": 0, "step": 10, "lr": 0.01, "top1_error": 0.6, "top5_error": 0.2},
+    {"kind": "train", "step": 20, "epoch": 1, "loss": 1.2, "lr": 0.001},
+    {"kind": "eval", "epoch": 1, "step": 20, "lr": 0.001, "top1_error": 0.3, "top5_error": 0.05},
+    {"kind": "final", "epoch": 2, "step": 20, "top1_error": 0.3},
+]
+
+
+def test_curves_are_in_epochs():
+    c = curves(RECORDS)
+    assert c["unit"] == "epoch"
+    assert c["loss"] == [(0.1, 2.3), (1.0, 1.9), (2.0, 1.2)]
+    assert c["errors"]["top1_error"] == [(1.0, 0.6), (2.0, 0.3)]
+    assert c["lr"][-1] == (2.0, 0.001)
+    no_eval = curves([r for r in RECORDS if r["kind"] == "train"])
+    assert no_eval["unit"] == "step" and no_eval["loss"][0] == (1.0, 2.3)
+
+
+def test_report_makes_pngs_and_an_index(tmp_path, capsys):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    write_metrics(run, RECORDS)
+    (run / "recipe.toml").write_text('name = "x<y"\n[model]\ninput = [3, 32, 32]\n', encoding="utf-8")
+    (run / "eval.json").write_text(json.dumps({"top1_error": 0.3, "most_confused": ["4->6: 19"]}), encoding="utf-8")
+    Image.new("RGB", (10, 6), (255, 0, 0)).save(run / "filters_conv1.png")
+    assert main(["report", str(run)]) == 0
+    printed = capsys.readouterr().out.split()
+    for name in ("loss", "lr", "error"):
+        path = run / "plots" / f"{name}.png"
+        assert str(path) in printed
+        with Image.open(path) as im:
+            assert im.size == (640, 400)
+            assert len(set(im.convert("RGB").get_flattened_data())) > 10  # something was drawn
+    page = (run / "index.html").read_text(encoding="utf-8")
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert images == ["plots/error.png", "plots/loss.png", "plots/lr.png", "filters_conv1.png"]
+    assert "x&lt;y" in page and "30.00 %" in page and "4-&gt;6: 19" in page
+    assert '<a href="eval.json">' in page
+
+
+def test_report_bad_inputs(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    assert "no such run folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 1
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    run = tmp_path / "bad"
+    write_metrics(run, RECORDS[:2])
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "step": \n')
+    with pytest.raises(ReportError, match=r"metrics.jsonl:3: not a JSON object"):
+        render(run)
+    (run / "metrics.jsonl").write_text("[1, 2]\n", encoding="utf-8")
+    with pytest.raises(ReportError, match=r"metrics.jsonl:1: expected a JSON object, found list"):
+        render(run)
+
+
+def test_all_evaluators_on_the_digits_recipe_and_the_end_of_run_report(tmp_path, capsys):
+    """`convnet run alexnet-digits-eval` (3 steps, 16x16 digits): every evaluator runs, the report follows."""
+    from PIL import Image
+
+    run = tmp_path / "run"
+    sets = ["train.max_steps=3", "model.input=[3, 16, 16]", "data.dataset.val_fraction=0.05",
+            "evaluate[3].train_limit=256"]
+    argv = ["run", "alexnet-digits-eval", "--out", str(run), "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    final = json.loads((run / "eval.json").read_text())
+    for key in ("top1_error", "centre_top1_error", "tencrop_top1_error", "ensemble_top1_error",
+                "filters_conv1_colour_specificity", "neighbours_label_agreement", "most_confused"):
+        assert key in final
+    assert final["centre_top1_error"] == final["top1_error"]  # ten-crop's centre view is the plain image
+    for name in ("plots/loss.png", "plots/lr.png", "filters_conv1.png", "neighbours.png"):
+        with Image.open(run / name) as im:
+            assert im.size[0] > 100
+    page = (run / "index.html").read_text(encoding="utf-8")
+    assert "filters_conv1.png" in page and "neighbours.png" in page and "tencrop_top1_error" in page
+    neighbours = json.loads((run / "neighbours.json").read_text())
+    assert neighbours["train_images"] == 256 and len(neighbours["queries"]) == 8
+    assert len(json.loads((run / "confusion.json").read_text())["pairs"]) <= 10
+
+
+def test_a_failing_report_does_not_lose_the_run(tmp_path, capsys, monkeypatch):
+    """A plotting error is a warning: training, checkpoints and eval.json are kept."""
+    from convnet.core import report
+    from convnet.core.engine import train
+    from convnet.core.recipe import load_recipe
+
+    def broken(run):
+        raise RuntimeError("no fonts today")
+
+    monkeypatch.setattr(report, "render", broken)
+    recipe = load_recipe("alexnet-digits", ["train.max_steps=2", "model.input=[3, 16, 16]",
+                                            "data.dataset.val_fraction=0.1"])
+    summary = train(recipe, out=tmp_path / "run")
+    assert summary["step"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+    assert (tmp_path / "run" / "eval.json").is_file()
+    assert "the report for" in capsys.readouterr().err
