@@ -113,3 +113,43 @@ def test_load_names_the_missing_file_or_key(tmp_path):
     save_file({"mean": torch.zeros(3, 2, 2)}, str(partial))
     with pytest.raises(DataError, match="missing eigvals, eigvecs"):
         cstats.load(partial)
+
+
+def test_a_recipe_trains_with_the_paper_augmenters_on_the_stats_it_points_to(tmp_path, registries):
+    """`convnet stats` output consumed by the augmenters that name it: mean image, crops, flips, PCA lighting."""
+    needed = ("mean-image", "random-crop", "hflip", "pca-lighting", "center-crop")
+    if not all(n in registries.augmenter for n in needed):
+        pytest.skip("the augmenter plugin is not installed")
+    from convnet.core.engine import train
+
+    root = tmp_path / "imagenet"
+    write_tree(root)
+    stats_file = tmp_path / "stats.safetensors"
+    augment = f"""
+[[data.train_augment]]
+name = "mean-image"
+stats = "{stats_file}"
+[[data.train_augment]]
+name = "random-crop"
+size = 32
+[[data.train_augment]]
+name = "hflip"
+p = 0.5
+[[data.train_augment]]
+name = "pca-lighting"
+std = 0.1
+stats = "{stats_file}"
+[[data.eval_augment]]
+name = "mean-image"
+stats = "{stats_file}"
+[[data.eval_augment]]
+name = "center-crop"
+size = 32
+"""
+    recipe_path = tiny_recipe(tmp_path, root, extra=augment)
+    text = recipe_path.read_text().replace("size = 32\n[train]", "size = 40\n[train]")
+    recipe_path.write_text(text)
+    assert cli.main(["stats", str(recipe_path), "--quiet"]) == 0  # default: the path the augmenters name
+    assert load_file(str(stats_file))["mean"].shape == (3, 40, 40)
+    summary = train(load_recipe(recipe_path, registries=registries), out=tmp_path / "run", registries=registries)
+    assert summary["step"] == 4 and 0.0 <= summary["top1_error"] <= 1.0
