@@ -76,10 +76,20 @@ def tower_networks(draw, swish: bool):
     return towers, size, classes, layers
 
 
-def _single_and_parallel(registries, towers, size, classes, layers):
+LAYOUTS = {
+    # every tower its own modules, as on distinct devices
+    "per-tower": lambda t: {"devices": ["cpu"] * t, "fuse_shared_devices": False},
+    # towers sharing a device run as one grouped layer
+    "fused": lambda t: {"devices": ["cpu"] * t},
+    # "cpu" and "cpu:0" are distinct devices (same memory): groups [0, 2] and [1, 3] for 4 towers
+    "mixed": lambda t: {"devices": ["cpu", "cpu:0"] * (t // 2) + ["cpu"] * (t % 2)},
+}
+
+
+def _single_and_parallel(registries, towers, size, classes, layers, layout: str = "per-tower"):
     single = _recipe(registries, layers, towers, size, classes, {"strategy": "single", "device": "cpu"})
     mp = _recipe(registries, layers, towers, size, classes,
-                 {"strategy": "model-parallel", "devices": ["cpu"] * towers})
+                 {"strategy": "model-parallel", **LAYOUTS[layout](towers)})
     net = cn.build_model(single, "cpu", registries)
     reference = copy.deepcopy(net)
     strategy = build_strategy(mp, registries)
@@ -91,10 +101,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / scale
 
 
-@given(net=tower_networks(swish=False), batch=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=25)
-def test_model_parallel_equals_single_outputs_loss_gradients(registries, net, batch, seed) -> None:
-    _check_equal(registries, net, batch, seed)
+@given(net=tower_networks(swish=False), batch=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       layout=st.sampled_from(sorted(LAYOUTS)))
+@settings(max_examples=30)
+def test_model_parallel_equals_single_outputs_loss_gradients(registries, net, batch, seed, layout) -> None:
+    _check_equal(registries, net, batch, seed, layout)
 
 
 @given(net=tower_networks(swish=True), batch=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
@@ -102,12 +113,12 @@ def test_model_parallel_equals_single_outputs_loss_gradients(registries, net, ba
 def test_model_parallel_splits_a_third_party_elementwise_layer(registries, net, batch, seed) -> None:
     if "swish" not in registries.layer:
         pytest.skip("the example third-party plugin convnet-swish is not installed")
-    _check_equal(registries, net, batch, seed)
+    _check_equal(registries, net, batch, seed, "per-tower")
 
 
-def _check_equal(registries, net, batch, seed) -> None:
+def _check_equal(registries, net, batch, seed, layout) -> None:
     towers, size, classes, layers = net
-    reference, strategy, module = _single_and_parallel(registries, towers, size, classes, layers)
+    reference, strategy, module = _single_and_parallel(registries, towers, size, classes, layers, layout)
     reference.eval()  # dropout draws masks differently per strategy; compared in eval mode
     module.eval()
     g = torch.Generator().manual_seed(seed)
@@ -141,8 +152,8 @@ def test_parameters_live_on_their_towers_with_no_duplicates(registries) -> None:
     assert len({id(p) for _, p in named}) == len(named) == len(list(module.parameters()))
     # conv weights split by rows; the 3-class fc does not split in 2 and stays whole on tower 0
     shapes = {n: tuple(p.shape) for n, p in named}
-    assert shapes["tower0/layers.conv1.weight"] == shapes["tower1/layers.conv1.weight"] == (2, 3, 3, 3)
-    assert shapes["tower1/layers.conv2.weight"] == (2, 2, 1, 1)
+    assert shapes["towers0/layers.conv1.weight"] == shapes["towers1/layers.conv1.weight"] == (2, 3, 3, 3)
+    assert shapes["towers1/layers.conv2.weight"] == (2, 2, 1, 1)
     assert shapes["layers.fc1.weight"] == (3, 4 * 3 * 3)
     assert sum(p.numel() for _, p in named) == sum(p.numel() for p in reference.parameters())
 
@@ -174,7 +185,8 @@ def _final_model(out: Path) -> dict[str, torch.Tensor]:
 def test_checkpoints_resume_across_strategies(registries, tmp_path: Path, first: str, second: str) -> None:
     """5 steps straight under single == 2 under one strategy + 3 resumed under the other."""
     strategies = {"single": {"strategy": "single", "device": "cpu"},
-                  "model-parallel": {"strategy": "model-parallel", "devices": ["cpu", "cpu"]}}
+                  "model-parallel": {"strategy": "model-parallel", "devices": ["cpu", "cpu"],
+                                     "fuse_shared_devices": False}}
     Run(_tiny(registries, strategies["single"], max_steps=5), out=tmp_path / "straight", quiet=True).train()
     Run(_tiny(registries, strategies[first], max_steps=2), out=tmp_path / "a", quiet=True).train()
     Run(_tiny(registries, strategies[second], max_steps=5), out=tmp_path / "b", quiet=True,
@@ -193,20 +205,26 @@ def test_checkpoints_resume_across_strategies(registries, tmp_path: Path, first:
 
 
 def test_summary_shows_params_activations_and_exchanges_per_device(registries) -> None:
-    recipe = _recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "model-parallel", "devices": ["cpu", "cpu"]},
-                     dtype="float32")
+    recipe = _recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "model-parallel", "devices": ["cpu", "cpu"],
+                                                         "fuse_shared_devices": False}, dtype="float32")
     info = summarize(recipe, registries)
     rows = info["devices"]
     assert [r["device"] for r in rows] == ["tower 0: cpu", "tower 1: cpu"]
     assert sum(r["params"] for r in rows) == info["params"]
     fc5 = 5 * 16 + 5  # the 5-class layer runs whole on tower 0
     assert rows[0]["params"] - rows[1]["params"] == fc5
-    # Forward, floats received: conv3 reads the other tower's 4x8x8 block, fc4 its 8x4x4...
-    # fc4 reads [8, 4, 4] flattened = 128 features: 64 from the other tower; fc5 (whole) gathers 8.
+    # Forward, floats received: conv3 reads the other tower's 4x8x8 block; fc4 reads
+    # [8, 4, 4] flattened = 128 features, 64 from the other tower; fc5 (whole) gathers 8.
     conv3, fc4, fc5_in = 4 * 8 * 8, 64, 8
     assert rows[1]["exchanged_bytes_per_sample"] == 2 * 4 * (conv3 + fc4)
     assert rows[0]["exchanged_bytes_per_sample"] == 2 * 4 * (conv3 + fc4 + fc5_in)
     assert rows[0]["exchanged_bytes_per_step"] == 8 * rows[0]["exchanged_bytes_per_sample"]
+    # Fused on one device: one group, nothing crosses a device boundary.
+    fused = summarize(_recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "model-parallel",
+                                                                 "devices": ["cpu", "cpu"]}, dtype="float32"),
+                      registries)["devices"]
+    assert [(r["device"], r["params"], r["exchanged_bytes_per_step"]) for r in fused] == \
+        [("towers 0+1: cpu", info["params"], 0)]
     single = summarize(_recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "single", "device": "cpu"},
                                dtype="float32"), registries)["devices"]
     assert single[0]["exchanged_bytes_per_sample"] == 0
@@ -214,7 +232,7 @@ def test_summary_shows_params_activations_and_exchanges_per_device(registries) -
 
 def test_summary_command_line(capsys) -> None:
     assert main(["summary", "alexnet-digits", "--set", "parallel.strategy=model-parallel",
-                 "--set", 'parallel.devices=["cpu", "cpu"]']) == 0
+                 "--set", 'parallel.devices=["cpu", "cpu"]', "--set", "parallel.fuse_shared_devices=false"]) == 0
     out = capsys.readouterr().out
     assert "device tower 0: cpu:" in out and "device tower 1: cpu:" in out
     assert "bytes exchanged per step" in out

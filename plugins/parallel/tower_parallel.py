@@ -138,7 +138,7 @@ class RankTower(nn.Module):
             if s.mode == "whole":
                 self.whole[s.id] = s.pieces[0].to(dev)
                 continue
-            self.pieces[s.id] = nn.ModuleList([s.pieces[self.rank].to(dev)])
+            self.pieces[s.id] = nn.ModuleList([s.pieces[0].to(dev)])
             if s.module is not None:
                 self.whole[s.id] = s.module.to(dev)
 
@@ -184,7 +184,7 @@ class TowerParallel(DistributedStrategy):
                               f"{model.towers} towers but {self.world_size} processes were launched "
                               f"(torchrun --nproc-per-node={model.towers})")
         self.start()
-        self._splits = split_network(model, held=[self.rank])
+        self._splits = split_network(model, [[self.rank]])
         return RankTower(self._splits, self, model.info)
 
     def named_parameters(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -58,13 +58,17 @@ def layer_modes(model: Network) -> list[str]:
 
 @attrs.define
 class LayerSplit:
-    """One layer cut into towers: ``pieces[t]`` is tower t's module (None if not held here)."""
+    """One layer cut into tower groups: ``pieces[g]`` computes the towers ``groups[g]``.
+
+    A group's piece computes its towers' blocks concatenated in tower order (a group of
+    towers on one device runs as one grouped layer, as ``single`` does for all of them).
+    """
 
     id: str
     mode: str
     info: LayerInfo
     module: nn.Module | None          # the canonical module (parameter-free layers only)
-    pieces: list[nn.Module | None]
+    pieces: list[nn.Module]
     sharded: tuple[str, ...] = ()     # tensor names (inside the layer) split by rows
     replicated: tuple[str, ...] = ()  # tensor names every tower holds whole
 
@@ -74,16 +78,22 @@ class LayerSplit:
 
 
 class TakeBlock(nn.Module):
-    """A parameter-free cross layer computed whole; tower ``t`` keeps its output block."""
+    """A parameter-free cross layer computed whole; a group keeps its towers' output blocks."""
 
-    def __init__(self, module: nn.Module, tower: int, towers: int) -> None:
+    def __init__(self, module: nn.Module, group: Sequence[int], towers: int) -> None:
         super().__init__()
-        self.inner, self.tower, self.towers = module, tower, towers
+        self.inner, self.group, self.towers = module, list(group), towers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
-        rows = y.shape[1] // self.towers
-        return y.narrow(1, self.tower * rows, rows)
+        return take_blocks(self.inner(x), self.group, self.towers)
+
+
+def take_blocks(x: torch.Tensor, group: Sequence[int], towers: int, dim: int = 1) -> torch.Tensor:
+    """The blocks of ``group``'s towers along ``dim``, in order (a view when contiguous)."""
+    rows = x.shape[dim] // towers
+    if list(group) == list(range(group[0], group[0] + len(group))):
+        return x.narrow(dim, group[0] * rows, len(group) * rows)
+    return torch.cat([x.narrow(dim, t * rows, rows) for t in group], dim)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,32 +115,33 @@ def _set_tensor(piece: nn.Module, name: str, value: torch.Tensor, is_param: bool
         owner._buffers[leaf] = value
 
 
-def _ungroup(piece: nn.Module, towers: int, mode: str, rows: int, in_rows: int) -> None:
-    """Tower pieces compute one group: ``groups`` = towers becomes 1; sizes follow."""
+def _ungroup(piece: nn.Module, towers: int, mode: str, rows: int, in_rows: int, group: Sequence[int]) -> None:
+    """A group's piece computes ``len(group)`` towers: ``groups`` = towers becomes that;
+    the sizes it records follow."""
+    share = len(group)
     for m in piece.modules():
         if towers > 1 and getattr(m, "groups", None) == towers:
-            m.groups = 1
+            m.groups = share if mode == "local" else 1
     for attr in ROW_ATTRS_OUT:
         if isinstance(getattr(piece, attr, None), int) and getattr(piece, attr) == rows:
-            setattr(piece, attr, rows // towers)
+            setattr(piece, attr, rows // towers * share)
     if mode == "local":
         for attr in ROW_ATTRS_IN:
             if isinstance(getattr(piece, attr, None), int) and getattr(piece, attr) == in_rows:
-                setattr(piece, attr, in_rows // towers)
+                setattr(piece, attr, in_rows // towers * share)
 
 
-def _row_piece(module: nn.Module, info: LayerInfo, mode: str, tower: int, towers: int
+def _row_piece(module: nn.Module, info: LayerInfo, mode: str, group: Sequence[int], towers: int
                ) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
     rows = info.out_shape[0]
     params = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
     piece = _shell(module)
     sharded, replicated = [], []
-    per = rows // towers
     for name, tensor in (params | buffers).items():
         is_param = name in params
         if tensor.dim() >= 1 and tensor.shape[0] == rows:
-            value = tensor.detach()[tower * per:(tower + 1) * per].clone()
+            value = take_blocks(tensor.detach(), group, towers, dim=0).clone()
             sharded.append(name)
         elif is_param:
             raise RecipeError(f"model.layers ({info.id}): parameter {name!r} of shape {list(tensor.shape)} "
@@ -140,49 +151,43 @@ def _row_piece(module: nn.Module, info: LayerInfo, mode: str, tower: int, towers
             value = tensor.detach().clone()
             replicated.append(name)
         _set_tensor(piece, name, value, is_param, tensor.requires_grad)
-    _ungroup(piece, towers, mode, rows, info.in_shape[0])
+    _ungroup(piece, towers, mode, rows, info.in_shape[0], group)
     return piece, tuple(sharded), tuple(replicated)
 
 
-def split_network(model: Network, held: Sequence[int] | None = None) -> list[LayerSplit]:
-    """Cut ``model`` into tower pieces (copies; the model is left as it was).
+def split_network(model: Network, groups: Sequence[Sequence[int]] | None = None) -> list[LayerSplit]:
+    """Cut ``model`` into pieces, one per tower group (copies; the model is left as it was).
 
-    ``held``: the towers to build (default all); the others' pieces are None.
+    ``groups``: the tower groups to build (default: one group per tower, all of them).
     """
     towers = model.towers
-    held_set = set(range(towers) if held is None else held)
+    groups = [list(g) for g in (groups if groups is not None else [[t] for t in range(towers)])]
     splits = []
     for info, mode in zip(model.info, layer_modes(model)):
         module = model.layers[info.id]
         if mode == "whole":
             whole = _shell(module)
+            params = dict(module.named_parameters())
             for name, tensor in _tensors(module).items():
-                _set_tensor(whole, name, tensor.detach().clone(), name in dict(module.named_parameters()),
-                            tensor.requires_grad)
-            splits.append(LayerSplit(info.id, mode, info, None, [whole],
-                                     replicated=tuple(_tensors(module))))
+                _set_tensor(whole, name, tensor.detach().clone(), name in params, tensor.requires_grad)
+            splits.append(LayerSplit(info.id, mode, info, None, [whole], replicated=tuple(_tensors(module))))
             continue
         if info.params:
-            pieces: list[nn.Module | None] = []
+            pieces: list[nn.Module] = []
             sharded: tuple[str, ...] = ()
             replicated: tuple[str, ...] = ()
-            for t in range(towers):
-                if t in held_set:
-                    piece, sharded, replicated = _row_piece(module, info, mode, t, towers)
-                    pieces.append(piece)
-                else:
-                    pieces.append(None)
+            for group in groups:
+                piece, sharded, replicated = _row_piece(module, info, mode, group, towers)
+                pieces.append(piece)
             splits.append(LayerSplit(info.id, mode, info, None, pieces, sharded, replicated))
             continue
         pieces = []
-        for t in range(towers):
-            if t not in held_set:
-                pieces.append(None)
-            elif mode == "cross":
-                pieces.append(TakeBlock(copy.deepcopy(module), t, towers))
+        for group in groups:
+            if mode == "cross":
+                pieces.append(TakeBlock(copy.deepcopy(module), group, towers))
             else:
                 piece = copy.deepcopy(module)
-                _ungroup(piece, towers, mode, info.out_shape[0], info.in_shape[0])
+                _ungroup(piece, towers, mode, info.out_shape[0], info.in_shape[0], group)
                 pieces.append(piece)
         splits.append(LayerSplit(info.id, mode, info, copy.deepcopy(module), pieces,
                                  replicated=tuple(_tensors(module))))
@@ -193,16 +198,16 @@ class Exchange(Protocol):
     """How activation blocks move between the towers a process holds."""
 
     def scatter(self, whole: torch.Tensor) -> list[torch.Tensor]:
-        """A whole activation (on tower 0, or replicated) -> the held towers' blocks."""
+        """A whole activation (on tower 0, or replicated) -> each held group's blocks."""
 
     def cross_inputs(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The held towers' blocks -> for each held tower, every tower's blocks concatenated."""
+        """The held groups' blocks -> for each held group, every tower's blocks concatenated."""
 
     def replicate(self, whole: torch.Tensor) -> list[torch.Tensor]:
-        """A whole activation -> one copy per held tower, for a cross layer."""
+        """A whole activation -> one copy per held group, for a cross layer."""
 
     def to_whole(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """The held towers' blocks -> the whole activation (on tower 0, or replicated)."""
+        """The held groups' blocks -> the whole activation (on tower 0, or replicated)."""
 
 
 def run_towers(splits: list[LayerSplit], pieces: nn.ModuleDict, whole: nn.ModuleDict, x: torch.Tensor,
@@ -263,54 +268,61 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def tower_costs(model: Network, elem_bytes: int) -> list[dict[str, int]]:
-    """Per tower: parameters, activation bytes and bytes received per sample (forward).
+def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]] | None = None
+                ) -> list[dict[str, int]]:
+    """Per tower group (default: one per tower): parameters, activation bytes and bytes
+    received from other groups per sample, forward.
 
-    Activations count every layer's output block a tower keeps plus the other towers'
-    blocks it receives at cross layers. The input image is on every tower already.
+    Activations count every layer's output blocks a group keeps plus the blocks it
+    receives at cross layers. The input image is on every group already. Group 0 holds
+    tower 0, where whole layers run.
     """
     towers = model.towers
-    params = [0] * towers
-    act = [0] * towers
-    recv = [0] * towers
+    groups = [list(g) for g in (groups if groups is not None else [[t] for t in range(towers)])]
+    n = len(groups)
+    home = next(i for i, g in enumerate(groups) if 0 in g)
+    params, act, recv = [0] * n, [0] * n, [0] * n
     split = False
     for index, (info, mode) in enumerate(zip(model.info, layer_modes(model))):
         n_in, n_out = _numel(info.in_shape), _numel(info.out_shape)
         if mode == "whole" or (mode == "local" and not split and not info.params):
             if split:
-                recv[0] += n_in * (towers - 1) // towers
-                act[0] += n_in * (towers - 1) // towers
-            params[0] += info.params
-            act[0] += n_out
+                other = n_in * (towers - len(groups[home])) // towers
+                recv[home] += other
+                act[home] += other
+            params[home] += info.params
+            act[home] += n_out
             split = False
             continue
-        if mode == "cross" and split:
-            for t in range(towers):
-                recv[t] += n_in * (towers - 1) // towers
-                act[t] += n_in * (towers - 1) // towers
-        elif not split and index > 0:  # a whole activation on tower 0 goes to the others
-            share = n_in if mode == "cross" else n_in // towers
-            for t in range(1, towers):
-                recv[t] += share
-                act[t] += share
-        for t in range(towers):
-            params[t] += info.params // towers
-            act[t] += n_out // towers
+        for g, group in enumerate(groups):
+            share = len(group)
+            if mode == "cross" and split:
+                other = n_in * (towers - share) // towers
+                recv[g] += other
+                act[g] += other
+            elif not split and index > 0 and g != home:  # a whole activation on the home group goes out
+                part = n_in if mode == "cross" else n_in * share // towers
+                recv[g] += part
+                act[g] += part
+            params[g] += info.params * share // towers
+            act[g] += n_out * share // towers
         split = True
     if split:
-        n = _numel(model.info[-1].out_shape)
-        recv[0] += n * (towers - 1) // towers
-    return [{"params": params[t], "activation_bytes_per_sample": act[t] * elem_bytes,
-             "received_bytes_per_sample": recv[t] * elem_bytes} for t in range(towers)]
+        last = _numel(model.info[-1].out_shape)
+        recv[home] += last * (towers - len(groups[home])) // towers
+    return [{"params": params[g], "activation_bytes_per_sample": act[g] * elem_bytes,
+             "received_bytes_per_sample": recv[g] * elem_bytes} for g in range(n)]
 
 
-def describe_towers(model: Network, devices: Sequence[str], batch_size: int) -> list[dict]:
-    """``Strategy.describe`` rows for a tower split: backward moves as many bytes as forward."""
-    elem = next(iter(model.parameters())).element_size() if any(True for _ in model.parameters()) else 4
+def describe_towers(model: Network, devices: Sequence[str], batch_size: int,
+                    groups: Sequence[Sequence[int]] | None = None) -> list[dict]:
+    """``Strategy.describe`` rows, one per tower group: backward moves as many bytes as forward."""
+    params = list(model.parameters())
+    elem = params[0].element_size() if params else 4
     rows = []
-    for t, cost in enumerate(tower_costs(model, elem)):
+    for label, cost in zip(devices, tower_costs(model, elem, groups)):
         per_sample = 2 * cost["received_bytes_per_sample"]
-        rows.append({"device": devices[t], "params": cost["params"],
+        rows.append({"device": label, "params": cost["params"],
                      "activation_bytes_per_sample": cost["activation_bytes_per_sample"],
                      "exchanged_bytes_per_sample": per_sample,
                      "exchanged_bytes_per_step": per_sample * batch_size})
