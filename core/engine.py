@@ -167,7 +167,7 @@ class Run:
         tensors.update(rng)
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "best": self.best, "optimizer_groups": groups, "schedule": self.schedule.state_dict(),
-                 "rng": rng_meta, "skipped": self.skipped}
+                 "rng": rng_meta, "skipped": self.skipped, "skipped_nonfinite": self.skipped_nonfinite}
         ckpt.save(path, tensors, {"convnet.recipe": to_toml(self.recipe, self.registries),
                                   "convnet.state": json.dumps(state)})
         return path
@@ -194,6 +194,7 @@ class Run:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch, self.best = int(state["batch_in_epoch"]), state["best"]
         self.skipped = int(state.get("skipped", 0))
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         try:
             ckpt.restore_rng(tensors, state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
@@ -322,11 +323,19 @@ class Run:
             self.save_checkpoint("last")
         final = self._evaluate(final=True)
         self.last_eval = final
-        self.log({"kind": "final", "epoch": self.epoch, "step": self.step, **final})
+        self.log({"kind": "final", "epoch": self.epoch, "step": self.step,
+                  "skipped_nonfinite": self.skipped_nonfinite, **final})
+        if self.skipped_nonfinite and self.strategy.is_main:
+            print(f"skipped {self.skipped_nonfinite} batch(es) whose loss was not finite "
+                  "(train.on_nonfinite = \"skip-batch\")", file=sys.stderr)
         if self.strategy.is_main:
             (self.out / "eval.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
         return {"out": str(self.out), "step": self.step, "epoch": self.epoch, "stopped_early": stopped_early,
-                "skipped_samples": self.skipped, **final}
+                "skipped_samples": self.skipped, "skipped_nonfinite": self.skipped_nonfinite, **final}
+
+    def _kept(self) -> str:
+        last = self.checkpoint_path("last")
+        return f"the last good checkpoint {last} is untouched" if last.exists() else "no checkpoint had been saved yet"
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         r = self.recipe
@@ -347,20 +356,27 @@ class Run:
             # The mean over the GLOBAL batch when processes hold shards of it (ddp); every
             # process then takes the same finite/non-finite branch below.
             total = self.strategy.all_reduce_sum(
-                torch.tensor([float(loss.detach()) * len(labels), len(labels)], dtype=torch.float64))
+                torch.tensor([float(loss.detach()) * len(labels), len(labels),
+                              float(_has_nonfinite(p.grad for p in self.named_params.values()))],
+                             dtype=torch.float64))
             value = float(total[0] / total[1])
-            if not math.isfinite(value):
+            if not math.isfinite(value) or total[2] > 0:
+                what = f"loss is {value}" if not math.isfinite(value) else f"loss {value:.4g} has non-finite gradients"
                 if r.train.on_nonfinite == "stop":
-                    last = self.checkpoint_path("last")
-                    kept = f"the last good checkpoint {last} is untouched" if last.exists() else \
-                        "no checkpoint had been saved yet"
                     raise NonFiniteLossError(
-                        f"step {next_step} (epoch {self.epoch + 1}): loss is {value}; stopped. {kept}. "
+                        f"step {next_step} (epoch {self.epoch + 1}): {what}; stopped. {self._kept()}. "
                         "Lower train.optimizer.lr, or set train.on_nonfinite = \"skip-batch\"")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_nonfinite += 1
             else:
                 self.optimizer.step()
+                # A finite loss can still take an update that overflows the weights: stop before
+                # such weights reach a checkpoint (there is no undoing an in-place step).
+                overflow = torch.tensor([float(_has_nonfinite(self.named_params.values()))], dtype=torch.float64)
+                if self.strategy.all_reduce_sum(overflow)[0] > 0:
+                    raise NonFiniteLossError(
+                        f"step {next_step} (epoch {self.epoch + 1}): the update made weights non-finite "
+                        f"(loss was {value:.4g}); stopped. {self._kept()}. Lower train.optimizer.lr")
         else:
             value = float("nan")
         self.step = next_step
@@ -369,6 +385,10 @@ class Run:
         if self.step % r.train.log_every == 0 or self.step == 1:
             self.log({"kind": "train", "step": self.step, **metrics})
         self.pm.hook.convnet_step_end(run=self, step=self.step, metrics=metrics)
+
+
+def _has_nonfinite(tensors: Any) -> bool:
+    return not all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 def _device_augment(augmenters: list, x: torch.Tensor, seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""The faults suite: real processes, real files, real signals; a ledger of what was injected.
+
+Every test records each fault it injects in the session's ledger (``ledger.record``); the
+terminal summary prints the table the issue asks for: fault, times injected, what happened,
+data lost.
+"""
+from __future__ import annotations
+
+import pytest
+
+from faultkit import KILL_SETS, Ledger, convnet_run, model_bytes
+
+_LEDGER = Ledger()
+
+
+@pytest.fixture(scope="session")
+def ledger() -> Ledger:
+    return _LEDGER
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if _LEDGER.outcomes:
+        terminalreporter.section("faults injected")
+        for row in _LEDGER.table():
+            terminalreporter.write_line(row)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> dict[str, bytes]:
+    """Final weights of the kill recipe run straight through, in a process like the others."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = convnet_run(out, *KILL_SETS)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return model_bytes(out / "checkpoints" / "last.safetensors")
