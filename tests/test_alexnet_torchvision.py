@@ -10,7 +10,7 @@ from convnet.core.model import build_model
 from convnet.core.recipe import load_recipe
 from convnet.plugins.alexnet.torchvision_weights import (ConversionError, convert_file, load_torchvision_alexnet,
                                                          read_state_dict)
-from tests.test_alexnet_recipes import augment_overrides
+from test_alexnet_recipes import augment_overrides
 
 torchvision = pytest.importorskip("torchvision")
 

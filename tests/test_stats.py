@@ -14,7 +14,7 @@ from convnet.core import stats as cstats
 from convnet.core.data import build_dataset
 from convnet.core.errors import DataError
 from convnet.core.recipe import load_recipe
-from tests.test_imagenet_data import _corrupt, tiny_recipe, write_tree
+from test_imagenet_data import _corrupt, tiny_recipe, write_tree
 
 
 def direct(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
