@@ -33,33 +33,48 @@ def generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generato
     return g
 
 
-_MASK63 = np.uint64((1 << 63) - 1)
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+_SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+def _mix(z: int) -> int:
+    z = (z + _SPLITMIX[0]) & _MASK64
+    z = ((z ^ (z >> 30)) * _SPLITMIX[1]) & _MASK64
+    z = ((z ^ (z >> 27)) * _SPLITMIX[2]) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix_array(z: np.ndarray) -> np.ndarray:
+    """``_mix`` on a uint64 array (wrapping arithmetic)."""
+    z = z + np.uint64(_SPLITMIX[0])
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_SPLITMIX[1])
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_SPLITMIX[2])
     return z ^ (z >> np.uint64(31))
 
 
-def sample_keys(seed: int, stream: int, epoch: int, indices: int | Sequence[int] | np.ndarray | torch.Tensor,
-                stage: int | np.ndarray) -> np.ndarray:
-    """63-bit keys for augmentation stage ``stage`` of a chain (uint64 array, ``indices`` and
-    ``stage`` broadcast against each other).
+def sample_key(seed: int, stream: int, epoch: int, index: int, stage: int) -> int:
+    """The 63-bit augmentation key of one sample at stage ``stage`` of a chain: a splitmix64
+    hash of (seed, stream, epoch, index, stage). ``Augmented`` seeds the sample's generator
+    for that stage with it."""
+    z = int(seed) & _MASK64
+    for part in (stream, epoch, index, stage):
+        z = _mix(z ^ (int(part) & _MASK64))
+    return z & _MASK63
 
-    A hash of (seed, stream, epoch, index, stage), vectorised: the per-image
-    generator of ``Augmented`` is seeded with the same key as the batched form sees for that
-    sample, so an augmenter that draws from its key gives the same result in any placement.
-    """
+
+def sample_keys(seed: int, stream: int, epoch: int, indices: Sequence[int] | np.ndarray | torch.Tensor,
+                stage: int) -> np.ndarray:
+    """``sample_key`` for many indices at once (uint64 array): what the batched placement hands
+    each augmenter, so that one drawing from its key gives the same result in either placement."""
     idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
-    z = np.full(idx.shape, int(seed) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
+    z = np.full(idx.shape, int(seed) & _MASK64, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for part in (stream, epoch):
-            z = _splitmix(z ^ np.uint64(int(part) & 0xFFFFFFFFFFFFFFFF))
-        z = _splitmix(z ^ idx.astype(np.uint64))
-        z = _splitmix(z ^ np.asarray(stage, dtype=np.int64).astype(np.uint64))
-    return z & _MASK63
+            z = _mix_array(z ^ np.uint64(int(part) & _MASK64))
+        z = _mix_array(z ^ idx.astype(np.uint64))
+        z = _mix_array(z ^ np.uint64(int(stage) & _MASK64))
+    return z & np.uint64(_MASK63)
 
 
 @attrs.define
@@ -138,10 +153,9 @@ class Augmented(Dataset):
             return None
         image, label = sample
         if self.augmenters:
-            keys = sample_keys(self.seed, self.stream, self.epoch, index, np.arange(len(self.augmenters)))
-            for key, aug in zip(keys.tolist(), self.augmenters):
+            for stage, aug in enumerate(self.augmenters):
                 g = torch.Generator()
-                g.manual_seed(key)
+                g.manual_seed(sample_key(self.seed, self.stream, self.epoch, index, stage))
                 image = aug(image, g)
         return image, label, index
 

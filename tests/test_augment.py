@@ -224,13 +224,20 @@ def test_mean_image_then_adding_it_back_is_the_identity(tmp_path_factory, shape,
 
 
 # ---------------------------------------------------------------------------- seeding
-def test_sample_keys_vectorised_equals_one_by_one():
-    many = cdata.sample_keys(42, 1, 3, list(range(50)), 2)
-    one = [int(cdata.sample_keys(42, 1, 3, [i], 2)[0]) for i in range(50)]
-    assert many.tolist() == one
-    assert len(set(one)) == 50 and max(one) < 2**63
-    assert cdata.sample_keys(42, 1, 4, [0], 2)[0] != many[0]  # another epoch
-    assert cdata.sample_keys(42, 1, 3, [0], 3)[0] != many[0]  # another stage
+@given(SEED_ST, st.integers(0, 3), st.integers(0, 10**6), st.integers(0, 7),
+       st.lists(st.integers(0, 2**62), min_size=1, max_size=20))
+def test_sample_keys_vectorised_equals_one_by_one(seed, stream, epoch, stage, indices):
+    many = cdata.sample_keys(seed, stream, epoch, indices, stage).tolist()
+    assert many == [cdata.sample_key(seed, stream, epoch, i, stage) for i in indices]
+    assert max(many) < 2**63
+
+
+def test_sample_keys_differ_by_epoch_stage_and_index():
+    keys = cdata.sample_keys(42, 1, 3, list(range(1000)), 2)
+    assert len(set(keys.tolist())) == 1000
+    assert cdata.sample_key(42, 1, 4, 0, 2) != keys[0]  # another epoch
+    assert cdata.sample_key(42, 1, 3, 0, 3) != keys[0]  # another stage
+    assert cdata.sample_key(42, 2, 3, 0, 2) != keys[0]  # another stream
 
 
 @settings(max_examples=10)

@@ -243,7 +243,7 @@ def test_worker_and_device_placements_train_identically(tmp_path):
     """Same seed -> the same crops and flips per sample in either placement -> the same losses."""
     from convnet.core.engine import train
 
-    sets = ["train.max_steps=3", "train.log_every=1", "data.batch_size=16", "train.epochs=1",
+    sets = ["train.max_steps=2", "train.log_every=1", "data.batch_size=8", "train.epochs=1",
             "evaluate=[]", "data.workers=0"]
     augment = ('[[data.train_augment]]\nname = "random-crop"\nsize = 32\npadding = 3\npadding_mode = "edge"\n'
                '[[data.train_augment]]\nname = "hflip"\n')
@@ -254,5 +254,21 @@ def test_worker_and_device_placements_train_identically(tmp_path):
         recipe = load_recipe(str(file), overrides=sets)
         train(recipe, out=tmp_path / where)
         losses[where] = _losses(tmp_path / where)
-    assert len(losses["worker"]) == 3
+    assert len(losses["worker"]) == 2
     assert losses["worker"] == losses["device"]
+
+
+def test_ten_crop_views_are_the_ones_the_ten_crop_evaluator_expects():
+    """The contract with plugins/evaluate: [N, 10, C, s, s], corners, centre (view 4), mirrors."""
+    tencrop = pytest.importorskip("convnet.plugins.evaluate.tencrop")
+    images = torch.randint(0, 256, (2, 3, 13, 17), dtype=torch.uint8, generator=gen(4))
+    aug = g.TenCrop(g.TenCropOptions(size=9), ctx("data.eval_augment[0]"))
+    per_image = torch.stack([aug(image, gen(0)) for image in images])
+    assert torch.equal(per_image, tencrop.ten_crops(images, 9, 9))
+    assert torch.equal(per_image[:, tencrop.CENTRE], g.CenterCrop(g.CenterCropOptions(size=9), ctx()).batch(images, None))
+
+
+def test_reflect_padding_larger_than_the_image_is_a_data_error():
+    crop = g.RandomCrop(g.RandomCropOptions(size=4, padding=5, padding_mode="reflect"), ctx("data.train_augment[1]"))
+    with pytest.raises(DataError, match=r"data\.train_augment\[1\] \(random-crop\): reflect padding 5"):
+        crop(torch.zeros(1, 4, 4), gen(0))

@@ -2,41 +2,51 @@
 
 An augmenter's randomness for one sample is a pure function of that sample's key (see
 ``convnet.core.data.sample_keys``): the per-image form reads the key from its generator's
-``initial_seed()``, the batched form gets a tensor of keys. Draws are computed here in
-float64 numpy on the CPU (a few numbers per image), then moved to the images' device, so a
-crop offset, a flip or a lighting offset is the same whichever way the chain runs.
+``initial_seed()``, the batched form gets a tensor of keys. Each draw is a splitmix64 hash
+of (key, draw number), computed in Python integers and floats, one sample at a time in both
+placements, so a crop offset, a flip or a lighting offset is bit-identical whichever way the
+chain runs (and costs a few microseconds, less than a numpy call on a one-element array).
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+from typing import Sequence
+
 import torch
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    z = z + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+def _mix(z: int) -> int:
+    z = (z + _GOLDEN) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
 
 
-def key_of(generator: torch.Generator) -> torch.Tensor:
-    """The ``[1]`` key tensor of a per-image generator."""
-    return torch.tensor([generator.initial_seed() & ((1 << 63) - 1)], dtype=torch.int64)
+def key_of(generator: torch.Generator) -> int:
+    """The key a per-image generator was seeded with."""
+    return generator.initial_seed() & _MASK
 
 
-def uniform(keys: torch.Tensor, count: int) -> np.ndarray:
-    """``[N, count]`` float64 in [0, 1): draw j of sample n depends only on (keys[n], j)."""
-    k = keys.cpu().numpy().astype(np.uint64)[:, None]
-    j = np.arange(count, dtype=np.uint64)[None, :]
-    with np.errstate(over="ignore"):
-        z = _splitmix(_splitmix(k) ^ (j * _GOLDEN))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+def keys_list(keys: torch.Tensor | Sequence[int]) -> list[int]:
+    """A batch's keys as Python integers."""
+    return [int(k) & _MASK for k in (keys.tolist() if isinstance(keys, torch.Tensor) else keys)]
 
 
-def normal(keys: torch.Tensor, count: int) -> np.ndarray:
-    """``[N, count]`` float64 standard normal (Box-Muller)."""
-    u = uniform(keys, 2 * count)
-    radius = np.sqrt(-2.0 * np.log1p(-u[:, :count]))
-    return radius * np.cos(2.0 * np.pi * u[:, count:])
+def uniform(key: int, count: int) -> list[float]:
+    """``count`` floats in [0, 1); draw j depends only on (key, j)."""
+    base = _mix(key & _MASK)
+    return [(_mix(base ^ ((j * _GOLDEN) & _MASK)) >> 11) * (1.0 / (1 << 53)) for j in range(count)]
+
+
+def below(u: float, high: int) -> int:
+    """An integer uniform over ``0 .. high - 1`` from a uniform float."""
+    return min(int(u * high), high - 1)
+
+
+def normal(key: int, count: int) -> list[float]:
+    """``count`` standard normal floats (Box-Muller)."""
+    u = uniform(key, 2 * count)
+    return [math.sqrt(-2.0 * math.log1p(-u[i])) * math.cos(2.0 * math.pi * u[count + i]) for i in range(count)]

@@ -19,7 +19,8 @@ from attrs import validators as v
 from torch.utils.data import get_worker_info
 
 from convnet.core.data import DataContext
-from convnet.plugins.augment.draws import key_of, uniform
+from convnet.core.errors import DataError
+from convnet.plugins.augment.draws import below, key_of, keys_list, uniform
 
 _SLOTS = 258  # the main process + up to 256 workers (schema caps data.workers at 256) + spare
 
@@ -85,13 +86,14 @@ def _fit(x: torch.Tensor, size: int, small: SmallImages, batched: bool) -> torch
         return x
     factor = max(size / h, size / w)
     nh, nw = max(size, math.ceil(h * factor - 1e-9)), max(size, math.ceil(w * factor - 1e-9))
-    if batched:
+    if batched:  # the device placement has no pass end to report at: warn now (once per size)
         small.warn_batch(h, w)
-    small.add(1)
+    else:
+        small.add(1)
     return resize(x, nh, nw)
 
 
-def _pad(x: torch.Tensor, padding: int, mode: str, fill: float) -> torch.Tensor:
+def _pad(x: torch.Tensor, padding: int, mode: str, fill: float, where: str) -> torch.Tensor:
     if not padding:
         return x
     lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
@@ -100,7 +102,7 @@ def _pad(x: torch.Tensor, padding: int, mode: str, fill: float) -> torch.Tensor:
         out = F.pad(flat, (padding,) * 4, mode="constant", value=fill)
     else:
         if mode == "reflect" and padding >= min(h, w):
-            raise ValueError(f"reflect padding {padding} needs images larger than {padding}, found {h}x{w}")
+            raise DataError(f"{where}: reflect padding {padding} needs images larger than {padding}, found {h}x{w}")
         out = F.pad(flat, (padding,) * 4, mode="replicate" if mode == "edge" else "reflect")
     return out.reshape(*lead, c, h + 2 * padding, w + 2 * padding)
 
@@ -223,20 +225,23 @@ class RandomCrop:
 
     def _prepare(self, x: torch.Tensor, batched: bool) -> torch.Tensor:
         o = self.options
-        return _fit(_pad(x, o.padding, o.padding_mode, o.fill), o.size, self.small, batched)
+        return _fit(_pad(x, o.padding, o.padding_mode, o.fill, self.small.where), o.size, self.small, batched)
+
+    def offset(self, key: int, h: int, w: int) -> tuple[int, int]:
+        """Top and left of the sample's window in an ``h`` x ``w`` (padded, fitted) image."""
+        s = self.options.size
+        u = uniform(key, 2)
+        return below(u[0], h - s + 1), below(u[1], w - s + 1)
 
     def offsets(self, keys: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top and left of each sample's window in an ``h`` x ``w`` (padded, fitted) image."""
-        s = self.options.size
-        u = uniform(keys, 2)
-        tops = np.minimum(np.floor(u[:, 0] * (h - s + 1)).astype(np.int64), h - s)
-        lefts = np.minimum(np.floor(u[:, 1] * (w - s + 1)).astype(np.int64), w - s)
-        return tops, lefts
+        pairs = [self.offset(k, h, w) for k in keys_list(keys)]
+        return (np.array([t for t, _ in pairs], dtype=np.int64).reshape(-1),
+                np.array([l for _, l in pairs], dtype=np.int64).reshape(-1))
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = self._prepare(image, False)
-        tops, lefts = self.offsets(key_of(generator), *x.shape[-2:])
-        t, l, s = int(tops[0]), int(lefts[0]), self.options.size
+        t, l = self.offset(key_of(generator), *x.shape[-2:])
+        s = self.options.size
         return x[..., t:t + s, l:l + s]
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -257,11 +262,14 @@ class HFlip:
     def __init__(self, options: HFlipOptions, ctx: DataContext) -> None:
         self.p = options.p
 
+    def flip(self, key: int) -> bool:
+        return uniform(key, 1)[0] < self.p
+
     def flips(self, keys: torch.Tensor) -> np.ndarray:
-        return uniform(keys, 1)[:, 0] < self.p
+        return np.array([self.flip(k) for k in keys_list(keys)], dtype=bool).reshape(-1)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return image.flip(-1) if self.flips(key_of(generator))[0] else image
+        return image.flip(-1) if self.flip(key_of(generator)) else image
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return flip_where(images, torch.from_numpy(self.flips(keys)))

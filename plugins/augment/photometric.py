@@ -18,7 +18,7 @@ from attrs import validators as v
 
 from convnet.core.data import DataContext
 from convnet.core.errors import DataError
-from convnet.plugins.augment.draws import key_of, normal
+from convnet.plugins.augment.draws import key_of, keys_list, normal
 
 
 def _positive_list(instance: Any, attribute: attrs.Attribute, value: list[float] | None) -> None:
@@ -209,24 +209,26 @@ class PcaLighting:
         self.weights = w * o.pixel_range  # back to the images' scale
         self.where = f"{ctx.path} (pca-lighting)"
 
-    def offsets(self, keys: torch.Tensor) -> np.ndarray:
-        """``[N, C]`` float64: each sample's offset, constant over its pixels."""
-        alpha = self.std * normal(keys, self.channels)
-        return (alpha * self.weights) @ self.eigvecs.T
+    def offset(self, key: int) -> np.ndarray:
+        """``[C]`` float64: the sample's offset, the same for all its pixels."""
+        alpha = self.std * np.array(normal(key, self.channels))
+        return self.eigvecs @ (alpha * self.weights)
 
-    def _apply(self, x: torch.Tensor, keys: torch.Tensor, batched: bool) -> torch.Tensor:
-        _check_channels(self.where, x, self.channels, "the eigen data")
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        delta = torch.from_numpy(self.offsets(keys)).to(device=x.device, dtype=dtype)
-        if batched:
-            return _add(x, delta.view(len(keys), *([1] * (x.dim() - 4)), self.channels, 1, 1), True)
-        return _add(x, delta.view(self.channels, 1, 1), False)
+    def offsets(self, keys: torch.Tensor) -> np.ndarray:
+        """``[N, C]``: ``offset`` per sample (one at a time, so bit-identical to the per-image form)."""
+        return np.array([self.offset(k) for k in keys_list(keys)]).reshape(-1, self.channels)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self._apply(image, key_of(generator), False)
+        _check_channels(self.where, image, self.channels, "the eigen data")
+        dtype = image.dtype if image.is_floating_point() else torch.float32
+        delta = torch.from_numpy(self.offset(key_of(generator))).to(dtype)
+        return _add(image, delta.to(image.device).view(self.channels, 1, 1), False)
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return self._apply(images, keys, True)
+        _check_channels(self.where, images, self.channels, "the eigen data")
+        dtype = images.dtype if images.is_floating_point() else torch.float32
+        delta = torch.from_numpy(self.offsets(keys)).to(dtype).to(images.device)
+        return _add(images, delta.view(len(keys), *([1] * (images.dim() - 4)), self.channels, 1, 1), True)
 
 
 # ---------------------------------------------------------------------------- to-float
