@@ -129,11 +129,17 @@ def build_model(recipe: schema.Recipe, device: str | torch.device = "cpu",
             ctx = LayerContext(in_shape=shape, towers=towers, cross=spec.towers == "cross", path=path,
                                id=layer_id, index=index, is_last=index == n - 1, device=dev,
                                dtype=dtype, registries=regs)
-            built = entry.factory(spec.options, ctx)
-            if not isinstance(built, BuiltLayer):
-                raise RecipeError(f"{path}: layer {spec.name!r} from {entry.origin} returned "
-                                  f"{type(built).__name__}, not a BuiltLayer")
-            built.module.to(device=dev, dtype=dtype)
+            try:
+                built = entry.factory(spec.options, ctx)
+                if not isinstance(built, BuiltLayer):
+                    raise RecipeError(f"{path}: layer {spec.name!r} from {entry.origin} returned "
+                                      f"{type(built).__name__}, not a BuiltLayer")
+                built.module.to(device=dev, dtype=dtype)
+            except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+                # sizes torch cannot hold (a 10**12-channel conv, a 10**18-feature fc): the recipe's fault
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise RecipeError(f"{path} ({layer_id}): cannot build this layer for input {list(shape)}: "
+                                  f"{reason}") from None
             params = sum(p.numel() for p in built.module.parameters())
             info.append(LayerInfo(layer_id, spec.name, spec.towers, shape, tuple(built.out_shape), params, built.macs))
             modules.append((layer_id, built.module))

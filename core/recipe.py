@@ -268,6 +268,10 @@ def load_raw(ref: str, relative_to: Path | None = None, _depth: int = 0) -> tupl
             raise RecipeError(f"{source}: extends: expected a recipe name or path, found {_show(parent)}")
         if _depth >= MAX_EXTENDS_DEPTH:
             raise RecipeError(f"{source}: extends: more than {MAX_EXTENDS_DEPTH} levels (a cycle?)")
+        try:  # an unknown parent is this file's error: name it
+            locate(parent, path.parent if path is not None else None)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: extends: {exc}") from None
         base, _ = load_raw(parent, path.parent if path is not None else None, _depth + 1)
         base.pop("name", None)
         base.pop("description", None)
@@ -414,7 +418,10 @@ def load_recipe(ref: str | Path, overrides: typing.Sequence[str] = (), registrie
     if validate_model:
         from convnet.core.model import build_model
 
-        build_model(recipe, device="meta", registries=regs)
+        try:
+            build_model(recipe, device="meta", registries=regs)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
     return recipe
 
 
