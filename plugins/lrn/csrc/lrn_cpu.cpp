@@ -7,8 +7,10 @@
 // precision when large and small channels alternate. Inner loops run over contiguous pixels
 // (they vectorise). Forward saves scale = (k + alpha * sum)^-beta; backward reuses it, so it
 // needs no power at all, only the window sums (additions) to rebuild the denominators.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

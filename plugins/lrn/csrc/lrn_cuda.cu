@@ -8,8 +8,10 @@
 // path that re-reads the window (from L1/L2) and, in backward, goes through a scratch buffer.
 // Accumulation is in float (double for double inputs). Forward saves scale = d^-beta with
 // d = k + alpha * window sum; backward reuses it and needs no power.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
