@@ -230,6 +230,17 @@ def test_summary_shows_params_activations_and_exchanges_per_device(registries) -
     assert single[0]["exchanged_bytes_per_sample"] == 0
 
 
+def test_ddp_summary_counts_the_gradient_all_reduce(registries, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    recipe = _recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "ddp", "device": "cpu"}, dtype="float32")
+    info = summarize(recipe, registries)
+    (row,) = info["devices"]
+    assert row["device"].startswith("each of 4 ranks")
+    assert row["params"] == info["params"]
+    # a ring all-reduce sends and receives 2 (W-1)/W of the gradient bytes per rank
+    assert row["exchanged_bytes_per_step"] == 2 * 3 * info["params"] * 4 // 4
+
+
 def test_summary_command_line(capsys) -> None:
     assert main(["summary", "alexnet-digits", "--set", "parallel.strategy=model-parallel",
                  "--set", 'parallel.devices=["cpu", "cpu"]', "--set", "parallel.fuse_shared_devices=false"]) == 0

@@ -120,13 +120,15 @@ class DDP(DistributedStrategy):
     def describe(self, model: Network) -> list[dict]:
         """Each rank holds the whole model; a step all-reduces every gradient (a ring moves
         2 (W-1)/W of the gradient bytes in and out of each rank)."""
-        world = int(os.environ.get("WORLD_SIZE", self.world_size))
+        world = int(os.environ.get("WORLD_SIZE", 0)) or 2
+        label = f"each of {world} ranks: {self.device}" + ("" if "WORLD_SIZE" in os.environ else
+                                                           " (2 assumed; torchrun sets WORLD_SIZE)")
         params = sum(p.numel() for p in model.parameters())
         elem = next(iter(model.parameters())).element_size()
         act = sum(elem * _numel(i.out_shape) for i in model.info)
         step = 2 * (world - 1) * params * elem // world
         per_rank_batch = max(self.batch_size // world, 1)
-        return [{"device": f"each of {world} rank(s): {self.device}", "params": params,
+        return [{"device": label, "params": params,
                  "activation_bytes_per_sample": act, "exchanged_bytes_per_sample": step // per_rank_batch,
                  "exchanged_bytes_per_step": step}]
 
