@@ -1,0 +1,90 @@
+"""Broken third-party plugins, installed for real (``pip install --target``), never take the rest down.
+
+The packages live in tests/fixtures/plugins/: one raises at import, one registers a name the
+built-ins already have (after registering a name of its own), one registers options that are
+not an attrs class, and one is well behaved. Each broken one gives one message naming the
+plugin (entry point) and its distribution; everything else loads; ``--strict`` fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+
+from convnet.core import plugins
+from convnet.core.errors import PluginError
+from faultkit import CONVNET, env
+from fixtures.plugin_install import install
+
+BROKEN = {
+    "raises-at-import": ("plugin 'raises_at_import' (convnet_fixture_raises_at_import, distribution "
+                         "convnet-fixture-raises-at-import 0.0.1) failed to import: ImportError: "),
+    "duplicate-name": ("layer 'relu' is registered twice: by plugin 'layers' (distribution convnet ",
+                       "and by plugin 'duplicate_name' (distribution convnet-fixture-duplicate-name 0.0.1)"),
+    "not-attrs": ("plugin 'not_attrs' (distribution convnet-fixture-not-attrs 0.0.1) registered layer "
+                  "'plain_options_layer' with options",
+                  "which is not an attrs class"),
+}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> dict[str, Path]:
+    """One folder per broken package (each also holding the good one), and one with all of them."""
+    sites = {name: install([name, "good-extra"], tmp_path_factory.mktemp(name)) for name in BROKEN}
+    sites["all"] = install([*BROKEN, "good-extra"], tmp_path_factory.mktemp("all"))
+    return sites
+
+
+def _fragments(name: str) -> tuple[str, ...]:
+    value = BROKEN[name]
+    return (value,) if isinstance(value, str) else value
+
+
+def _load(folder: Path, monkeypatch, strict: bool = False):
+    monkeypatch.syspath_prepend(str(folder))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm, regs = plugins.create_manager(strict=strict)
+    return regs, [str(w.message) for w in caught if issubclass(w.category, plugins.PluginWarning)]
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_broken_plugin_is_named_and_the_rest_loads(name: str, site, registries, monkeypatch, ledger) -> None:
+    regs, warned = _load(site[name], monkeypatch)
+    assert len(regs.problems) == 1 and warned == regs.problems
+    assert all(fragment in regs.problems[0] for fragment in _fragments(name)), regs.problems[0]
+    for kind, registry in registries.items():  # every built-in still there, from convnet itself
+        assert set(registry.names()) <= set(regs[kind].names()), kind
+        for entry in registry:
+            assert regs[kind].get(entry.name).distribution == entry.distribution
+    assert "fixture_constant" in regs.dataset  # the good third-party plugin loaded
+    assert "fixture_identity" not in regs.layer and "plain_options_layer" not in regs.layer  # nothing half-loaded
+    with pytest.raises(PluginError) as info:
+        _load(site[name], monkeypatch, strict=True)
+    assert all(fragment in str(info.value) for fragment in _fragments(name))
+    ledger.record(f"third-party plugin: {name}", "named with its distribution, the rest loaded, --strict failed")
+
+
+def test_all_broken_plugins_at_once_through_the_cli(site, ledger) -> None:
+    run_env = env()
+    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site["all"]), run_env.get("PYTHONPATH")]))
+    proc = subprocess.run([*CONVNET, "plugins", "--json"], capture_output=True, text=True, env=run_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listing = json.loads(proc.stdout)
+    assert len(listing["problems"]) == 3
+    for name in BROKEN:
+        assert any(all(f in p for f in _fragments(name)) for p in listing["problems"]), name
+    names = {(r["kind"], r["name"]): r["distribution"] for r in listing["components"]}
+    assert names[("dataset", "fixture_constant")] == "convnet-fixture-good-extra 0.0.1"
+    assert names[("layer", "relu")].startswith("convnet ")
+    strict = subprocess.run([*CONVNET, "--strict", "plugins"], capture_output=True, text=True, env=run_env,
+                            timeout=120)
+    lines = strict.stderr.strip().splitlines()
+    assert strict.returncode == 2 and len(lines) == 1 and lines[0].startswith("convnet: error: plugin ")
+    assert "Traceback" not in strict.stderr
+    ledger.record("third-party plugins: all three broken at once (CLI)",
+                  "3 problems listed, the rest loaded, --strict exit 2")
