@@ -7,6 +7,7 @@ optimizer hyper-parameters, schedule state, python and numpy RNG scalars).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -53,9 +54,23 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     """Write atomically: temp file in the same folder, fsync, os.replace, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-                   metadata={"convnet.format": FORMAT, **metadata})
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    metadata = {"convnet.format": FORMAT, **metadata}
+    blob = st_save(tensors, metadata={**metadata, "convnet.sha256": digest(tensors, metadata)})
     _write_atomic(path, blob)
+
+
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over the metadata and the tensors' names, dtypes, shapes and bytes: safetensors
+    has no checksum, so a flipped bit (a step count, a weight) would otherwise load silently."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != "convnet.sha256"):
+        h.update(f"{key}={metadata[key]}|".encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def copy(src: Path, dst: Path) -> None:
@@ -139,6 +154,10 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         found = metadata.get("convnet.format")
         what = f"format {found!r}" if found else "no convnet metadata"
         raise CheckpointError(f"{path}: a safetensors file but not a convnet checkpoint ({what}; expected {FORMAT})")
+    expected = metadata.get("convnet.sha256")
+    if expected is not None and digest(tensors, metadata) != expected:
+        raise CheckpointError(f"{path}: corrupt checkpoint: its tensors do not match the checksum written with them "
+                              "(a damaged disk or an incomplete copy)")
     return tensors, metadata
 
 

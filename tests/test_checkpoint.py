@@ -192,3 +192,17 @@ def test_sigkill_while_saving_leaves_a_whole_checkpoint(tmp_path_factory, delay:
     step = ckpt.state_of(meta, path)["step"]
     assert step >= 1
     assert all(torch.equal(tensors[f"model/t{k}"], torch.full((16384,), float(k + step))) for k in range(64))
+
+
+def test_a_flipped_bit_in_weights_or_metadata_is_caught_by_the_checksum(good: Path, tmp_path: Path, capsys) -> None:
+    blob = good.read_bytes()
+    flipped = bytearray(blob)
+    flipped[-7] ^= 0x10  # inside the last tensor's bytes: safetensors alone would load it
+    at = blob.index(b'\\"step\\": 2')  # the JSON state inside the header's metadata
+    edited = blob[:at] + b'\\"step\\": 7' + blob[at + len(b'\\"step\\": 2'):]
+    for name, data in (("weights.safetensors", bytes(flipped)), ("state.safetensors", edited)):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"^{bad}: corrupt checkpoint: .*checksum"):
+            ckpt.load(bad)
+        assert "checksum" in _resume_error(bad, tmp_path, capsys)
