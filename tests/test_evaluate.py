@@ -159,6 +159,21 @@ def test_ten_crop_uses_views_from_the_eval_augmentation(digits):
     assert Topk(TopkOptions(k=[1]))(ctx)["top1_error"] == result["tencrop_top1_error"]
 
 
+def test_ten_crop_agrees_with_the_ten_crop_augmenter(registries):
+    """Crops cut by the evaluator = the views of the `ten-crop` augmenter (same order, centre = view 4)."""
+    from convnet.core.data import DataContext
+
+    recipe = load_recipe("alexnet-digits", ["model.input=[3, 8, 8]"], validate_model=False)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    data = Pairs(torch.randn(30, 3, 11, 11), [i % 10 for i in range(30)])
+    entry = registries.augmenter.get("ten-crop")
+    augmenter = entry.factory(entry.options(size=8), DataContext(recipe, registries, "data.eval_augment[0]"))
+    own = TenCrop(TenCropOptions(), recipe)(context(recipe, model, data))
+    via_augmenter = TenCrop(TenCropOptions(), recipe)(context(recipe, model, data, augment=[augmenter]))
+    assert own == via_augmenter and own["tencrop_samples"] == 30
+
+
 def test_ten_crop_too_small_images_is_a_recipe_error():
     recipe = load_recipe("alexnet-digits", ["model.input=[3, 8, 8]"], validate_model=False)
     ctx = context(recipe, nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)), Pairs(torch.zeros(2, 3, 4, 4), [0, 1]))
