@@ -83,9 +83,12 @@ def curves(records: list[dict[str, Any]]) -> dict[str, Any]:
         x = (float(r["epoch"]) + 1) if spe and _number(r.get("epoch")) is not None else x_of(r)
         if x is None:
             continue
+        if _number(r.get("lr")) is not None:  # the rate after the epoch's schedule step
+            out["lr"].append((x, float(r["lr"])))
         for key, value in r.items():
             if key.endswith("_error") and _number(value) is not None:
                 out["errors"].setdefault(key, []).append((x, float(value)))
+    out["lr"].sort(key=lambda p: p[0])
     return out
 
 

@@ -32,7 +32,7 @@ def test_curves_are_in_epochs():
     assert c["unit"] == "epoch"
     assert c["loss"] == [(0.1, 2.3), (1.0, 1.9), (2.0, 1.2)]
     assert c["errors"]["top1_error"] == [(1.0, 0.6), (2.0, 0.3)]
-    assert c["lr"][-1] == (2.0, 0.001)
+    assert c["lr"] == [(0.1, 0.01), (1.0, 0.01), (1.0, 0.01), (2.0, 0.001), (2.0, 0.001)]
     no_eval = curves([r for r in RECORDS if r["kind"] == "train"])
     assert no_eval["unit"] == "step" and no_eval["loss"][0] == (1.0, 2.3)
 
