@@ -65,7 +65,7 @@ kill_points = st.lists(st.tuples(st.integers(1, TOTAL_STEPS - 2), st.sampled_fro
 
 
 @pytest.mark.slow
-@settings(max_examples=max(2, settings.default.max_examples // 15), suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(2, settings.default.max_examples // 10), suppress_health_check=[HealthCheck.too_slow])
 @given(points=kill_points)
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path_factory, uninterrupted, ledger,
                                                                       points) -> None:
