@@ -195,7 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
     results = evaluate(recipe, args.checkpoints, args.out, regs)
-    print(json.dumps(results, indent=2))
+    if results:  # the main process only
+        print(json.dumps(results, indent=2))
     return 0
 
 

@@ -49,7 +49,10 @@ def default_out(recipe: schema.Recipe) -> Path:
 
 def evaluate(recipe: schema.Recipe, checkpoints: Sequence[str | Path], out: str | Path | None = None,
              registries: Registries | None = None) -> dict[str, Any]:
-    """Run the recipe's evaluators on ``checkpoints[0]`` (the others as ensemble members)."""
+    """Run the recipe's evaluators on ``checkpoints[0]`` (the others as ensemble members).
+
+    Returns the results and the output folder on the main process, ``{}`` on the others.
+    """
     from convnet.core import plugins
     from convnet.core.engine import build_strategy
 
@@ -85,5 +88,6 @@ def evaluate(recipe: schema.Recipe, checkpoints: Sequence[str | Path], out: str 
     results = {"checkpoints": [str(p) for p in checkpoints], **results}
     if strategy.is_main:
         (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    is_main = strategy.is_main
     strategy.close()
-    return {"out": str(out_dir), **results}
+    return {"out": str(out_dir), **results} if is_main else {}
