@@ -15,21 +15,24 @@ import os
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
 
 
-def paper_models(lrn_impl: str) -> dict[str, nn.Module]:
+def paper_models(lrn_impls: list[str]) -> dict[str, nn.Module]:
     from convnet.core import build_model, load_recipe, plugins
 
     regs = plugins.registries()
     clear = [] if all(n in regs.augmenter for n in ("mean-image", "random-crop", "hflip", "pca-lighting", "ten-crop")) \
         else ["data.train_augment=[]", "data.eval_augment=[]"]
     recipe = load_recipe("alexnet-imagenet", clear, regs)
-    sets = [f"model.layers[{i}].impl=\"{lrn_impl}\"" for i, layer in enumerate(recipe.model.layers) if layer.name == "lrn"]
-    out = {f"alexnet-imagenet (2 towers, LRN {lrn_impl})": build_model(load_recipe("alexnet-imagenet", clear + sets, regs),
-                                                                         registries=regs)}
+    out = {}
+    for impl in lrn_impls:
+        sets = [f"model.layers[{i}].impl=\"{impl}\"" for i, layer in enumerate(recipe.model.layers) if layer.name == "lrn"]
+        out[f"alexnet-imagenet (2 towers, LRN {impl})"] = build_model(load_recipe("alexnet-imagenet", clear + sets, regs),
+                                                                      registries=regs)
     tv = load_recipe("alexnet-torchvision", clear, regs)
     out["alexnet-torchvision recipe"] = build_model(tv, registries=regs)
     return out
@@ -52,7 +55,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--lrn-impl", default="auto")
+    p.add_argument("--lrn-impl", nargs="+", default=["auto", "torch"], help="one alexnet-imagenet row per LRN impl")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,11 +68,15 @@ def main() -> None:
     for m in models.values():
         m.train()
     times: dict[str, list[float]] = {k: [] for k in models}
-    for r in range(args.warmup + args.rounds):
-        for k, m in models.items():
-            t = train_step(m, opts[k], x, y)
-            if r >= args.warmup:
-                times[k].append(t)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for r in range(args.warmup + args.rounds):
+            for k, m in models.items():
+                t = train_step(m, opts[k], x, y)
+                if r >= args.warmup:
+                    times[k].append(t)
+    for message in sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)}):
+        print(f"note: {message}")
     base = statistics.median(times["torchvision alexnet()"])
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads; batch {args.batch}, {args.rounds} timed rounds after {args.warmup} warm-up")

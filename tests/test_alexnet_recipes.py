@@ -192,3 +192,26 @@ def test_bad_shape_fails_before_any_data_is_read(registries, tmp_path):
     missing = tmp_path / "no-such-imagenet"
     with pytest.raises(RecipeError):
         load("alexnet-imagenet", registries, (f"data.dataset.root=\"{missing}\"", "model.input=[3, 9, 9]"))
+
+
+def test_the_paper_recipe_runs_end_to_end_on_a_small_jpeg_tree(tmp_path, registries):
+    """stats -> the paper's augmenters -> two SGD steps -> ten-crop evaluation. fc6/fc7 are narrowed
+    to 256 so that the checkpoints the run writes stay small; everything else is the paper's."""
+    from test_imagenet_data import write_tree
+
+    from convnet.core.engine import train
+
+    root = tmp_path / "imagenet"
+    write_tree(root)
+    stats = tmp_path / "stats.safetensors"
+    raw = load_recipe("alexnet-imagenet", registries=registries)
+    fc8 = next(i for i, layer in enumerate(raw.model.layers) if layer.id == "fc8")
+    ids = {layer.id: i for i, layer in enumerate(raw.model.layers)}
+    sets = [f"data.dataset.root=\"{root}\"", "model.num_classes=2", f"model.layers[{fc8}].out=2",
+            f"model.layers[{ids['fc6']}].out=256", f"model.layers[{ids['fc7']}].out=256",
+            "data.batch_size=4", "data.workers=0", "train.max_steps=2"]
+    sets += [f"data.{split}[{i}].stats=\"{stats}\"" for split in ("train_augment", "eval_augment")
+             for i, a in enumerate(getattr(raw.data, split)) if a.name in ("mean-image", "pca-lighting")]
+    assert cli.main(["stats", "alexnet-imagenet", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
+    summary = train(load_recipe("alexnet-imagenet", sets, registries), out=tmp_path / "run", registries=registries)
+    assert summary["step"] == 2 and summary["samples"] == 4 and 0.0 <= summary["top1_error"] <= 1.0
