@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import convnet.core as cn
@@ -182,6 +181,19 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, 
     return results
 
 
+PORT_TAKEN = ("could not join the process group", "address already in use", "EADDRINUSE")
+
+
+def _run_ranks(args: list[str], world: int) -> list[tuple[int, str]]:
+    """Launch, wait, and relaunch on another port if the free port was taken meanwhile by
+    another program (the check-then-bind race of picking a free port)."""
+    for _ in range(3):
+        results = _wait_all(_spawn_ranks(args, world), LAUNCH_TIMEOUT)
+        if not any(code and any(m in text for m in PORT_TAKEN) for code, text in results):
+            return results
+    return results
+
+
 def _torchrun(args: list[str], nproc: int) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "convnet.core", *args]
@@ -223,9 +235,8 @@ def _assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float) ->
 
 def test_tower_parallel_two_processes_follow_single(tiny: Path, tmp_path: Path) -> None:
     single = _single(tiny, tmp_path / "single")
-    procs = _spawn_ranks(["run", str(tiny), "--quiet", "--out", str(tmp_path / "tp"),
-                          "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2)
-    for code, text in _wait_all(procs, LAUNCH_TIMEOUT):
+    for code, text in _run_ranks(["run", str(tiny), "--quiet", "--out", str(tmp_path / "tp"),
+                                  "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2):
         assert code == 0, text
     _assert_same_losses(_losses(single), _losses(tmp_path / "tp"), 1e-5)
     assert len(_losses(single)) == 5
@@ -240,10 +251,9 @@ def test_tower_parallel_resumes_a_single_checkpoint(tiny: Path, tmp_path: Path) 
     straight = _single(tiny, tmp_path / "straight")
     first = _single(tiny, tmp_path / "first", "train.max_steps=2")
     resumed = tmp_path / "resumed"
-    procs = _spawn_ranks(["run", str(tiny), "--quiet", "--out", str(resumed),
-                          "--resume", str(first / "checkpoints" / "last.safetensors"),
-                          "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2)
-    for code, text in _wait_all(procs, LAUNCH_TIMEOUT):
+    for code, text in _run_ranks(["run", str(tiny), "--quiet", "--out", str(resumed),
+                                  "--resume", str(first / "checkpoints" / "last.safetensors"),
+                                  "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2):
         assert code == 0, text
     tail = {s: v for s, v in _losses(straight).items() if s > 2}
     _assert_same_losses(tail, _losses(resumed), 1e-5)
@@ -263,12 +273,16 @@ def test_ddp_two_processes_half_batch_each_follow_single(tiny: Path, tmp_path: P
     assert _evals(single)[0]["samples"] == 21
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
-def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tiny: Path, tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize("strategy,how", [("ddp", signal.SIGKILL), ("tower-parallel", signal.SIGSTOP)],
+                         ids=["ddp-rank-killed", "tower-parallel-rank-hangs"])
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tiny: Path, tmp_path: Path, strategy: str,
+                                                                how: signal.Signals) -> None:
+    """A killed peer is noticed at once (the connection drops); a hung one after the
+    process group's timeout."""
     out = tmp_path / "run"
     procs = _spawn_ranks(["run", str(tiny), "--quiet", "--out", str(out), "--set", "train.max_steps=100000",
                           "--set", "train.epochs=100000", "--set", f"parallel.strategy={strategy}",
-                          "--set", "parallel.timeout=20"], world=2)
+                          "--set", "parallel.timeout=10"], world=2)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
@@ -276,20 +290,59 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tiny: Path, tmp_pa
             assert procs[0].poll() is None and procs[1].poll() is None, "a rank ended before the kill"
             assert time.monotonic() < deadline, "the run never got going"
             time.sleep(0.1)
-        os.kill(procs[1].pid, signal.SIGKILL)
+        os.kill(procs[1].pid, how)
         killed_at = time.monotonic()
         try:
             _, err = procs[0].communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail("rank 0 hung for 60 s after rank 1 died")
-        procs[1].communicate(timeout=10)
+            pytest.fail("rank 0 still running 60 s after rank 1 died or hung")
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+            p.communicate(timeout=10)
     assert procs[0].returncode == 1, err
     assert time.monotonic() - killed_at < 60
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith(f"convnet: error: {strategy} rank 0 of 2:"), err
     assert "another process probably died" in last
     assert "Traceback" not in err
+
+
+COLLECTIVES = """
+import os, sys, torch
+from convnet.plugins.parallel.ddp import DDP, DDPOptions
+s = DDP(DDPOptions(device="cpu", timeout=60), batch_size=4)
+s.start()
+r = s.rank
+# uneven shares, as shard_eval gives 21 samples over 2 ranks
+idx = torch.tensor(s.shard_eval(list(range(21))))
+feat = idx[:, None].double() * torch.tensor([[1.0, -1.0]])
+print("shard", idx.tolist())
+print("sum", s.all_reduce_sum(torch.tensor([len(idx), r + 1.0], dtype=torch.float64)).tolist())
+print("idx", s.all_gather_cat(idx).tolist())
+print("feat", s.all_gather_cat(feat).tolist())
+print("batch", s.shard_batch(list(range(100, 108))))
+s.close()
+"""
+
+
+def test_ddp_sharding_and_reductions_over_two_processes() -> None:
+    """Evaluation shares cover every sample once; the reductions see every rank's (uneven) part."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port))
+             for r in range(2)]
+    outputs = []
+    for code, text in _wait_all(procs, LAUNCH_TIMEOUT):
+        assert code == 0, text
+        outputs.append({line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
+                        for line in text.splitlines() if line.split(" ", 1)[0] in ("shard", "sum", "idx", "feat", "batch")})
+    assert outputs[0]["shard"] == list(range(0, 11)) and outputs[1]["shard"] == list(range(11, 21))
+    for out in outputs:
+        assert out["sum"] == [21.0, 3.0]
+        assert out["idx"] == list(range(21))
+        assert out["feat"] == [[float(i), -float(i)] for i in range(21)]
+    assert outputs[0]["batch"] == [100, 101, 102, 103] and outputs[1]["batch"] == [104, 105, 106, 107]

@@ -158,6 +158,19 @@ def test_parameters_live_on_their_towers_with_no_duplicates(registries) -> None:
     assert sum(p.numel() for _, p in named) == sum(p.numel() for p in reference.parameters())
 
 
+@pytest.mark.parametrize("layout", ["per-tower", "fused"])
+def test_features_after_a_layer_equal_single(registries, layout: str) -> None:
+    layers = [{"name": "conv", "id": "conv1", "towers": "cross", "out": 4, "kernel": 3},
+              {"name": "relu", "id": "relu1"}, {"name": "flatten", "id": "flat"},
+              {"name": "fc", "id": "fc1", "out": 6}, {"name": "fc", "id": "fc2", "towers": "cross", "out": 3}]
+    reference, strategy, module = _single_and_parallel(registries, 2, 5, 3, layers, layout)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for layer in ("conv1", "relu1", "fc1", "fc2"):
+        assert _rel(reference.features(x, layer), module.features(x, layer)) <= 1e-12, layer
+    with pytest.raises(KeyError):
+        module.features(x, "nope")
+
+
 TINY_LAYERS = [
     {"name": "conv", "id": "conv1", "towers": "cross", "out": 8, "kernel": 3, "padding": 1, "weight_init": "kaiming"},
     {"name": "relu"}, {"name": "lrn", "impl": "reference"}, {"name": "maxpool", "kernel": 2, "stride": 2},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import attrs
 import torch
@@ -153,12 +153,6 @@ class DistributedStrategy(Strategy):
             except Exception:  # already broken: nothing more to release
                 pass
 
-    def broadcast_object(self, value: Any) -> Any:
-        box = [value]
-        with self.collective("broadcast"):
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     # ------------------------------------------------------------------ dropout streams
     def new_step_seed(self) -> int:
         """One draw from the global generator, the same on every rank (they stay in step)."""
@@ -179,6 +173,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
-
-def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: t.to(device) for k, t in tensors.items()}

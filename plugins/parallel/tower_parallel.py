@@ -131,6 +131,7 @@ class RankTower(nn.Module):
         super().__init__()
         self.splits, self.info, self.strategy = splits, info, strategy
         self.rank = strategy.rank
+        self._index = {s.id: i for i, s in enumerate(splits)}
         self.pieces = nn.ModuleDict()
         self.whole = nn.ModuleDict()
         dev = strategy.device
@@ -142,17 +143,16 @@ class RankTower(nn.Module):
             if s.module is not None:
                 self.whole[s.id] = s.module.to(dev)
 
+    def _rng(self, s: LayerSplit, sharded: bool):
+        """Tower blocks get their own dropout masks; replicated layers the same on every rank."""
+        return self.strategy.rng(self._index[s.id], self.rank if sharded else -1)
+
     def _run(self, x: torch.Tensor, stop_at: str | None = None) -> torch.Tensor:
-        around = None
         if self.training:
             self.strategy.new_step_seed()
-            index = {s.id: i for i, s in enumerate(self.splits)}
-
-            def around(s: LayerSplit, sharded: bool):
-                # Tower blocks get their own dropout masks; replicated layers the same on every rank.
-                return self.strategy.rng(index[s.id], self.rank if sharded else -1)
         with self.strategy.collective("exchanging activations between towers"):
-            return run_towers(self.splits, self.pieces, self.whole, x, _RankExchange(), stop_at, around)
+            return run_towers(self.splits, self.pieces, self.whole, x, _RankExchange(), stop_at,
+                              self._rng if self.training else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)

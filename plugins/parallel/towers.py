@@ -5,7 +5,8 @@ with ``O`` outputs owns rows ``t*O/T : (t+1)*O/T`` of each of its parameters. Ho
 layer runs under a tower split (its *mode*):
 
 - ``local``: tower ``t`` reads its own block of the previous activation. A layer with
-  parameters gets those rows, with ``groups`` set to 1 (grouped conv, grouped fc, LRN).
+  parameters gets those rows, its ``groups`` (grouped conv, grouped fc, LRN) becoming the
+  number of towers the piece computes.
   A layer without parameters is applied to each tower's block on its own: exact for
   layers that treat channels independently (activations, pooling, dropout, flatten,
   third-party elementwise layers such as swish) or in tower groups (LRN).
@@ -16,9 +17,10 @@ layer runs under a tower split (its *mode*):
   layer's ``num_classes``, say) runs unsplit on tower 0; so do the parameter-free layers
   after it.
 
-A strategy supplies an :class:`Exchange` (how blocks move between towers) and runs
-:func:`run_towers`. ``model-parallel`` holds every tower in one process;
-``tower-parallel`` holds one tower per process.
+Pieces are built per *tower group*: the towers one device computes together (their blocks
+concatenated in tower order). A strategy supplies an :class:`Exchange` (how blocks move
+between groups) and runs :func:`run_towers`. ``model-parallel`` holds every group in one
+process (one group per device); ``tower-parallel`` holds one single-tower group per process.
 """
 from __future__ import annotations
 
