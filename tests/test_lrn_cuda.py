@@ -87,3 +87,99 @@ def test_auto_picks_cuda_on_cuda_tensors(cuda_kernel):
     assert local_response_norm(x, impl="auto").shape == x.shape
     x = torch.randn(2, 6, 5, 5, device="cuda")
     torch.testing.assert_close(local_response_norm(x, impl="auto"), cuda_kernel(x, 5, 1e-4, 0.75, 2.0), rtol=0, atol=0)
+
+
+HOST_HARNESS = r"""
+// Runs the CUDA kernel's per-column code on the CPU (float64), for the reference comparison.
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include "lrn_cuda_columns.h"
+using namespace convnet_lrn;
+
+int main(int argc, char** argv) {
+  if (argc != 11) return 2;
+  const int64_t N = atoll(argv[3]), C = atoll(argv[4]), HW = atoll(argv[5]), size = atoll(argv[6]);
+  const double alpha = atof(argv[7]), beta = atof(argv[8]), k = atof(argv[9]);
+  const bool force_generic = atoi(argv[10]) != 0;
+  const size_t n = size_t(N * C * HW);
+  std::vector<double> x(n), g(n), y(n, -1.0 / 0.0), scale(n, 0.0 / 0.0), dx(n, 0.0 / 0.0), terms(n);
+  FILE* in = fopen(argv[1], "rb");
+  if (!in || fread(x.data(), 8, n, in) != n || fread(g.data(), 8, n, in) != n) return 3;
+  fclose(in);
+  const Window w = clipped_window(size, C);
+  const Geometry geo{N * HW, HW, C};
+  const PowerKind kind = power_kind(beta);
+  const bool registers = !force_generic && w.below == 2 && w.above == 2;
+  const double coef = 2.0 * alpha * beta;
+  for (int64_t idx = 0; idx < geo.pixels; ++idx) {
+    const int64_t base = column_base(idx, geo);
+    if (registers) forward_column_registers<double, double, 2, 2>(x.data(), y.data(), scale.data(), base, geo, alpha, beta, k, kind);
+    else forward_column_generic<double, double>(x.data(), y.data(), scale.data(), base, geo, int(w.below), int(w.above), alpha, beta, k, kind);
+  }
+  if (!registers) {
+    for (int64_t idx = 0; idx < geo.pixels; ++idx)
+      backward_terms_column_generic<double, double>(g.data(), x.data(), scale.data(), terms.data(), column_base(idx, geo), geo, int(w.below), int(w.above), alpha, k);
+  }
+  for (int64_t idx = 0; idx < geo.pixels; ++idx) {
+    const int64_t base = column_base(idx, geo);
+    if (registers) backward_column_registers<double, double, 2, 2>(g.data(), x.data(), scale.data(), dx.data(), base, geo, alpha, k, coef);
+    else backward_column_generic<double, double>(g.data(), x.data(), scale.data(), terms.data(), dx.data(), base, geo, int(w.below), int(w.above), coef);
+  }
+  FILE* out = fopen(argv[2], "wb");
+  fwrite(y.data(), 8, n, out);
+  fwrite(dx.data(), 8, n, out);
+  fclose(out);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_harness(tmp_path_factory):
+    """The CUDA kernel's column code compiled as plain C++ (no GPU, no nvcc needed)."""
+    import os
+    import shutil
+    import subprocess
+
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    assert cxx is not None, "no C++ compiler to build the host harness"
+    folder = tmp_path_factory.mktemp("lrn_cuda_host")
+    (folder / "harness.cpp").write_text(HOST_HARNESS)
+    exe = folder / "harness"
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{kernels.CSRC}", str(folder / "harness.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+@pytest.mark.parametrize("shape, size, alpha, beta, k, generic", [
+    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, False),   # the paper's window, in registers
+    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, True),    # the same through the generic path
+    ((1, 3, 4, 4), 5, 0.3, 0.6, 1.0, False),     # C < size: clipped to the register window
+    ((1, 3, 4, 4), 9, 0.3, 1.0, 1.0, False),     # a wide window on 3 channels: also (2, 2)
+    ((2, 2, 3, 3), 5, 0.3, 0.75, 1.5, False),    # C = 2: generic
+    ((2, 10, 3, 4), 4, 0.1, 0.5, 2.0, False),    # even size
+    ((1, 12, 2, 3), 7, 0.05, 0.3, 0.7, False),
+    ((3, 1, 2, 2), 1, 0.5, 0.75, 2.0, False),
+    ((2, 11, 1, 5), 5, 1e-4, 0.0, 2.0, False),
+])
+def test_cuda_column_code_on_the_host_agrees_with_reference(host_harness, tmp_path, shape, size, alpha, beta, k,
+                                                             generic):
+    import subprocess
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(sum(shape) + size)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    (tmp_path / "in.bin").write_bytes(x.numpy().tobytes() + grad.numpy().tobytes())
+    n, c, h, w = shape
+    subprocess.run([str(host_harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(n), str(c),
+                    str(h * w), str(size), repr(alpha), repr(beta), repr(k), str(int(generic))], check=True)
+    out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64))
+    y, dx = out[: x.numel()].reshape(shape), out[x.numel():].reshape(shape)
+    xr = x.clone().requires_grad_(True)
+    expected = lrn_reference(xr, size, alpha, beta, k)
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(dx, xr.grad, rtol=1e-9, atol=1e-12)
