@@ -204,8 +204,12 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         if not self.strategy.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full or vanished disk: say so, the last checkpoint is whole
+            raise ConvnetError(f"{path}: cannot write metrics ({exc.strerror or exc}); {self._kept()}") from None
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -316,6 +320,9 @@ class Run:
             if improved and self.strategy.is_main:
                 ckpt.copy(self.checkpoint_path("last"), self.checkpoint_path("best"))
             self.pm.hook.convnet_epoch_end(run=self, epoch=self.epoch - 1, metrics=record)
+            if self._interrupt:  # Ctrl-C during the evaluation: the epoch's checkpoint is the boundary
+                raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint_path('last')}\n"
+                                  f"resume with: {self.resume_command()}")
             if self.pm.hook.convnet_should_stop(run=self, epoch=self.epoch - 1, metrics=record):
                 stopped_early = True
                 break

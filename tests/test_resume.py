@@ -137,3 +137,25 @@ def test_resume_restores_rng_and_optimizer_state(tmp_path: Path) -> None:
     assert len(velocities) == 6 and all(tensors[k].abs().sum() > 0 for k in velocities)
     assert state["step"] == 2 and state["epoch"] == 0 and state["batch_in_epoch"] == 2
     assert "schedule" in state and "optimizer_groups" in state
+
+
+class _SigintDuringEvaluation:
+    @hookimpl
+    def convnet_evaluation_done(self, run, epoch, results) -> None:
+        if epoch == 0:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_sigint_during_an_evaluation_stops_at_the_epoch_boundary(tmp_path: Path) -> None:
+    pm, regs = plugins.create_manager()
+    pm.register(_SigintDuringEvaluation())
+    n = 2 * STEPS_PER_EPOCH
+    recipe = cn.load_recipe(TINY, [f"train.max_steps={n}"], regs)
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted, match=f"interrupted at step {STEPS_PER_EPOCH};"):
+        Run(recipe, out=out, registries=regs, pm=pm).train()
+    last = out / "checkpoints" / "last.safetensors"
+    state = ckpt.state_of(ckpt.load(last)[1], last)
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (STEPS_PER_EPOCH, 1, 0)
+    train(out, f"train.max_steps={n}", resume=last)
+    assert model_bytes(last) == straight(n, tmp_path)
