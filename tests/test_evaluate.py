@@ -374,3 +374,24 @@ def test_confusion_evaluator_writes_json(tmp_path):
     assert [(p["true"], p["predicted"], p["count"]) for p in payload["pairs"]] == [("c0", "c1", 2), ("c1", "c0", 1)]
     assert result["most_confused"] == ["c0->c1: 2", "c1->c0: 1"]
     assert math.isclose(payload["pairs"][0]["rate"], 1.0)
+
+
+def test_every_evaluator_gives_the_same_under_model_parallel(tmp_path):
+    """Same checkpoint, `single` vs `model-parallel` (two towers on the CPU): same numbers and files."""
+    import json
+
+    sets = ["model.input=[3, 16, 16]", "data.dataset.val_fraction=0.03", "evaluate[3].train_limit=100",
+            "evaluate[3].queries=4"]
+    recipe = load_recipe("alexnet-digits-eval", sets)
+    a = save_model(tmp_path / "a.safetensors", build_model(recipe, seed=3))
+    b = save_model(tmp_path / "b.safetensors", build_model(recipe, seed=4))
+    single = evaluate(recipe, [a, b], tmp_path / "single")
+    split = load_recipe("alexnet-digits-eval", sets + ['parallel.strategy="model-parallel"',
+                                                       'parallel.devices=["cpu", "cpu"]'])
+    towers = evaluate(split, [a, b], tmp_path / "towers")
+    for key in ("top1_error", "tencrop_top1_error", "centre_top1_error", "ensemble_top1_error", "most_confused",
+                "neighbours_label_agreement"):
+        assert towers[key] == single[key], key
+    assert towers["filters_conv1_colour_specificity"] == pytest.approx(single["filters_conv1_colour_specificity"])
+    near = [json.loads((tmp_path / d / "neighbours.json").read_text())["queries"] for d in ("single", "towers")]
+    assert [q["neighbours"] for q in near[0]] == [q["neighbours"] for q in near[1]]

@@ -51,6 +51,20 @@ def network_of(module: nn.Module) -> Network:
     return seen
 
 
+def feature_network(ctx: Any) -> Network:
+    """A ``Network`` whose ``features`` can be read: the strategy's own (single, ddp), or else a
+    single-device copy of the canonical weights on the input device (model- and tower-parallel
+    modules split layers into pieces that have no per-layer output)."""
+    try:
+        return network_of(ctx.module)
+    except ConvnetError:
+        from convnet.core.model import build_model
+
+        net = build_model(ctx.recipe, "cpu")
+        net.load_state_dict(ctx.strategy.state_dict(ctx.module))
+        return net.to(ctx.strategy.input_device).eval()
+
+
 def to_display(image: torch.Tensor) -> np.ndarray:
     """A ``[C, H, W]`` image (any range) as ``[H, W, 3]`` uint8: uint8 kept, floats min-max scaled."""
     image = image.detach().cpu()

@@ -24,7 +24,7 @@ from attrs import validators as v
 from convnet.core import schema
 from convnet.core.errors import RecipeError
 from convnet.core.evaluation import EvalContext, Evaluator
-from convnet.plugins.evaluate.common import (evaluator_path, network_of, require_layer, to_display,
+from convnet.plugins.evaluate.common import (evaluator_path, feature_network, require_layer, to_display,
                                              write_json, write_png)
 
 
@@ -85,7 +85,7 @@ class Neighbours(Evaluator):
 
     def features(self, ctx: EvalContext, split: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, labels, indices) of those samples, gathered from all processes, sorted by index."""
-        net = network_of(ctx.module)
+        net = feature_network(ctx)
         feats, labels, idx = [], [], []
         with ctx.evaluating():
             for x, y, i in ctx.batches(split, indices=indices):

@@ -7,10 +7,10 @@ Where the views come from, per eval batch:
   ``ten-crop`` augmenter): those are used; view 4 is the centre crop (torchvision's
   ``ten_crop`` order: top-left, top-right, bottom-left, bottom-right, centre, then flipped).
 * ``[N, C, H, W]``: the evaluator cuts the crops itself, of ``size`` (default: the model's
-  input height and width). Images ``pad`` pixels larger on each side are first padded by
-  replicating their edge (``pad``, default 0), so that a recipe whose images already have the
-  model's input size (the digits: 32x32 into 32x32) still gets distinct corner crops. With
-  ``pad = 0`` there, the five crops coincide and only the flip differs.
+  input height and width), after padding each side by ``pad`` pixels (default 0) that
+  replicate the image's edge. Padding lets a recipe whose images already have the model's
+  input size (the digits: 32x32 into 32x32) get distinct corner crops; with ``pad = 0`` there
+  the five crops coincide and only the flip differs. ``flip = false`` keeps the five crops.
 """
 from __future__ import annotations
 
