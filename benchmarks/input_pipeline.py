@@ -17,7 +17,7 @@ process, each batch stacked as the loader would: per image (ours), batched (ours
 256x256 image first: exact, but then crops and flips move float32). Ratios are against
 torchvision measured in the same run.
 
-Usage: ``python benchmarks/input_pipeline.py [--images 512] [--batch 128] [--workers 2] [--repeat 3]``
+Usage: ``python benchmarks/input_pipeline.py [--images 512] [--batch 128] [--workers 2] [--repeat 5]``
 """
 from __future__ import annotations
 
@@ -109,17 +109,20 @@ class PerImage(Dataset):
         return self.transform(image), label, index
 
 
-def best_rate(fn: Callable[[], int], repeat: int) -> float:
-    rates = []
+def rounds(pipelines: dict[str, Callable[[], int]], repeat: int) -> dict[str, list[float]]:
+    """images/s of each pipeline, ``repeat`` rounds, the pipelines taking turns within a round
+    (on a shared machine the load drifts; turns keep each round's comparison fair)."""
+    rates: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(repeat):
-        start = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - start))
-    return max(rates)
+        for name, fn in pipelines.items():
+            start = time.perf_counter()
+            n = fn()
+            rates[name].append(n / (time.perf_counter() - start))
+    return rates
 
 
 def end_to_end(train: Dataset, chain: list, tv: Callable, n: int, batch: int, workers: int,
-               repeat: int) -> dict[str, float]:
+               repeat: int) -> dict[str, list[float]]:
     batches = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
     worker_set = cdata.Augmented(train, chain, SEED, cdata.STREAM_TRAIN_AUGMENT)
     raw_set = cdata.Augmented(train, [], SEED, cdata.STREAM_TRAIN_AUGMENT)
@@ -148,12 +151,12 @@ def end_to_end(train: Dataset, chain: list, tv: Callable, n: int, batch: int, wo
             count += len(images)
         return count
 
-    return {"decode only": best_rate(run_decode, repeat), "worker": best_rate(run_worker, repeat),
-            "device": best_rate(run_device, repeat), "torchvision": best_rate(run_torchvision, repeat)}
+    return rounds({"decode only": run_decode, "worker": run_worker, "device": run_device,
+                   "torchvision": run_torchvision}, repeat)
 
 
 def augmentation_only(images: torch.Tensor, chain: list, tv: Callable, batch: int, repeat: int,
-                      mean_first_chain: list) -> dict[str, float]:
+                      mean_first_chain: list) -> dict[str, list[float]]:
     """Per-image pipelines go through ``Augmented`` (a generator per sample and stage, as in a
     worker) and stack each batch; the batched ones get a fresh uint8 batch, as after transfer."""
     n = len(images)
@@ -186,17 +189,19 @@ def augmentation_only(images: torch.Tensor, chain: list, tv: Callable, batch: in
             torch.stack([tv(images[i]) for i in range(start, min(start + batch, n))])
         return n
 
-    return {"worker": best_rate(per_image, repeat), "device": best_rate(batched(chain), repeat),
-            "torchvision": best_rate(torchvision_per_image, repeat),
-            "device, mean 1st": best_rate(batched(mean_first_chain), repeat)}
+    return rounds({"worker": per_image, "device": batched(chain), "torchvision": torchvision_per_image,
+                   "device, mean 1st": batched(mean_first_chain)}, repeat)
 
 
-def report(title: str, rates: dict[str, float]) -> None:
+def report(title: str, rates: dict[str, list[float]]) -> None:
+    """Median images/s, and the median over rounds of the ratio to torchvision's same round."""
     base = rates["torchvision"]
     print(f"\n{title}")
-    print(f"  {'pipeline':<18}{'images/s':>10}{'vs torchvision':>16}")
-    for name, rate in rates.items():
-        print(f"  {name:<18}{rate:>10.0f}{rate / base:>15.2f}x")
+    print(f"  {'pipeline':<18}{'images/s':>10}{'vs torchvision':>16}   (ratio range over rounds)")
+    for name, values in rates.items():
+        ratios = [v / b for v, b in zip(values, base)]
+        print(f"  {name:<18}{statistics.median(values):>10.0f}{statistics.median(ratios):>15.2f}x"
+              f"   ({min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def main() -> None:
@@ -204,7 +209,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -212,7 +217,7 @@ def main() -> None:
     registries = plugins.registries()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
           f"{args.images} JPEGs, batch {args.batch}, {args.workers} worker(s), {args.threads} main thread(s), "
-          f"best of {args.repeat}")
+          f"{args.repeat} rounds, medians")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_jpegs(root / "jpegs", args.images)
