@@ -98,33 +98,35 @@ HOST_HARNESS = r"""
 using namespace convnet_lrn;
 
 int main(int argc, char** argv) {
-  if (argc != 11) return 2;
+  if (argc != 12) return 2;
   const int64_t N = atoll(argv[3]), C = atoll(argv[4]), HW = atoll(argv[5]), size = atoll(argv[6]);
   const double alpha = atof(argv[7]), beta = atof(argv[8]), k = atof(argv[9]);
   const bool force_generic = atoi(argv[10]) != 0;
+  const int64_t length = (C + atoll(argv[11]) - 1) / atoll(argv[11]);
   const size_t n = size_t(N * C * HW);
   std::vector<double> x(n), g(n), y(n, -1.0 / 0.0), scale(n, 0.0 / 0.0), dx(n, 0.0 / 0.0), terms(n);
   FILE* in = fopen(argv[1], "rb");
   if (!in || fread(x.data(), 8, n, in) != n || fread(g.data(), 8, n, in) != n) return 3;
   fclose(in);
   const Window w = clipped_window(size, C);
-  const Geometry geo{N * HW, HW, C};
+  const Geometry geo{N * HW, HW, C, (C + length - 1) / length, length};
+  const int64_t items = geo.pixels * geo.segments;
   const PowerKind kind = power_kind(beta);
   const bool registers = !force_generic && w.below == 2 && w.above == 2;
   const double coef = 2.0 * alpha * beta;
-  for (int64_t idx = 0; idx < geo.pixels; ++idx) {
-    const int64_t base = column_base(idx, geo);
-    if (registers) forward_column_registers<double, double, 2, 2>(x.data(), y.data(), scale.data(), base, geo, alpha, beta, k, kind);
-    else forward_column_generic<double, double>(x.data(), y.data(), scale.data(), base, geo, int(w.below), int(w.above), alpha, beta, k, kind);
+  for (int64_t idx = 0; idx < items; ++idx) {
+    const Column col = column_of(idx, geo);
+    if (registers) forward_column_registers<double, double, 2, 2>(x.data(), y.data(), scale.data(), col, geo, alpha, beta, k, kind);
+    else forward_column_generic<double, double>(x.data(), y.data(), scale.data(), col, geo, int(w.below), int(w.above), alpha, beta, k, kind);
   }
   if (!registers) {
-    for (int64_t idx = 0; idx < geo.pixels; ++idx)
-      backward_terms_column_generic<double, double>(g.data(), x.data(), scale.data(), terms.data(), column_base(idx, geo), geo, int(w.below), int(w.above), alpha, k);
+    for (int64_t idx = 0; idx < items; ++idx)
+      backward_terms_column_generic<double, double>(g.data(), x.data(), scale.data(), terms.data(), column_of(idx, geo), geo, int(w.below), int(w.above), alpha, k);
   }
-  for (int64_t idx = 0; idx < geo.pixels; ++idx) {
-    const int64_t base = column_base(idx, geo);
-    if (registers) backward_column_registers<double, double, 2, 2>(g.data(), x.data(), scale.data(), dx.data(), base, geo, alpha, k, coef);
-    else backward_column_generic<double, double>(g.data(), x.data(), scale.data(), terms.data(), dx.data(), base, geo, int(w.below), int(w.above), coef);
+  for (int64_t idx = 0; idx < items; ++idx) {
+    const Column col = column_of(idx, geo);
+    if (registers) backward_column_registers<double, double, 2, 2>(g.data(), x.data(), scale.data(), dx.data(), col, geo, alpha, k, coef);
+    else backward_column_generic<double, double>(g.data(), x.data(), scale.data(), terms.data(), dx.data(), col, geo, int(w.below), int(w.above), coef);
   }
   FILE* out = fopen(argv[2], "wb");
   fwrite(y.data(), 8, n, out);
@@ -152,19 +154,22 @@ def host_harness(tmp_path_factory):
     return exe
 
 
-@pytest.mark.parametrize("shape, size, alpha, beta, k, generic", [
-    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, False),   # the paper's window, in registers
-    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, True),    # the same through the generic path
-    ((1, 3, 4, 4), 5, 0.3, 0.6, 1.0, False),     # C < size: clipped to the register window
-    ((1, 3, 4, 4), 9, 0.3, 1.0, 1.0, False),     # a wide window on 3 channels: also (2, 2)
-    ((2, 2, 3, 3), 5, 0.3, 0.75, 1.5, False),    # C = 2: generic
-    ((2, 10, 3, 4), 4, 0.1, 0.5, 2.0, False),    # even size
-    ((1, 12, 2, 3), 7, 0.05, 0.3, 0.7, False),
-    ((3, 1, 2, 2), 1, 0.5, 0.75, 2.0, False),
-    ((2, 11, 1, 5), 5, 1e-4, 0.0, 2.0, False),
+@pytest.mark.parametrize("shape, size, alpha, beta, k, generic, segments", [
+    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, False, 1),   # the paper's window, in registers
+    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, True, 1),    # the same through the generic path
+    ((2, 23, 3, 5), 5, 1e-2, 0.75, 2.0, False, 4),  # channels cut into runs (few pixels)
+    ((2, 23, 3, 5), 5, 1e-2, 0.75, 2.0, False, 23),  # one channel per run
+    ((2, 23, 3, 5), 6, 1e-2, 0.75, 2.0, False, 3),  # runs on the generic path
+    ((1, 3, 4, 4), 5, 0.3, 0.6, 1.0, False, 1),     # C < size: clipped to the register window
+    ((1, 3, 4, 4), 9, 0.3, 1.0, 1.0, False, 2),     # a wide window on 3 channels: also (2, 2)
+    ((2, 2, 3, 3), 5, 0.3, 0.75, 1.5, False, 1),    # C = 2: generic
+    ((2, 10, 3, 4), 4, 0.1, 0.5, 2.0, False, 1),    # even size
+    ((1, 12, 2, 3), 7, 0.05, 0.3, 0.7, False, 1),
+    ((3, 1, 2, 2), 1, 0.5, 0.75, 2.0, False, 1),
+    ((2, 11, 1, 5), 5, 1e-4, 0.0, 2.0, False, 1),
 ])
 def test_cuda_column_code_on_the_host_agrees_with_reference(host_harness, tmp_path, shape, size, alpha, beta, k,
-                                                             generic):
+                                                             generic, segments):
     import subprocess
 
     import numpy as np
@@ -175,7 +180,8 @@ def test_cuda_column_code_on_the_host_agrees_with_reference(host_harness, tmp_pa
     (tmp_path / "in.bin").write_bytes(x.numpy().tobytes() + grad.numpy().tobytes())
     n, c, h, w = shape
     subprocess.run([str(host_harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(n), str(c),
-                    str(h * w), str(size), repr(alpha), repr(beta), repr(k), str(int(generic))], check=True)
+                    str(h * w), str(size), repr(alpha), repr(beta), repr(k), str(int(generic)), str(segments)],
+                   check=True)
     out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64))
     y, dx = out[: x.numel()].reshape(shape), out[x.numel():].reshape(shape)
     xr = x.clone().requires_grad_(True)

@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "lrn_cuda_columns.h"
@@ -37,9 +38,9 @@ template <typename scalar_t, typename acc_t, int BELOW, int ABOVE>
 __global__ void forward_registers(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                   acc_t* __restrict__ scale, Geometry g, acc_t alpha, acc_t beta, acc_t k,
                                   PowerKind kind) {
-  for (int64_t idx = first_column(); idx < g.pixels; idx += column_stride()) {
-    const int64_t base = convnet_lrn::column_base(idx, g);
-    convnet_lrn::forward_column_registers<scalar_t, acc_t, BELOW, ABOVE>(x, y, scale, base, g, alpha, beta, k,
+  for (int64_t idx = first_column(); idx < g.pixels * g.segments; idx += column_stride()) {
+    const convnet_lrn::Column col = convnet_lrn::column_of(idx, g);
+    convnet_lrn::forward_column_registers<scalar_t, acc_t, BELOW, ABOVE>(x, y, scale, col, g, alpha, beta, k,
                                                                          kind);
   }
 }
@@ -48,9 +49,9 @@ template <typename scalar_t, typename acc_t, int BELOW, int ABOVE>
 __global__ void backward_registers(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                    const acc_t* __restrict__ scale, scalar_t* __restrict__ dx, Geometry g,
                                    acc_t alpha, acc_t k, acc_t coef) {
-  for (int64_t idx = first_column(); idx < g.pixels; idx += column_stride()) {
-    const int64_t base = convnet_lrn::column_base(idx, g);
-    convnet_lrn::backward_column_registers<scalar_t, acc_t, BELOW, ABOVE>(grad, x, scale, dx, base, g, alpha, k,
+  for (int64_t idx = first_column(); idx < g.pixels * g.segments; idx += column_stride()) {
+    const convnet_lrn::Column col = convnet_lrn::column_of(idx, g);
+    convnet_lrn::backward_column_registers<scalar_t, acc_t, BELOW, ABOVE>(grad, x, scale, dx, col, g, alpha, k,
                                                                           coef);
   }
 }
@@ -59,9 +60,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void forward_generic(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, acc_t* __restrict__ scale,
                                 Geometry g, int below, int above, acc_t alpha, acc_t beta, acc_t k,
                                 PowerKind kind) {
-  for (int64_t idx = first_column(); idx < g.pixels; idx += column_stride()) {
-    const int64_t base = convnet_lrn::column_base(idx, g);
-    convnet_lrn::forward_column_generic<scalar_t, acc_t>(x, y, scale, base, g, below, above, alpha, beta, k, kind);
+  for (int64_t idx = first_column(); idx < g.pixels * g.segments; idx += column_stride()) {
+    const convnet_lrn::Column col = convnet_lrn::column_of(idx, g);
+    convnet_lrn::forward_column_generic<scalar_t, acc_t>(x, y, scale, col, g, below, above, alpha, beta, k, kind);
   }
 }
 
@@ -69,9 +70,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void backward_terms_generic(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                        const acc_t* __restrict__ scale, acc_t* __restrict__ terms, Geometry g,
                                        int below, int above, acc_t alpha, acc_t k) {
-  for (int64_t idx = first_column(); idx < g.pixels; idx += column_stride()) {
-    const int64_t base = convnet_lrn::column_base(idx, g);
-    convnet_lrn::backward_terms_column_generic<scalar_t, acc_t>(grad, x, scale, terms, base, g, below, above,
+  for (int64_t idx = first_column(); idx < g.pixels * g.segments; idx += column_stride()) {
+    const convnet_lrn::Column col = convnet_lrn::column_of(idx, g);
+    convnet_lrn::backward_terms_column_generic<scalar_t, acc_t>(grad, x, scale, terms, col, g, below, above,
                                                                 alpha, k);
   }
 }
@@ -80,9 +81,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void backward_generic(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                  const acc_t* __restrict__ scale, const acc_t* __restrict__ terms,
                                  scalar_t* __restrict__ dx, Geometry g, int below, int above, acc_t coef) {
-  for (int64_t idx = first_column(); idx < g.pixels; idx += column_stride()) {
-    const int64_t base = convnet_lrn::column_base(idx, g);
-    convnet_lrn::backward_column_generic<scalar_t, acc_t>(grad, x, scale, terms, dx, base, g, below, above, coef);
+  for (int64_t idx = first_column(); idx < g.pixels * g.segments; idx += column_stride()) {
+    const convnet_lrn::Column col = convnet_lrn::column_of(idx, g);
+    convnet_lrn::backward_column_generic<scalar_t, acc_t>(grad, x, scale, terms, dx, col, g, below, above, coef);
   }
 }
 
@@ -92,17 +93,31 @@ __global__ void backward_generic(const scalar_t* __restrict__ grad, const scalar
 // registers; other windows take the generic path.
 bool paper_window(const convnet_lrn::Window& w) { return w.below == 2 && w.above == 2; }
 
-int blocks_for(int64_t pixels) {
-  const int64_t wanted = (pixels + kThreads - 1) / kThreads;
+int multiprocessors() {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t cap = int64_t(sms) * 32;
+  return sms;
+}
+
+int blocks_for(const Geometry& g) {
+  const int64_t items = g.pixels * g.segments;
+  const int64_t wanted = (items + kThreads - 1) / kThreads, cap = int64_t(multiprocessors()) * 32;
   return static_cast<int>(wanted < cap ? (wanted > 0 ? wanted : 1) : cap);
 }
 
-Geometry geometry(const at::Tensor& x) {
-  return {x.size(0) * x.size(2) * x.size(3), x.size(2) * x.size(3), x.size(1)};
+// One thread per pixel walks all the channels when there are enough pixels to fill the GPU
+// (about 2048 resident threads per multiprocessor); with fewer (small batches, conv2's 27x27)
+// the channels are cut into runs of at least 8 windows each, so the rows re-read at the cuts
+// stay a small fraction.
+Geometry geometry(const at::Tensor& x, int64_t span) {
+  const int64_t pixels = x.size(0) * x.size(2) * x.size(3), channels = x.size(1);
+  const int64_t resident = int64_t(multiprocessors()) * 2048;
+  const int64_t wanted = (resident + pixels - 1) / std::max<int64_t>(pixels, 1);
+  const int64_t most = std::max<int64_t>(channels / (8 * span), 1);
+  const int64_t segments = std::min(std::max<int64_t>(wanted, 1), most);
+  const int64_t length = (channels + segments - 1) / segments;
+  return {pixels, x.size(2) * x.size(3), channels, (channels + length - 1) / length, length};
 }
 
 void check_input(const at::Tensor& x, const char* what) {
@@ -121,18 +136,18 @@ std::tuple<at::Tensor, at::Tensor> lrn_forward(const at::Tensor& input, int64_t 
   if (save_scale) scale = at::empty(x.sizes(), x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (x.numel() == 0) return {y, scale};
   const auto w = convnet_lrn::clipped_window(size, x.size(1));
-  const Geometry g = geometry(x);
+  const Geometry g = geometry(x, w.span);
   const auto kind = convnet_lrn::power_kind(beta);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cuda_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* sp = save_scale ? scale.mutable_data_ptr<acc_t>() : nullptr;
     if (paper_window(w)) {
-      forward_registers<scalar_t, acc_t, 2, 2><<<blocks_for(g.pixels), kThreads, 0, stream>>>(
+      forward_registers<scalar_t, acc_t, 2, 2><<<blocks_for(g), kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), sp, g, acc_t(alpha), acc_t(beta),
           acc_t(k), kind);
     } else {
-      forward_generic<scalar_t, acc_t><<<blocks_for(g.pixels), kThreads, 0, stream>>>(
+      forward_generic<scalar_t, acc_t><<<blocks_for(g), kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), sp, g, int(w.below), int(w.above),
           acc_t(alpha), acc_t(beta), acc_t(k), kind);
     }
@@ -154,23 +169,23 @@ at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const a
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return dx;
   const auto w = convnet_lrn::clipped_window(size, x.size(1));
-  const Geometry g = geometry(x);
+  const Geometry g = geometry(x, w.span);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cuda_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = acc_t(2) * acc_t(alpha) * acc_t(beta);
     if (paper_window(w)) {
-      backward_registers<scalar_t, acc_t, 2, 2><<<blocks_for(g.pixels), kThreads, 0, stream>>>(
+      backward_registers<scalar_t, acc_t, 2, 2><<<blocks_for(g), kThreads, 0, stream>>>(
           gr.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(),
           dx.mutable_data_ptr<scalar_t>(), g, acc_t(alpha), acc_t(k), coef);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       at::Tensor terms = at::empty_like(s, at::MemoryFormat::Contiguous);
-      backward_terms_generic<scalar_t, acc_t><<<blocks_for(g.pixels), kThreads, 0, stream>>>(
+      backward_terms_generic<scalar_t, acc_t><<<blocks_for(g), kThreads, 0, stream>>>(
           gr.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(),
           terms.mutable_data_ptr<acc_t>(), g, int(w.below), int(w.above), acc_t(alpha), acc_t(k));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backward_generic<scalar_t, acc_t><<<blocks_for(g.pixels), kThreads, 0, stream>>>(
+      backward_generic<scalar_t, acc_t><<<blocks_for(g), kThreads, 0, stream>>>(
           gr.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(),
           terms.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), g, int(w.below), int(w.above), coef);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
