@@ -1,6 +1,6 @@
 """Checkpoints: what they hold, and corrupt files that fail in one clear line.
 
-Killing a process while it writes one: tests/faults/test_kill_while_saving.py.
+Killing a process while it writes one: tests/faults/test_fault_kill_while_saving.py.
 
 Nothing here unpickles: the pickle cases carry a payload that would create a marker file if
 anything ever unpickled them, and the tests check the marker never appears.

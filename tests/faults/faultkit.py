@@ -1,6 +1,7 @@
 """Helpers of the faults suite: run ``convnet`` as a real process, read weights, keep a ledger."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,13 @@ def convnet_run(out: Path, *overrides: str, resume: Path | None = None, recipe: 
 
 def model_bytes(path: Path) -> dict[str, bytes]:
     return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items() if k.startswith("model/")}
+
+
+def last_step(metrics: Path) -> int:
+    """The last training step a run folder's metrics.jsonl records (0 if none yet)."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}") and '"train"' in line]
+    return max(steps, default=0)

@@ -11,7 +11,6 @@ write is seen afterwards (the temp file is left behind) and counted in the ledge
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -22,18 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convnet.core import checkpoint as ckpt
-from faultkit import KILL_SETS, convnet_run, model_bytes
+from faultkit import KILL_SETS, convnet_run, last_step, model_bytes
 
 TOTAL_STEPS = 12  # tiny.toml: 3 epochs of 4 steps
-
-
-def _last_step(metrics: Path) -> int:
-    try:
-        lines = metrics.read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [json.loads(line)["step"] for line in lines if line.endswith("}") and '"train"' in line]
-    return max(steps, default=0)
 
 
 def _kill_at(out: Path, proc, step: int, moment: str) -> str:
@@ -41,7 +31,7 @@ def _kill_at(out: Path, proc, step: int, moment: str) -> str:
     ckdir = out / "checkpoints"
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
-        if _last_step(out / "metrics.jsonl") >= step:
+        if last_step(out / "metrics.jsonl") >= step:
             break
         time.sleep(0.002)
     if moment == "write":
@@ -75,7 +65,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path_f
     for step, moment in points:
         proc = convnet_run(out, *KILL_SETS, resume=last if last.exists() else None)
         where = _kill_at(out, proc, max(step, seen + 1), moment)
-        seen = _last_step(out / "metrics.jsonl")
+        seen = last_step(out / "metrics.jsonl")
         lost = False
         if last.exists():
             try:

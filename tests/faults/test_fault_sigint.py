@@ -8,15 +8,14 @@ import subprocess
 import time
 
 from convnet.core import checkpoint as ckpt
-from faultkit import CONVNET, KILL_SETS, convnet_run, env, model_bytes
-from test_kill_resume import _last_step
+from faultkit import CONVNET, KILL_SETS, convnet_run, env, last_step, model_bytes
 
 
 def test_sigint_saves_at_the_next_step_and_prints_the_resume_command(tmp_path, uninterrupted, ledger) -> None:
     out = tmp_path / "run"
     proc = convnet_run(out, *KILL_SETS, "train.log_every=1")
     deadline = time.monotonic() + 240
-    while _last_step(out / "metrics.jsonl") < 5 and proc.poll() is None and time.monotonic() < deadline:
+    while last_step(out / "metrics.jsonl") < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
