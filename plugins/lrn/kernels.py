@@ -76,17 +76,10 @@ def build(name: str, verbose: bool = False) -> None:
 def build_ahead(name: str, verbose: bool = False) -> str:
     """For ``convnet build-kernels``: build and load ``name``, or say why it is skipped.
 
-    Without a CUDA device the CUDA source is still compiled with nvcc (not loaded), so a
-    syntax or API error shows up on a machine with no GPU. Raises RuntimeError on failure.
+    Raises RuntimeError (with the compiler's complaint) when a build that should work fails.
     """
     if name == "cuda" and not torch.cuda.is_available():
-        if find_nvcc() is None:
-            return "skipped: no CUDA device and no nvcc"
-        import tempfile  # noqa: PLC0415
-
-        with tempfile.TemporaryDirectory() as tmp:
-            compile_cuda_object(Path(tmp))
-        return "compiled with nvcc for sm_90 (no CUDA device here, so not loaded)"
+        return "skipped: no CUDA device here (tests/test_lrn_cuda.py still compiles it with nvcc)"
     build(name, verbose=verbose)
     from torch.utils import cpp_extension  # noqa: PLC0415
 
@@ -141,7 +134,7 @@ def get(name: str) -> LrnFn | None:
     try:
         build(name)
     except Exception as exc:  # noqa: BLE001  (any build failure means "not available here")
-        _failures[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        _failures[name] = _one_line(exc)
         return None
     ops = _ops(name)
     device = "cpu" if name == "cpu" else "cuda"
@@ -152,6 +145,14 @@ def get(name: str) -> LrnFn | None:
         return _Lrn.apply(ops, x, int(size), float(alpha), float(beta), float(k))
 
     return run
+
+
+def _one_line(exc: Exception) -> str:
+    """The compiler's first ``error:`` line when there is one, else the message's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    detail = errors[0] if errors else lines[0] if lines else ""
+    return f"{type(exc).__name__}: {detail[:300]}"
 
 
 def failure(name: str) -> str | None:
