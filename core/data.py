@@ -1,8 +1,9 @@
 """Datasets, augmentation chains and the loaders the engine iterates.
 
-Randomness is stateless: each sample's augmentation generator is seeded from (run seed,
-epoch, sample index), and each epoch's order from (run seed, epoch). A run therefore gives
-the same batches with any number of workers, and after a resume.
+Randomness is stateless: each sample's augmentation is keyed by (run seed, stream, epoch,
+sample index, stage of the chain), and each epoch's order by (run seed, epoch). A run therefore
+gives the same batches with any number of workers, after a resume, and with the augmentation
+in the workers or batched on the device (both use the train stream's keys).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from convnet.core.errors import DataError, RecipeError
 from convnet.core.registry import Registries
 
 # Streams keep the generators of different uses independent for the same (seed, epoch, index).
-STREAM_ORDER, STREAM_TRAIN_AUGMENT, STREAM_EVAL_AUGMENT, STREAM_DEVICE_AUGMENT = 0, 1, 2, 3
+STREAM_ORDER, STREAM_TRAIN_AUGMENT, STREAM_EVAL_AUGMENT = 0, 1, 2
 
 
 def derive_seed(*parts: int) -> int:
@@ -138,7 +139,8 @@ def build_augmenters(components: Sequence[schema.Augmenter], registries: Registr
 
 
 class Augmented(Dataset):
-    """A dataset whose samples pass through an augmentation chain, seeded per sample."""
+    """A dataset whose samples pass through an augmentation chain, each stage with a generator
+    seeded from (seed, stream, epoch, index, stage): no state carries from sample to sample."""
 
     def __init__(self, base: Dataset, augmenters: Sequence[Augment], seed: int, stream: int) -> None:
         self.base, self.augmenters, self.seed, self.stream = base, list(augmenters), seed, stream
@@ -152,11 +154,10 @@ class Augmented(Dataset):
         if sample is None:
             return None
         image, label = sample
-        if self.augmenters:
-            for stage, aug in enumerate(self.augmenters):
-                g = torch.Generator()
-                g.manual_seed(sample_key(self.seed, self.stream, self.epoch, index, stage))
-                image = aug(image, g)
+        for stage, aug in enumerate(self.augmenters):
+            g = torch.Generator()
+            g.manual_seed(sample_key(self.seed, self.stream, self.epoch, index, stage))
+            image = aug(image, g)
         return image, label, index
 
     def end_pass(self) -> None:
