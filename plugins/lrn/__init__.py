@@ -63,14 +63,16 @@ def _require(name: str) -> LrnFn:
     return run
 
 
+_FNS: dict[str, LrnFn] = {"auto": _auto, "reference": lrn_reference, "torch": lrn_torch,
+                          "cpu": _require("cpu"), "cuda": _require("cuda")}
+
+
 def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 2.0, impl: str = "auto") -> torch.Tensor:
     """The paper's LRN on an NCHW tensor (alpha multiplies the window SUM)."""
-    fns: dict[str, LrnFn] = {"auto": _auto, "reference": lrn_reference, "torch": lrn_torch,
-                             "cpu": _require("cpu"), "cuda": _require("cuda")}
-    if impl not in fns:
+    if impl not in _FNS:
         raise ValueError(f"unknown LRN impl {impl!r}; expected one of {', '.join(IMPLS)}")
-    return fns[impl](x, size, alpha, beta, k)
+    return _FNS[impl](x, size, alpha, beta, k)
 
 
 @attrs.define
