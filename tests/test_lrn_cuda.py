@@ -13,6 +13,7 @@ from convnet.plugins.lrn.reference import lrn_reference
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
+@pytest.mark.slow  # about 30 s of nvcc on 2 cores (torch's headers); CI still runs it
 def test_cuda_source_compiles_with_nvcc(tmp_path):
     if kernels.find_nvcc() is None:
         pytest.skip("nvcc not found on PATH, CUDA_HOME or /usr/local/cuda*")
