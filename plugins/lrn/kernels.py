@@ -136,6 +136,7 @@ def get(name: str) -> LrnFn | None:
     except Exception as exc:  # noqa: BLE001  (any build failure means "not available here")
         _failures[name] = _one_line(exc)
         return None
+    _failures.pop(name, None)
     ops = _ops(name)
     device = "cpu" if name == "cpu" else "cuda"
 
