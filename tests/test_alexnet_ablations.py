@@ -70,8 +70,11 @@ def test_runner_trains_both_arms_and_writes_the_comparison(tmp_path, registries)
     a, b = saved["arms"]["lrn"], saved["arms"]["no-lrn"]
     assert a["recipe"] == "ablation-digits" and b["recipe"] == "ablation-no-lrn"
     assert (out / "lrn" / "seed0" / "metrics.jsonl").exists() and (out / "no-lrn" / "seed0" / "eval.json").exists()
-    gained = round(100 * (b["val_top1_error"] - a["val_top1_error"]), 2)
-    assert saved["comparison"]["top1_points_gained"] == gained
+    change = round(100 * (a["val_top1_error"] - b["val_top1_error"]), 2)
+    assert saved["comparison"]["top1_change_points"] == change
+    (out / "comparison.txt").write_text("stale\n")
+    assert main(["no-lrn", "--out", str(out), "--recompare"]) == 0
+    assert (out / "comparison.txt").read_text().strip() == saved["line"]
     assert "paper: response normalisation reduces top-1" in saved["line"]
 
 

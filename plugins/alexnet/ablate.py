@@ -110,18 +110,30 @@ def compare(ablation: Ablation, arms: dict[str, dict[str, Any]]) -> tuple[dict[s
                 f"{reach(eb)} with {b}" + (f" ({diff['speedup']:.2f}x)" if diff["speedup"] else "")
                 + f"; paper: {ablation.paper}")
     else:
-        d1 = None if ra.get("val_top1_error") is None else rb["val_top1_error"] - ra["val_top1_error"]
-        d5 = None if ra.get("val_top5_error") is None else rb["val_top5_error"] - ra["val_top5_error"]
-        diff = {"top1_points_gained": pts(d1), "top5_points_gained": pts(d5),
+        # The paper's choice minus the ablated one: negative = the paper's choice is better.
+        d1 = None if ra.get("val_top1_error") is None else ra["val_top1_error"] - rb["val_top1_error"]
+        d5 = None if ra.get("val_top5_error") is None else ra["val_top5_error"] - rb["val_top5_error"]
+        diff = {"top1_change_points": pts(d1), "top5_change_points": pts(d5),
                 "stderr_points": pts(ra.get("val_top1_stderr"))}
-        line = (f"{ablation.name}: val top-1 error {pts(ra.get('val_top1_error'))}% with {a} vs "
-                f"{pts(rb.get('val_top1_error'))}% with {b} ({pts(d1):+g} points for {a}; one run's "
-                f"standard error ~{pts(ra.get('val_top1_stderr'))}); top-5 {pts(d5):+g} points")
+        line = (f"{ablation.name}: val top-1 error {pts(ra.get('val_top1_error'))}% with {a}, "
+                f"{pts(rb.get('val_top1_error'))}% with {b}: {a} changes it by {pts(d1):+g} points, top-5 by "
+                f"{pts(d5):+g} (negative = {a} better; one run's standard error ~{pts(ra.get('val_top1_stderr'))} points)")
         if ablation.measure == "gap":
             diff.update({f"{a}_gap_points": pts(ra.get("gap")), f"{b}_gap_points": pts(rb.get("gap"))})
             line += (f"; train/val gap {pts(ra.get('gap'))} points with {a}, {pts(rb.get('gap'))} with {b}")
         line += f"; paper: {ablation.paper}"
     return diff, line
+
+
+def recompare(out: str | Path) -> dict[str, Any]:
+    """Recompute the comparison of finished arms from ``out/comparison.json`` (no training)."""
+    path = Path(out) / "comparison.json"
+    result = json.loads(path.read_text(encoding="utf-8"))
+    diff, line = compare(ABLATIONS[result["ablation"]], result["arms"])
+    result.update(comparison=diff, line=line)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (Path(out) / "comparison.txt").write_text(line + "\n", encoding="utf-8")
+    return result
 
 
 def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
@@ -172,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value in both arms' recipes (repeatable)")
+    p.add_argument("--recompare", action="store_true",
+                   help="only rewrite the comparison of arms already trained in the folder")
     args = p.parse_args(argv)
     names = list(ABLATIONS) if args.name == "all" else [args.name]
     base = Path(args.out) if args.out else Path("runs") / "ablations"
@@ -179,7 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in names:
             where = base / name if (args.name == "all" or not args.out) else base
-            result = run_ablation(name, where, args.seeds, args.overrides, cache=cache)
+            if args.recompare:
+                result = recompare(where)
+            else:
+                result = run_ablation(name, where, args.seeds, args.overrides, cache=cache)
             print(result["line"])
             print(f"  written: {where / 'comparison.json'}")
     except ConvnetError as exc:
