@@ -72,6 +72,8 @@ def test_runner_trains_both_arms_and_writes_the_comparison(tmp_path, registries)
     assert (out / "lrn" / "seed0" / "metrics.jsonl").exists() and (out / "no-lrn" / "seed0" / "eval.json").exists()
     change = round(100 * (a["val_top1_error"] - b["val_top1_error"]), 2)
     assert saved["comparison"]["top1_change_points"] == change
+    again = run_ablation("no-lrn", out, overrides=quick, registries=registries, reuse=True)
+    assert again["line"] == saved["line"] and again["arms"]["lrn"]["runs"][0]["seconds"] is None
     (out / "comparison.txt").write_text("stale\n")
     assert main(["no-lrn", "--out", str(out), "--recompare"]) == 0
     assert (out / "comparison.txt").read_text().strip() == saved["line"]

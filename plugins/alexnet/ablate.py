@@ -65,9 +65,9 @@ def epochs_to(evals: list[dict[str, Any]], key: str, threshold: float) -> int | 
     return None
 
 
-def arm_result(run_dir: Path, final: dict[str, Any], threshold: float, seconds: float) -> dict[str, Any]:
+def arm_result(run_dir: Path, final: dict[str, Any], threshold: float, seconds: float | None) -> dict[str, Any]:
     evals = read_evals(run_dir)
-    out = {"run": str(run_dir), "seconds": round(seconds, 1), "epochs": len(evals),
+    out = {"run": str(run_dir), "seconds": None if seconds is None else round(seconds, 1), "epochs": len(evals),
            "val_top1_error": final.get("top1_error"), "val_top5_error": final.get("top5_error"),
            "val_samples": final.get("samples"), "train_top1_error": final.get("train_top1_error"),
            "train_error_curve": [r.get("train_top1_error") for r in evals],
@@ -137,11 +137,13 @@ def recompare(out: str | Path) -> dict[str, Any]:
 
 
 def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
-                 quiet: bool = True, registries=None, cache: dict | None = None) -> dict[str, Any]:
+                 quiet: bool = True, registries=None, cache: dict | None = None,
+                 reuse: bool = False) -> dict[str, Any]:
     """Train both arms for each seed; write ``comparison.json`` and ``comparison.txt`` in ``out``.
 
     ``cache`` (shared between calls) reuses a run of the same recipe, seed and overrides:
-    every ablation's first arm is the same baseline."""
+    every ablation's first arm is the same baseline. With ``reuse`` an arm whose run folder
+    already holds a finished run (``eval.json``) is read, not trained again."""
     from convnet.core import plugins
     from convnet.core.engine import train
     from convnet.core.recipe import load_recipe
@@ -161,6 +163,10 @@ def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overri
                 continue
             recipe = load_recipe(recipe_name, [*overrides, f"seed={seed}"], regs)
             run_dir = out / label / f"seed{seed}"
+            if reuse and (run_dir / "eval.json").exists():
+                final = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+                runs.append(arm_result(run_dir, final, ablation.threshold, None))
+                continue
             start = time.perf_counter()
             final = train(recipe, out=run_dir, quiet=quiet, registries=regs)
             runs.append(arm_result(run_dir, final, ablation.threshold, time.perf_counter() - start))
@@ -184,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value in both arms' recipes (repeatable)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read arms whose run folder already holds a finished run instead of training them")
     p.add_argument("--recompare", action="store_true",
                    help="only rewrite the comparison of arms already trained in the folder")
     args = p.parse_args(argv)
@@ -196,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.recompare:
                 result = recompare(where)
             else:
-                result = run_ablation(name, where, args.seeds, args.overrides, cache=cache)
+                result = run_ablation(name, where, args.seeds, args.overrides, cache=cache, reuse=args.reuse)
             print(result["line"])
             print(f"  written: {where / 'comparison.json'}")
     except ConvnetError as exc:
