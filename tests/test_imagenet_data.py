@@ -182,6 +182,7 @@ def test_truncated_or_garbage_files_are_none(tree, tmp_path):
     empty = tmp_path / "empty.JPEG"
     empty.write_bytes(b"")
     ds = ImageFiles([str(good), str(truncated), str(garbage), str(empty)], [0, 0, 1, 1], 256)
+    assert ds.path(1) == str(truncated) and ds.path(0) == str(good)
     assert ds[0] is not None and ds[0][1] == 0
     assert ds[1] is None and ds[2] is None and ds[3] is None
 
@@ -208,7 +209,7 @@ def test_devkit_layout_with_flat_val_uses_the_ground_truth(tmp_path, registries)
     assert len(splits.val) == len(info["val_wnids"]) == 4
     expected = [CLASSES.index(w) for w in info["val_wnids"]]
     assert [splits.val[i][1] for i in range(4)] == expected
-    assert sorted(Path(p).name for p in splits.val.paths) == [p.name for p in info["files"]["val"]]
+    assert sorted(Path(splits.val.path(i)).name for i in range(4)) == [p.name for p in info["files"]["val"]]
 
 
 def test_devkit_meta_must_be_weights_only(tmp_path, registries):

@@ -83,19 +83,26 @@ def preprocess(path: str | os.PathLike, size: int = 256) -> torch.Tensor:
 
 
 class ImageFiles(Dataset):
-    """Image paths and labels held in numpy arrays (no per-item Python objects for workers to copy)."""
+    """Image paths and labels held in numpy arrays: no per-item Python objects for data-loader
+    workers to copy, and paths stored as bytes relative to their common folder (about 40 MB
+    for ImageNet's 1.28 M training files, where a list of str would take several times that)."""
 
     def __init__(self, paths: list[str], labels: list[int], size: int) -> None:
-        self.paths = np.array(paths, dtype=np.str_)
+        self.base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+        cut = len(self.base) + 1 if self.base else 0
+        self.relative = np.array([os.fsencode(p[cut:]) for p in paths], dtype=np.bytes_)
         self.labels = np.array(labels, dtype=np.int64)
         self.size = size
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.relative)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.base, os.fsdecode(bytes(self.relative[index])))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         try:
-            image = preprocess(str(self.paths[index]), self.size)
+            image = preprocess(self.path(index), self.size)
         except DECODE_ERRORS:
             return None
         return image, int(self.labels[index])
