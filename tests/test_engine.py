@@ -1,0 +1,63 @@
+"""The train loop: determinism under the seed, max_steps, evaluation each epoch, the schedule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import convnet.core as cn
+
+TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(out: Path) -> dict[str, bytes]:
+    return {k: v.numpy().tobytes() for k, v in load_file(str(out / "checkpoints" / "last.safetensors")).items()
+            if k.startswith("model/")}
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        cn.train(cn.load_recipe(TINY, ["train.max_steps=5", f"seed={seed}"]), out=tmp_path / name)
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
+    assert _weights(tmp_path / "a") != _weights(tmp_path / "c")
+    assert [r["loss"] for r in _records(tmp_path / "a") if r["kind"] == "train"] == \
+        [r["loss"] for r in _records(tmp_path / "b") if r["kind"] == "train"]
+
+
+def test_epochs_evaluations_and_the_plateau_schedule(tmp_path: Path) -> None:
+    """tiny.toml's plateau (patience 0, threshold 1.0): after the first epoch sets the baseline, no
+    epoch counts as an improvement, so lr / 10 at the end of every later epoch."""
+    summary = cn.train(cn.load_recipe(TINY), out=tmp_path)
+    assert (summary["epoch"], summary["step"]) == (3, 12)
+    records = _records(tmp_path)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [0, 1, 2] and [r["step"] for r in evals] == [4, 8, 12]
+    assert [r["lr"] for r in evals] == pytest.approx([0.05, 0.005, 0.0005])
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert [r["lr"] for r in train] == pytest.approx([0.05] * 8 + [0.005] * 4)
+    assert records[-1]["kind"] == "final" and 0 <= records[-1]["top1_error"] <= 1
+    assert (tmp_path / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_max_steps_stops_inside_an_epoch(tmp_path: Path) -> None:
+    summary = cn.train(cn.load_recipe(TINY, ["train.max_steps=6"]), out=tmp_path)
+    assert (summary["step"], summary["epoch"]) == (6, 1)
+    records = _records(tmp_path)
+    assert max(r["step"] for r in records if r["kind"] == "train") == 6
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [0]
