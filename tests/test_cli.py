@@ -134,3 +134,45 @@ def test_the_installed_programs(tmp_path: Path) -> None:
         proc = subprocess.run([*program, "show", str(bad)], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and not proc.stdout
         assert str(bad) in one_error_line(proc.stderr)
+
+
+def test_progress_lines_depend_on_the_terminal(capsys, tmp_path: Path, monkeypatch) -> None:
+    """Not a TTY: one line per epoch, no bar. --quiet: nothing. A real pseudo-terminal: a tqdm bar."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+
+    args = ["run", str(TINY), "--set", "train.max_steps=8"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    err = capsys.readouterr().err
+    assert [line.split(":")[0] for line in err.splitlines()] == ["epoch 1/3", "epoch 2/3"] and "\r" not in err
+    assert main([*args, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with os.fdopen(slave, "w", buffering=1) as terminal:
+        monkeypatch.setattr("sys.stderr", terminal)
+        assert terminal.isatty()
+        assert main([*args, "--out", str(tmp_path / "tty")]) == 0
+        monkeypatch.undo()
+    reader.join(timeout=10)
+    os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "\r" in shown and "8/8" in shown and "step" in shown and "epoch 2/3" in shown
