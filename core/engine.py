@@ -199,6 +199,33 @@ class Run:
             ckpt.restore_rng(tensors, state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: RNG state is missing or corrupt ({exc})") from None
+        if self.strategy.is_main:
+            self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """Forget what a killed run logged after its checkpoint: those steps are replayed.
+
+        A record of the checkpoint's own step stays unless it belongs to an epoch end the
+        checkpoint has not seen yet (that evaluation runs again).
+        """
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        epoch_end_pending = self.batch_in_epoch >= self.steps_per_epoch
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+            if record.get("kind") == "final":
+                continue
+            if step < self.step or (step == self.step and not (epoch_end_pending and record.get("kind") == "eval")):
+                kept.append(line)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
