@@ -58,13 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N training images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("convert", help="torchvision alexnet weights (.pth or .safetensors) -> convnet weights")
-    p.add_argument("source", metavar="FILE", help="torchvision alexnet state_dict (.pth read weights-only, or .safetensors)")
-    p.add_argument("--out", metavar="FILE", required=True, help="convnet weights file to write (.safetensors)")
-    p.add_argument("--recipe", default="alexnet-torchvision", help="recipe whose network receives the weights")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of that recipe (repeatable)")
-
     p = sub.add_parser("eval", help="run a recipe's evaluators on checkpoints (several = ensemble)", epilog=EPILOG)
     _recipe_args(p)
     p.add_argument("--checkpoint", dest="checkpoints", nargs="+", required=True, metavar="CKPT",
@@ -78,13 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="build only the components with this name, e.g. cpu (repeatable)")
+    _plugin_commands(sub)
     return parser
+
+
+def _plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands that plugins add through the ``convnet_add_commands`` hook."""
+    import warnings
+
+    from convnet.core import plugins
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load problems are reported by the command that runs
+        pm = plugins.manager()
+    for impl in pm.hook.convnet_add_commands.get_hookimpls():
+        try:
+            impl.function(subparsers=sub)
+        except Exception as exc:  # one plugin's bad command must not take the CLI down
+            print(f"convnet: warning: plugin {impl.plugin_name!r} could not add its commands: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        handler = COMMANDS.get(args.command) or args.handler
+        return handler(args)
     except ConvnetError as exc:
         print(f"convnet: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -180,14 +192,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from convnet.plugins.alexnet.torchvision_weights import convert_file
-
-    path = convert_file(args.source, args.out, args.recipe, _registries(args), args.overrides)
-    print(f"{args.source} -> {path} (recipe {args.recipe})")
-    return 0
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from convnet.core.evaluate_cmd import evaluate
     from convnet.core.recipe import load_recipe
@@ -227,5 +231,5 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
-            "recipes": cmd_recipes, "stats": cmd_stats, "convert": cmd_convert,
+            "recipes": cmd_recipes, "stats": cmd_stats,
             "eval": cmd_eval, "report": cmd_report, "build-kernels": cmd_build_kernels}

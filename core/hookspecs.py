@@ -26,6 +26,14 @@ def convnet_register(registries: "Registries") -> None:
 
 
 @hookspec
+def convnet_add_commands(subparsers: Any) -> None:
+    """Add ``convnet`` subcommands (argparse sub-parsers, as pytest_addoption adds options).
+
+    Set the command's function with ``parser.set_defaults(handler=fn)``; ``fn(args) -> int``.
+    """
+
+
+@hookspec
 def convnet_train_start(run: "Run") -> None:
     """A run is about to take its first (or, after a resume, its next) step."""
 
