@@ -262,3 +262,30 @@ def test_the_chain_gives_the_same_output_in_either_placement(seed, epoch, indice
     device = _device_augment(chain, images.clone(), seed, epoch, torch.tensor(indices))
     for j, i in enumerate(indices):
         assert torch.equal(worker[i][0], device[j])
+
+
+# ---------------------------------------------------------------------------- random-shift
+@given(image_and_crop(max_side=20), st.integers(0, 3), st.sampled_from(["constant", "edge"]), SEED_ST)
+def test_random_shift_keeps_the_size_and_equals_random_crop_of_the_padded_image(shape, shift, mode, key):
+    c, h, w, _ = shape
+    x = distinct_image(c, h, w)
+    opts = g.RandomShiftOptions(max_shift=shift, padding_mode=mode, fill=-1.0)
+    out = g.RandomShift(opts, ctx())(x, gen(key))
+    assert out.shape == x.shape
+    if h == w:  # a square image: exactly random-crop at its own size after padding
+        crop = g.RandomCrop(g.RandomCropOptions(size=h, padding=shift, padding_mode=mode, fill=-1.0), ctx())
+        assert torch.equal(out, crop(x, gen(key)))
+    t, l = g.RandomShift(opts, ctx()).shift(key)
+    assert 0 <= t <= 2 * shift and 0 <= l <= 2 * shift
+    inner = out[:, max(0, shift - t):h - max(0, t - shift), max(0, shift - l):w - max(0, l - shift)]
+    assert torch.equal(inner, x[:, max(0, t - shift):h - max(0, shift - t), max(0, l - shift):w - max(0, shift - l)])
+
+
+@given(st.integers(1, 5), st.integers(2, 12), st.integers(2, 12), SEED_ST)
+def test_random_shift_batched_matches_per_image(n, h, w, seed):
+    shift = g.RandomShift(g.RandomShiftOptions(max_shift=2), ctx())
+    images = torch.randn(n, 3, h, w, generator=gen(seed))
+    keys = keys_for(seed, 0, list(range(n)))
+    batched = shift.batch(images.clone(), keys)
+    for i in range(n):
+        assert torch.equal(batched[i], shift(images[i], gen(int(keys[i]))))

@@ -4,10 +4,10 @@ Listed per split in a recipe (``data.train_augment``, ``data.eval_augment``), ap
 
 Value scale. Decoded images are uint8 ``[C, H, W]`` on 0-255 (float images, e.g. the digits,
 pass through unchanged in dtype). The geometric augmenters (resize-shorter, center-crop,
-random-crop, hflip, ten-crop) keep the dtype, so workers move and crop bytes. mean-image,
-mean-rgb, pca-lighting and to-float return float32 on the same 0-255 scale: after mean
-subtraction values are centred on 0, roughly -128..128 — what the paper's network was fed. Put
-``to-float`` with ``scale = 0.00392156862745098`` (1/255) in a recipe that wants [0, 1].
+random-crop, random-shift, hflip, ten-crop) keep the dtype, so workers move and crop bytes.
+mean-image, mean-rgb, pca-lighting and to-float return float32 on the same 0-255 scale: after
+mean subtraction values are centred on 0, roughly -128..128, what the paper's network was fed.
+Put ``to-float`` with ``scale = 0.00392156862745098`` (1/255) in a recipe that wants [0, 1].
 
 Channels. Augmenters take 1- or 3-channel images; grey/RGBA/CMYK -> RGB conversion belongs
 to the decoder (the dataset plugin). mean-image, mean-rgb and pca-lighting check that the
@@ -50,6 +50,8 @@ def convnet_register(registries: Registries) -> None:
     add("center-crop", g.CenterCrop, g.CenterCropOptions, "the central size x size window (default 227)")
     add("random-crop", g.RandomCrop, g.RandomCropOptions,
         "a size x size window uniform over all positions (the paper's 227), optional padding")
+    add("random-shift", g.RandomShift, g.RandomShiftOptions,
+        "translate by up to max_shift pixels, border repeated: a random crop at the image's own size")
     add("hflip", g.HFlip, g.HFlipOptions, "mirror left-right with probability p (the paper's 0.5)")
     add("ten-crop", g.TenCrop, g.TenCropOptions,
         "test views: 4 corners + centre and their mirrors -> [10, C, size, size] per image")

@@ -1,4 +1,4 @@
-"""Geometric augmenters: resize-shorter, center-crop, random-crop, hflip, ten-crop.
+"""Geometric augmenters: resize-shorter, center-crop, random-crop, random-shift, hflip, ten-crop.
 
 They keep the image's dtype (uint8 stays uint8) and act on the last two dimensions, so an
 image may be ``[C, H, W]`` or carry leading dimensions (``[10, C, H, W]`` after ``ten-crop``).
@@ -115,19 +115,20 @@ def _one_kernel(x: torch.Tensor) -> bool:
 
 
 def window_gather(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int,
-                  one_kernel: bool | None = None) -> torch.Tensor:
-    """``[N, ..., H, W]`` -> ``[N, ..., size, size]``: sample n's window at (tops[n], lefts[n])."""
-    n = x.shape[0]
+                  one_kernel: bool | None = None, width: int | None = None) -> torch.Tensor:
+    """``[N, ..., H, W]`` -> ``[N, ..., size, width]`` (``width`` defaults to ``size``): sample n's
+    window at (tops[n], lefts[n])."""
+    n, height, width = x.shape[0], size, width or size
     flat = x.reshape(n, -1, x.shape[-2], x.shape[-1])
     if one_kernel if one_kernel is not None else _one_kernel(x):
-        windows = flat.unfold(2, size, 1).unfold(3, size, 1)  # a view [N, K, H-s+1, W-s+1, s, s]
+        windows = flat.unfold(2, height, 1).unfold(3, width, 1)  # a view [N, K, H-h+1, W-w+1, h, w]
         rows, cols = tops.to(x.device), lefts.to(x.device)
         out = windows[torch.arange(n, device=x.device), :, rows, cols]
     else:
-        out = torch.empty(n, flat.shape[1], size, size, dtype=x.dtype, device=x.device)
+        out = torch.empty(n, flat.shape[1], height, width, dtype=x.dtype, device=x.device)
         for i, (t, l) in enumerate(zip(tops.tolist(), lefts.tolist())):
-            out[i].copy_(flat[i, :, t:t + size, l:l + size])
-    return out.reshape(*x.shape[:-2], size, size)
+            out[i].copy_(flat[i, :, t:t + height, l:l + width])
+    return out.reshape(*x.shape[:-2], height, width)
 
 
 def flip_where(x: torch.Tensor, flip: torch.Tensor, one_kernel: bool | None = None) -> torch.Tensor:
@@ -248,6 +249,46 @@ class RandomCrop:
         x = self._prepare(images, True)
         tops, lefts = self.offsets(keys, *x.shape[-2:])
         return window_gather(x, torch.from_numpy(tops), torch.from_numpy(lefts), self.options.size)
+
+
+# ---------------------------------------------------------------------------- random-shift
+@attrs.define
+class RandomShiftOptions:
+    max_shift: int = attrs.field(default=1, validator=[v.ge(0), v.le(4096)])
+    padding_mode: str = attrs.field(default="edge", validator=v.in_(("constant", "edge", "reflect")))
+    fill: float = 0.0
+
+
+class RandomShift:
+    """Translate by up to ``max_shift`` pixels each way, uniform over the (2 max_shift + 1)^2
+    shifts, the uncovered border repeated (or filled): a random crop of the padded image at the
+    image's own size, whatever that size is."""
+
+    def __init__(self, options: RandomShiftOptions, ctx: DataContext) -> None:
+        self.options = options
+        self.where = f"{ctx.path} (random-shift)"
+
+    def shift(self, key: int) -> tuple[int, int]:
+        """Top and left of the window in the padded image (``max_shift`` = no shift)."""
+        u = uniform(key, 2)
+        span = 2 * self.options.max_shift + 1
+        return below(u[0], span), below(u[1], span)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        return _pad(x, o.max_shift, o.padding_mode, o.fill, self.where)
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        t, l = self.shift(key_of(generator))
+        return self._pad(image)[..., t:t + h, l:l + w]
+
+    def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        shifts = [self.shift(k) for k in keys_list(keys)]
+        tops = torch.tensor([t for t, _ in shifts], dtype=torch.int64)
+        lefts = torch.tensor([l for _, l in shifts], dtype=torch.int64)
+        return window_gather(self._pad(images), tops, lefts, h, width=w)
 
 
 # ---------------------------------------------------------------------------- hflip
