@@ -72,19 +72,25 @@ def torchvision_alexnet(args: argparse.Namespace, device: torch.device):
     return module, optimizer, (3, 224, 224), 1000
 
 
-def measure(name: str, built, args: argparse.Namespace, device: torch.device) -> float:
-    module, optimizer, shape, classes = built
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, *shape, generator=g).to(device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(classes, (args.batch,), generator=g).to(device)
-    module.train()
-    times = time_steps(module, optimizer, x, y, args.steps, args.warmup, args.autocast == "bfloat16")
-    median = statistics.median(times)
-    rate = args.batch / median
-    print(f"{name:<32} {median * 1000:9.1f} ms/step  {rate:9.1f} images/s  (median of {len(times)})", flush=True)
-    return rate
+class Contender:
+    """A model, its optimizer and a fixed synthetic batch on the device."""
+
+    def __init__(self, name: str, built, args: argparse.Namespace, device: torch.device) -> None:
+        self.name = name
+        self.module, self.optimizer, shape, classes = built
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(args.batch, *shape, generator=g).to(device)
+        if args.channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(classes, (args.batch,), generator=g).to(device)
+        self.module.train()
+        self.times: list[float] = []
+
+    def run(self, steps: int, warmup: int, autocast: bool) -> None:
+        self.times += time_steps(self.module, self.optimizer, self.x, self.y, steps, warmup, autocast)
+
+    def rate(self, batch: int) -> float:
+        return batch / statistics.median(self.times)
 
 
 def main() -> None:
@@ -92,7 +98,8 @@ def main() -> None:
     p.add_argument("--recipe", default="alexnet-imagenet")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA, 32 on CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 5 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 10 on CUDA, 2 on CPU)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5 on CUDA, 4 on CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--autocast", choices=("none", "bfloat16"), default="none")
@@ -101,17 +108,29 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     args.batch = args.batch or (128 if device.type == "cuda" else 32)
-    args.steps = args.steps or (20 if device.type == "cuda" else 5)
+    args.steps = args.steps or (10 if device.type == "cuda" else 2)
+    args.rounds = args.rounds or (5 if device.type == "cuda" else 4)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, batch {args.batch}, channels_last={args.channels_last}, autocast={args.autocast}, "
           f"torch {torch.__version__}")
-    base = measure("torchvision alexnet() + SGD", torchvision_alexnet(args, device), args, device)
-    single = measure(f"{args.recipe} single", ours("single", args, device), args, device)
+    contenders = [Contender("torchvision alexnet() + SGD", torchvision_alexnet(args, device), args, device),
+                  Contender(f"{args.recipe} single", ours("single", args, device), args, device)]
+    contenders += [Contender(f"{args.recipe} {s}", ours(s, args, device), args, device) for s in args.strategies]
+    # Interleaved rounds: a slow spell of a shared machine hits every contender alike.
+    for c in contenders:
+        c.run(0, args.warmup, args.autocast == "bfloat16")
+    for _ in range(args.rounds):
+        for c in contenders:
+            c.run(args.steps, 0, args.autocast == "bfloat16")
+    for c in contenders:
+        print(f"{c.name:<36} {1000 * statistics.median(c.times):9.1f} ms/step  {c.rate(args.batch):9.1f} images/s "
+              f"(median of {len(c.times)})")
+    base, single = contenders[0].rate(args.batch), contenders[1].rate(args.batch)
     print(f"ratio {args.recipe} / torchvision: {single / base:.2f}x images/s")
-    for strategy in args.strategies:
-        rate = measure(f"{args.recipe} {strategy}", ours(strategy, args, device), args, device)
-        print(f"ratio {strategy} / single: {rate / single:.2f}x images/s (overhead {100 * (single / rate - 1):+.1f}%)")
+    for c in contenders[2:]:
+        rate = c.rate(args.batch)
+        print(f"ratio {c.name} / single: {rate / single:.2f}x images/s (overhead {100 * (single / rate - 1):+.1f}%)")
 
 
 if __name__ == "__main__":
