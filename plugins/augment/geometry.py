@@ -281,6 +281,11 @@ class RandomShift:
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         h, w = image.shape[-2:]
         t, l = self.shift(key_of(generator))
+        if self.options.padding_mode == "edge":  # two small gathers instead of padding the whole image
+            p = self.options.max_shift
+            rows = torch.arange(t - p, t - p + h).clamp_(0, h - 1)
+            cols = torch.arange(l - p, l - p + w).clamp_(0, w - 1)
+            return image.index_select(-2, rows.to(image.device)).index_select(-1, cols.to(image.device))
         return self._pad(image)[..., t:t + h, l:l + w]
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
