@@ -95,7 +95,10 @@ def _plugin_commands(sub: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = COMMANDS.get(args.command) or args.handler
+        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+        if handler is None:
+            print(f"convnet: error: command {args.command!r} (from a plugin) has no handler", file=sys.stderr)
+            return 2
         return handler(args)
     except ConvnetError as exc:
         print(f"convnet: error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ class Run:
         model_state = ckpt.model_tensors(tensors)
         expected = self.network.state_dict()
         ckpt.check_compatible(path, expected, model_state)
+        self._check_same_run(path, metadata.get("convnet.recipe", ""))
         self.strategy.load_state_dict(self.module, model_state)
         opt = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
         opt = self.strategy.scatter_tensors(opt)
@@ -227,6 +229,20 @@ class Run:
         tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)
 
+    def _check_same_run(self, path: Path, saved_text: str) -> None:
+        """Refuse a checkpoint whose recipe trains differently: the run would not continue."""
+        try:
+            saved = tomllib.loads(saved_text)
+        except tomllib.TOMLDecodeError:
+            raise CheckpointError(f"{path}: the recipe stored in the checkpoint is not valid TOML") from None
+        diff = _first_difference(saved, tomllib.loads(to_toml(self.recipe, self.registries)), "")
+        if diff is not None:
+            key, old, new = diff
+            raise CheckpointError(
+                f"{path}: saved by a run whose recipe differs at {key} (checkpoint: {old!r}, now: {new!r}); "
+                "resuming would not continue that run. Use the same recipe and --set values "
+                "(epochs, max_steps, strategy, workers and evaluators may change)")
+
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
         if not self.strategy.is_main:
@@ -271,6 +287,10 @@ class Run:
         self.pm.hook.convnet_train_start(run=self)
         try:
             summary = self._loop()
+        except BaseException as exc:  # observers (progress bars) still hear that the run ended
+            self.pm.hook.convnet_train_end(run=self, summary={"out": str(self.out), "step": self.step,
+                                                              "error": f"{type(exc).__name__}: {exc}"})
+            raise
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
@@ -390,11 +410,11 @@ class Run:
             # The mean over the GLOBAL batch when processes hold shards of it (ddp); every
             # process then takes the same finite/non-finite branch below.
             total = self.strategy.all_reduce_sum(
-                torch.tensor([float(loss.detach()) * len(labels), len(labels),
-                              float(_has_nonfinite(p.grad for p in self.named_params.values()))],
-                             dtype=torch.float64))
+                torch.tensor([float(loss.detach()) * len(labels), len(labels)], dtype=torch.float64))
             value = float(total[0] / total[1])
-            if not math.isfinite(value) or total[2] > 0:
+            # Under tower-parallel each process holds only its tower's gradients: agree over all.
+            bad_grads = self.strategy.any_rank(_has_nonfinite(p.grad for p in self.named_params.values()))
+            if not math.isfinite(value) or bad_grads:
                 what = f"loss is {value}" if not math.isfinite(value) else f"loss {value:.4g} has non-finite gradients"
                 if r.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(
@@ -406,8 +426,7 @@ class Run:
                 self.optimizer.step()
                 # A finite loss can still take an update that overflows the weights: stop before
                 # such weights reach a checkpoint (there is no undoing an in-place step).
-                overflow = torch.tensor([float(_has_nonfinite(self.named_params.values()))], dtype=torch.float64)
-                if self.strategy.all_reduce_sum(overflow)[0] > 0:
+                if self.strategy.any_rank(_has_nonfinite(self.named_params.values())):
                     raise NonFiniteLossError(
                         f"step {next_step} (epoch {self.epoch + 1}): the update made weights non-finite "
                         f"(loss was {value:.4g}); stopped. {self._kept()}. Lower train.optimizer.lr")
@@ -421,8 +440,37 @@ class Run:
         self.pm.hook.convnet_step_end(run=self, step=self.step, metrics=metrics)
 
 
+# What a resume may change without changing the run's result.
+RESUME_MAY_CHANGE = {"name", "description", "train.epochs", "train.max_steps", "train.checkpoint_every",
+                     "train.log_every", "parallel", "evaluate", "data.workers", "data.eval_batch_size",
+                     "data.pin_memory", "data.augment_on"}
+
+
+def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
+    if path in RESUME_MAY_CHANGE:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=lambda k: (k not in old, k)):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else (path or "(top level)", old, new)
+
+
 def _has_nonfinite(tensors: Any) -> bool:
-    return not all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+    """One host sync per device for all tensors, not one per tensor."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return not all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def _device_augment(augmenters: list, x: torch.Tensor, seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:

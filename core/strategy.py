@@ -66,6 +66,10 @@ class Strategy:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (so all take the same branch)."""
+        return flag
+
     def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate along dim 0 the tensors of all processes (in rank order)."""
         return tensor

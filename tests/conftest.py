@@ -23,3 +23,16 @@ def registries():
     from convnet.core import plugins
 
     return plugins.registries()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernel_built_once():
+    """Build the C++ LRN kernel before any test, as `convnet build-kernels` would.
+
+    Subprocess tests (`convnet run` children) then load it from the cache instead of each
+    compiling it, which would cost time and, for the memory-bounded fault test, the
+    compiler's own memory. A machine without a compiler builds nothing: `auto` falls back.
+    """
+    from convnet.plugins.lrn import kernels
+
+    kernels.get("cpu")

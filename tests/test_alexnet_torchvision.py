@@ -12,7 +12,7 @@ from convnet.plugins.alexnet.torchvision_weights import (ConversionError, conver
                                                          read_state_dict)
 from test_alexnet_recipes import augment_overrides
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision
 
 
 @pytest.fixture(scope="module")

@@ -221,3 +221,11 @@ def test_build_kernels_command_builds_the_cpu_kernel(cpu_kernel, capsys):
     assert main(["build-kernels", "--only", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "lrn cpu: built and loaded" in out and "cuda" not in out
+
+
+def test_a_kernel_that_cannot_run_here_fails_at_build_naming_the_layer(registries):
+    """impl = "cuda" without a GPU: a recipe error at model build (exit 2), not a traceback mid-epoch."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the cuda impl can run here (test_lrn_cuda.py exercises it)")
+    with pytest.raises(RecipeError, match=r"model\.layers\[1\] \(lrn1\): impl = \"cuda\" needs a CUDA device"):
+        _layer(registries, "cuda", towers=2, cross=False)

@@ -159,3 +159,16 @@ def test_sigint_during_an_evaluation_stops_at_the_epoch_boundary(tmp_path: Path)
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (STEPS_PER_EPOCH, 1, 0)
     train(out, f"train.max_steps={n}", resume=last)
     assert model_bytes(last) == straight(n, tmp_path)
+
+
+def test_resume_refuses_a_checkpoint_of_a_run_that_trains_differently(tmp_path):
+    out = tmp_path / "run"
+    train(out, "train.max_steps=2")
+    last = out / "checkpoints" / "last.safetensors"
+    with pytest.raises(cn.CheckpointError, match=r"train\.optimizer\.lr \(checkpoint: 0\.05, now: 0\.5\)") as info:
+        train(tmp_path / "other", "train.optimizer.lr=0.5", resume=last)
+    assert str(last) in str(info.value)
+    # What does not change the run's result may change: more epochs, no step cap, another strategy.
+    result = train(tmp_path / "longer", f"train.epochs={EPOCHS + 1}", "parallel.strategy=model-parallel",
+                   resume=last)
+    assert result["step"] == STEPS_PER_EPOCH * (EPOCHS + 1)

@@ -206,6 +206,8 @@ def _flat_val(val_root: Path, files: list[str], val_wnids: list[str], class_to_i
         stem = Path(path).stem
         try:
             n = int(stem.rsplit("_", 1)[-1])
+            if n < 1:
+                raise IndexError(n)
             wnid = val_wnids[n - 1]
         except (ValueError, IndexError):
             raise DataError(f"{path}: a flat val/ folder needs files named ILSVRC2012_val_<n>.JPEG with n in "

@@ -15,6 +15,7 @@ import torch
 from attrs import validators as v
 from torch import nn
 
+from convnet.core.errors import ConvnetError
 from convnet.core.hookspecs import hookimpl
 from convnet.core.model import BuiltLayer, LayerContext
 from convnet.core.registry import Registries
@@ -57,10 +58,14 @@ def _require(name: str) -> LrnFn:
     def run(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
         fn = _kernel(name)
         if fn is None:
-            raise RuntimeError(f"LRN impl {name!r} is not available here ({kernels.failure(name)}); "
+            raise KernelUnavailable(f"LRN impl {name!r} is not available here ({kernels.failure(name)}); "
                                "use impl = \"auto\" or \"reference\"")
         return fn(x, size, alpha, beta, k)
     return run
+
+
+class KernelUnavailable(ConvnetError, RuntimeError):
+    """An explicitly chosen kernel (``impl = "cpu"`` or ``"cuda"``) cannot run here."""
 
 
 _FNS: dict[str, LrnFn] = {"auto": _auto, "reference": lrn_reference, "torch": lrn_torch,
@@ -109,6 +114,12 @@ def build_lrn(options: LrnOptions, ctx: LayerContext) -> BuiltLayer:
     if ctx.in_shape[0] % ctx.groups:
         raise ctx.error(f"tower-local lrn: {ctx.in_shape[0]} channels do not divide by {ctx.groups} towers")
     entry = ctx.registries.lrn.get(options.impl, f"{ctx.path}.impl")
+    if ctx.device.type != "meta":  # a real build: fail here, with the recipe path, not mid-epoch
+        if options.impl == "cuda" and not torch.cuda.is_available():
+            raise ctx.error("impl = \"cuda\" needs a CUDA device and none is available here; use \"auto\"")
+        if options.impl == "cpu" and _kernel("cpu") is None:
+            raise ctx.error(f"impl = \"cpu\": the C++ kernel cannot be built here ({kernels.failure('cpu')}); "
+                            "use \"auto\" or \"reference\"")
     fn = entry.factory(options, ctx)
     return BuiltLayer(LocalResponseNorm(fn, options.size, options.alpha, options.beta, options.k,
                                         ctx.groups, options.impl), ctx.in_shape)

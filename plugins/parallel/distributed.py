@@ -131,6 +131,14 @@ class DistributedStrategy(Strategy):
         return LostPeerError(f"{self.where}: {what} failed, another process probably died or hung "
                              f"(timeout {self.options.timeout:g} s); see its output: {_first_line(exc)}")
 
+    def any_rank(self, flag: bool) -> bool:
+        if not self._started:
+            return flag
+        work = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        with self.collective("agreeing on a non-finite step"):
+            dist.all_reduce(work, op=dist.ReduceOp.MAX)
+        return bool(work.item() > 0)
+
     def barrier(self) -> None:
         if self._started:
             with self.collective("barrier"):
