@@ -11,14 +11,15 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from convnet.core.errors import CheckpointError
 
@@ -54,10 +55,11 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     """Write atomically: temp file in the same folder, fsync, os.replace, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    # No copies beyond the device-to-host one: safetensors streams the tensors to the file.
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"convnet.format": FORMAT, **metadata}
-    blob = st_save(tensors, metadata={**metadata, "convnet.sha256": digest(tensors, metadata)})
-    _write_atomic(path, blob)
+    metadata["convnet.sha256"] = digest(tensors, metadata)
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -75,18 +77,19 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
 
 def copy(src: Path, dst: Path) -> None:
     """Copy a checkpoint (last -> best) as atomically as ``save`` writes one."""
-    _write_atomic(Path(dst), Path(src).read_bytes())
+    _write_atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
-def _write_atomic(path: Path, blob: bytes) -> None:
+def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
+    """``write(temp path)`` in the target's folder, fsync it, then ``os.replace`` it into place."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror or exc}") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
@@ -94,9 +97,10 @@ def _write_atomic(path: Path, blob: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError):
+        if isinstance(exc, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
             kept = "the previous checkpoint is unchanged" if path.exists() else "no checkpoint was written"
-            raise CheckpointError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); {kept}") from None
+            reason = getattr(exc, "strerror", None) or exc
+            raise CheckpointError(f"{path}: cannot write checkpoint ({reason}); {kept}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -39,7 +39,8 @@ _MASK63 = (1 << 63) - 1
 _SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
-def _mix(z: int) -> int:
+def splitmix64(z: int) -> int:
+    """The splitmix64 finaliser: a well-mixed 64-bit hash of a 64-bit integer."""
     z = (z + _SPLITMIX[0]) & _MASK64
     z = ((z ^ (z >> 30)) * _SPLITMIX[1]) & _MASK64
     z = ((z ^ (z >> 27)) * _SPLITMIX[2]) & _MASK64
@@ -47,7 +48,7 @@ def _mix(z: int) -> int:
 
 
 def _mix_array(z: np.ndarray) -> np.ndarray:
-    """``_mix`` on a uint64 array (wrapping arithmetic)."""
+    """``splitmix64`` on a uint64 array (wrapping arithmetic)."""
     z = z + np.uint64(_SPLITMIX[0])
     z = (z ^ (z >> np.uint64(30))) * np.uint64(_SPLITMIX[1])
     z = (z ^ (z >> np.uint64(27))) * np.uint64(_SPLITMIX[2])
@@ -60,7 +61,7 @@ def sample_key(seed: int, stream: int, epoch: int, index: int, stage: int) -> in
     for that stage with it."""
     z = int(seed) & _MASK64
     for part in (stream, epoch, index, stage):
-        z = _mix(z ^ (int(part) & _MASK64))
+        z = splitmix64(z ^ (int(part) & _MASK64))
     return z & _MASK63
 
 
@@ -234,3 +235,20 @@ def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_mem
 def check_bad_samples(skipped: int, policy: str, where: str) -> None:
     if skipped and policy == "fatal":
         raise DataError(f"{where}: {skipped} unreadable sample(s) and data.bad_samples = \"fatal\"")
+
+
+def ten_crop_views(images: torch.Tensor, height: int, width: int, flip: bool = True) -> torch.Tensor:
+    """The paper's test views of ``[..., C, H, W]`` images, stacked before C: top-left,
+    top-right, bottom-left, bottom-right, centre, then (with ``flip``) the same five mirrored.
+
+    ``[C, H, W]`` -> ``[10, C, height, width]``; ``[N, C, H, W]`` -> ``[N, 10, C, height, width]``.
+    The ``ten-crop`` augmenter and the ``ten-crop`` evaluator both cut their views here.
+    """
+    h, w = images.shape[-2:]
+    if height > h or width > w:
+        raise ValueError(f"crop {height}x{width} is larger than the image {h}x{w}")
+    corners = [(0, 0), (0, w - width), (h - height, 0), (h - height, w - width), ((h - height) // 2, (w - width) // 2)]
+    crops = [images[..., y:y + height, x:x + width] for y, x in corners]
+    if flip:
+        crops += [crop.flip(-1) for crop in crops]
+    return torch.stack(crops, dim=images.dim() - 3)

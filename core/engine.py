@@ -280,7 +280,6 @@ class Run:
 
     def _train(self) -> dict[str, Any]:
         self._setup()
-        r = self.recipe
         old_handler = None
         if self.strategy.is_main and _in_main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)

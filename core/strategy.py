@@ -6,6 +6,8 @@ to read and write the canonical state, and how to reduce numbers over processes.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Iterator
 
 import torch
@@ -87,16 +89,10 @@ class Strategy:
     def describe(self, model: Network) -> list[dict]:
         """Per device: parameters, activation memory per sample, bytes exchanged per step."""
         params = sum(p.numel() for p in model.parameters())
-        act = sum(4 * _numel(i.out_shape) for i in model.info)
+        act = sum(4 * math.prod(i.out_shape) for i in model.info)
         return [{"device": str(self.device), "params": params, "activation_bytes_per_sample": act,
                  "exchanged_bytes_per_sample": 0}]
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def resolve_device(name: str) -> torch.device:

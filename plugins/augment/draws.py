@@ -14,15 +14,10 @@ from typing import Sequence
 
 import torch
 
+from convnet.core.data import splitmix64
+
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _mix(z: int) -> int:
-    z = (z + _GOLDEN) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return z ^ (z >> 31)
 
 
 def key_of(generator: torch.Generator) -> int:
@@ -37,8 +32,8 @@ def keys_list(keys: torch.Tensor | Sequence[int]) -> list[int]:
 
 def uniform(key: int, count: int) -> list[float]:
     """``count`` floats in [0, 1); draw j depends only on (key, j)."""
-    base = _mix(key & _MASK)
-    return [(_mix(base ^ ((j * _GOLDEN) & _MASK)) >> 11) * (1.0 / (1 << 53)) for j in range(count)]
+    base = splitmix64(key & _MASK)
+    return [(splitmix64(base ^ ((j * _GOLDEN) & _MASK)) >> 11) * (1.0 / (1 << 53)) for j in range(count)]
 
 
 def below(u: float, high: int) -> int:

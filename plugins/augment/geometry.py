@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch.utils.data import get_worker_info
 
-from convnet.core.data import DataContext
+from convnet.core.data import DataContext, ten_crop_views
 from convnet.core.errors import DataError
 from convnet.plugins.augment.draws import below, key_of, keys_list, uniform
 
@@ -341,11 +341,7 @@ class TenCrop:
     def _apply(self, x: torch.Tensor, batched: bool) -> torch.Tensor:
         s = self.size
         x = _fit(x, s, self.small, batched)
-        h, w = x.shape[-2:]
-        corners = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
-        crops = [x[..., t:t + s, l:l + s] for t, l in corners]
-        crops += [c.flip(-1) for c in crops]
-        return torch.stack(crops, dim=x.dim() - 3)
+        return ten_crop_views(x, s, s)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._apply(image, False)

@@ -15,7 +15,6 @@ from attrs import validators as v
 from convnet.core import schema
 from convnet.core.evaluation import EvalContext, Evaluator
 from convnet.plugins.evaluate.common import write_json
-from convnet.plugins.evaluate.topk import label_rank
 
 
 @attrs.define

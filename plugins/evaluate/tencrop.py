@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 
 from convnet.core import schema
+from convnet.core.data import ten_crop_views
 from convnet.core.errors import RecipeError
 from convnet.core.evaluation import EvalContext, Evaluator
 from convnet.plugins.evaluate.common import count_errors, evaluator_path
@@ -40,17 +41,8 @@ class TenCropOptions:
 
 
 def ten_crops(images: torch.Tensor, height: int, width: int, flip: bool = True) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, V, C, height, width]``: the 4 corners and the centre, then
-    (with ``flip``) the same five mirrored left-right; V = 10 or 5."""
-    n, c, h, w = images.shape
-    if height > h or width > w:
-        raise ValueError(f"crop {height}x{width} is larger than the image {h}x{w}")
-    top, left = (h - height) // 2, (w - width) // 2
-    corners = [(0, 0), (0, w - width), (h - height, 0), (h - height, w - width), (top, left)]
-    crops = [images[:, :, y:y + height, x:x + width] for y, x in corners]
-    if flip:
-        crops += [crop.flip(-1) for crop in crops]
-    return torch.stack(crops, dim=1)
+    """``[N, C, H, W]`` -> ``[N, V, C, height, width]`` (V = 10, or 5 without ``flip``)."""
+    return ten_crop_views(images, height, width, flip)
 
 
 class TenCrop(Evaluator):
@@ -85,8 +77,9 @@ class TenCrop(Evaluator):
             for x, labels, _ in ctx.batches(self.options.split):
                 views = self.views(x)
                 # float64 means: averaging ten equal float32 probabilities gives them back exactly.
-                probs = torch.stack([torch.softmax(ctx.module(views[:, i]).float(), dim=1).double().cpu()
-                                     for i in range(views.shape[1])], dim=1)
+                n, v = views.shape[:2]
+                logits = ctx.module(views.flatten(0, 1)).float()  # one forward for all the views
+                probs = torch.softmax(logits, dim=1).double().cpu().reshape(n, v, -1)
                 centre_rank = label_rank(probs[:, CENTRE], labels)
                 ten_rank = label_rank(probs.mean(1), labels)
                 for j, k in enumerate(ks):

@@ -12,6 +12,8 @@ parallel.strategy=ddp`` (multi-node: see docs/parallel.md).
 """
 from __future__ import annotations
 
+import math
+
 import inspect
 import os
 from typing import Iterator
@@ -125,19 +127,13 @@ class DDP(DistributedStrategy):
                                                            " (2 assumed; torchrun sets WORLD_SIZE)")
         params = sum(p.numel() for p in model.parameters())
         elem = next(iter(model.parameters())).element_size()
-        act = sum(elem * _numel(i.out_shape) for i in model.info)
+        act = sum(elem * math.prod(i.out_shape) for i in model.info)
         step = 2 * (world - 1) * params * elem // world
         per_rank_batch = max(self.batch_size // world, 1)
         return [{"device": label, "params": params,
                  "activation_bytes_per_sample": act, "exchanged_bytes_per_sample": step // per_rank_batch,
                  "exchanged_bytes_per_step": step}]
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def build_ddp(options: DDPOptions, recipe: schema.Recipe) -> DDP:

@@ -266,9 +266,6 @@ def piece_tensor(module: nn.Module, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------- accounting
 
 
-def _numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
-
 
 def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]] | None = None
                 ) -> list[dict[str, int]]:
@@ -286,7 +283,7 @@ def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]]
     params, act, recv = [0] * n, [0] * n, [0] * n
     split = False
     for index, (info, mode) in enumerate(zip(model.info, layer_modes(model))):
-        n_in, n_out = _numel(info.in_shape), _numel(info.out_shape)
+        n_in, n_out = math.prod(info.in_shape), math.prod(info.out_shape)
         if mode == "whole" or (mode == "local" and not split and not info.params):
             if split:
                 other = n_in * (towers - len(groups[home])) // towers
@@ -310,7 +307,7 @@ def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]]
             act[g] += n_out * share // towers
         split = True
     if split:
-        last = _numel(model.info[-1].out_shape)
+        last = math.prod(model.info[-1].out_shape)
         recv[home] += last * (towers - len(groups[home])) // towers
     return [{"params": params[g], "activation_bytes_per_sample": act[g] * elem_bytes,
              "received_bytes_per_sample": recv[g] * elem_bytes} for g in range(n)]

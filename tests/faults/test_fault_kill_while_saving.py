@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convnet.core import checkpoint as ckpt
+
 
 def _writer(path: Path, ready: int) -> None:
     """Child: save ~4 MB checkpoints in a loop, each tagged with its number, until killed."""
