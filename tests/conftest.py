@@ -36,3 +36,12 @@ def cpu_kernel_built_once():
     from convnet.plugins.lrn import kernels
 
     kernels.get("cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: on 2 cores a second torch thread only waits on the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

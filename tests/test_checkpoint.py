@@ -26,12 +26,7 @@ from convnet.core.recipe import recipe_from_text
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these models are tiny: extra threads only wait on each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
 import convnet.core as cn
 from convnet.core.cli import main
@@ -18,12 +17,7 @@ TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 CONVNET = Path(sys.executable).parent / "convnet"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -12,12 +12,7 @@ from convnet.core import data as cdata
 from convnet.core.errors import RecipeError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_digits_split_is_real_fixed_and_disjoint(registries) -> None:

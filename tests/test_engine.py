@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import convnet.core as cn
@@ -13,12 +12,7 @@ import convnet.core as cn
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weights(out: Path) -> dict[str, bytes]:

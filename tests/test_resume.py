@@ -12,7 +12,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -36,12 +35,7 @@ def train(out: Path, *overrides: str, resume: Path | None = None) -> dict:
     return cn.train(recipe, out=out, resume=resume)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: extra threads only wait on each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _straight: dict[int, dict[str, bytes]] = {}

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 import convnet.core as cn
 from convnet.core import checkpoint as ckpt
@@ -24,12 +23,7 @@ from convnet.core.hookspecs import hookimpl
 from faultkit import TINY, model_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mount_tmpfs(where: Path, options: str) -> bool:

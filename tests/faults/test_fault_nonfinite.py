@@ -21,12 +21,7 @@ from faultkit import TINY
 ABSURD = ("train.optimizer.lr=1e10", "train.checkpoint_every=1")  # blows up in epoch 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sets(*overrides: str) -> list[str]:
