@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -102,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except ConvnetError as exc:
         print(f"convnet: error: {exc}", file=sys.stderr)
+        if exc.exit_now:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         print("convnet: interrupted", file=sys.stderr)

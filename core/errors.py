@@ -3,9 +3,15 @@ from __future__ import annotations
 
 
 class ConvnetError(Exception):
-    """Something the user can fix; printed without a traceback, exit code 1."""
+    """Something the user can fix; printed without a traceback, exit code 1.
+
+    ``exit_now``: leave the process right after the message, skipping interpreter teardown
+    (after a lost peer, the process group's C++ threads cannot be destroyed cleanly and
+    would abort the process, hiding the exit code).
+    """
 
     exit_code = 1
+    exit_now = False
 
 
 class RecipeError(ConvnetError):

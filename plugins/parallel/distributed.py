@@ -30,6 +30,7 @@ class LostPeerError(ConvnetError):
     """A collective failed: another process died, hung past the timeout, or is unreachable."""
 
     exit_code = 1
+    exit_now = True
 
 
 @attrs.define
