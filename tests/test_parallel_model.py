@@ -2,6 +2,8 @@
 gradients in float64, checkpoints in one format across strategies, and the summary."""
 from __future__ import annotations
 
+import importlib.metadata
+
 import copy
 import json
 from pathlib import Path
@@ -112,7 +114,11 @@ def test_model_parallel_equals_single_outputs_loss_gradients(registries, net, ba
 @settings(max_examples=8)
 def test_model_parallel_splits_a_third_party_elementwise_layer(registries, net, batch, seed) -> None:
     if "swish" not in registries.layer:
-        pytest.skip("the example third-party plugin convnet-swish is not installed")
+        try:  # installed but not registered is a failure, not a skip
+            importlib.metadata.distribution("convnet-swish")
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip("the example third-party plugin convnet-swish is not installed (tox installs it)")
+        pytest.fail(f"convnet-swish is installed but registered no 'swish' layer: {registries.problems}")
     _check_equal(registries, net, batch, seed, "per-tower")
 
 
