@@ -1,6 +1,7 @@
 """Progress bars (tqdm) and per-epoch lines, observing a run through the lifecycle hooks."""
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any
 
@@ -23,8 +24,11 @@ def _fmt(metrics: dict[str, Any]) -> str:
 @hookimpl
 def convnet_train_start(run: Any) -> None:
     if _interactive(run):
-        _bars[id(run)] = tqdm(total=run.total_steps, initial=run.step, desc=run.recipe.name,
-                              unit="step", dynamic_ncols=True, file=sys.stderr)
+        # A pseudo-terminal may report a 0x0 size, where tqdm hides every bar: give it one.
+        sized = shutil.get_terminal_size((0, 0)).columns > 0
+        _bars[id(run)] = tqdm(total=run.total_steps, initial=run.step, desc=run.recipe.name, unit="step",
+                              dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
+                              file=sys.stderr)
 
 
 @hookimpl

@@ -46,9 +46,24 @@ def _cpu_build_name() -> str:
     return "convnet_lrn_cpu_avx2" if _has_avx2() else "convnet_lrn_cpu"
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, without its import-time notice that a CPU-only machine
+    has no CUDA runtime (true, expected, and printed on every run otherwise)."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension  # noqa: PLC0415  (slow import, only when building)
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _load(name: str, sources: list[Path], cflags: list[str], cuda_cflags: list[str] | None = None,
           verbose: bool = False) -> None:
-    from torch.utils import cpp_extension  # noqa: PLC0415  (slow import, only when building)
+    cpp_extension = _cpp_extension()
 
     cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
                        extra_cuda_cflags=cuda_cflags, extra_include_paths=[str(CSRC)],
@@ -64,7 +79,7 @@ def build(name: str, verbose: bool = False) -> None:
     elif name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device")
-        from torch.utils import cpp_extension  # noqa: PLC0415
+        cpp_extension = _cpp_extension()
 
         if cpp_extension.CUDA_HOME is None:
             raise RuntimeError("no CUDA toolkit (nvcc) found; set CUDA_HOME")
@@ -81,7 +96,7 @@ def build_ahead(name: str, verbose: bool = False) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         return "skipped: no CUDA device here (tests/test_lrn_cuda.py still compiles it with nvcc)"
     build(name, verbose=verbose)
-    from torch.utils import cpp_extension  # noqa: PLC0415
+    cpp_extension = _cpp_extension()
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     return f"built and loaded (cached under {root})"
@@ -107,7 +122,7 @@ def compile_cuda_object(out_dir: Path, arch: str = "90") -> Path:
     Uses torch's include paths and nvcc flags, one architecture (sm_90 by default) to keep it
     short. Raises RuntimeError with nvcc's output when it fails or nvcc is missing.
     """
-    from torch.utils import cpp_extension  # noqa: PLC0415
+    cpp_extension = _cpp_extension()
 
     nvcc = find_nvcc()
     if nvcc is None:
