@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "lrn_common.h"
+#include "lrn_checks.h"
 
 namespace {
 
@@ -181,10 +182,7 @@ at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const a
                         double alpha, double beta, double k) {
   check_input(grad, "grad");
   check_input(input, "input");
-  TORCH_CHECK(grad.sizes() == input.sizes() && scale.sizes() == input.sizes(),
-              "LRN backward: grad, input and scale shapes differ");
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "LRN backward: grad and input dtypes differ");
-  TORCH_CHECK(scale.scalar_type() == at::toOpMathType(input.scalar_type()), "LRN backward: scale dtype");
+  convnet_lrn::check_backward_args(grad, input, scale);
   const at::Tensor g = grad.contiguous(), x = input.contiguous(), s = scale.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return dx;
