@@ -165,6 +165,15 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A checkpoint's metadata strings without reading its tensors (no checksum check)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from None
+
+
 def state_of(metadata: dict[str, str], path: Path | str) -> dict[str, Any]:
     try:
         return json.loads(metadata["convnet.state"])

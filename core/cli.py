@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Sequence
 
-from convnet.core.errors import ConvnetError
+from convnet.core.errors import ConvnetError, RecipeError
 
 EPILOG = "RECIPE is a bundled recipe's name (see `convnet recipes`) or a path to a .toml file."
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<recipe>/<time>)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds another run, replacing its files")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
     p = sub.add_parser("show", help="print the fully resolved recipe as TOML", epilog=EPILOG)
@@ -44,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("plugins", help="every registered component by kind, with its plugin")
+    p = sub.add_parser("plugins", help="every registered component by kind, with its plugin, hooks and commands")
+    p.add_argument("kind", nargs="?", metavar="KIND", help="with NAME: show that component's options")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a registered component of KIND")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("recipes", help="the bundled recipes, one line each")
@@ -78,13 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugin_commands(sub: argparse._SubParsersAction) -> None:
     """Subcommands that plugins add through the ``convnet_add_commands`` hook."""
-    import warnings
-
     from convnet.core import plugins
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # load problems are reported by the command that runs
-        pm = plugins.manager()
+    pm = plugins.manager()  # load problems are reported once, by main
     for impl in pm.hook.convnet_add_commands.get_hookimpls():
         try:
             impl.function(subparsers=sub)
@@ -94,15 +95,19 @@ def _plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from convnet.core import plugins
+
     args = build_parser().parse_args(argv)
     try:
+        plugins.report_problems(plugins.registries(strict=args.strict))  # nothing about plugins is silent
         handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
         if handler is None:
             print(f"convnet: error: command {args.command!r} (from a plugin) has no handler", file=sys.stderr)
             return 2
         return handler(args)
     except ConvnetError as exc:
-        print(f"convnet: error: {exc}", file=sys.stderr)
+        hint = _provenance(exc, args)
+        print(f"convnet: error: {hint or exc}", file=sys.stderr)
         if exc.exit_now:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -119,6 +124,21 @@ def _registries(args: argparse.Namespace):
     return plugins.registries(strict=args.strict)
 
 
+def _provenance(exc: ConvnetError, args: argparse.Namespace) -> str | None:
+    """For a component no plugin here provides: the distribution that supplied it to the run
+    being resumed or evaluated (its checkpoint or run folder says), and how to install it."""
+    from pathlib import Path
+
+    from convnet.core.run_folder import provenance_hint
+
+    unknown = getattr(exc, "unknown", None)
+    if unknown is None:
+        return None
+    sources = [getattr(args, "resume", None), *(getattr(args, "checkpoints", None) or []),
+               getattr(args, "recipe", None), getattr(args, "run_folder", None)]
+    return provenance_hint(*unknown, [Path(s) for s in sources if s])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from convnet.core import plugins
     from convnet.core.engine import Run
@@ -127,7 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
     run = Run(recipe, out=args.out, resume=args.resume, quiet=args.quiet, registries=regs,
-              pm=plugins.manager(args.strict), recipe_ref=args.recipe, overrides=tuple(args.overrides))
+              pm=plugins.manager(args.strict), recipe_ref=args.recipe, overrides=tuple(args.overrides),
+              overwrite=args.overwrite, command=shlex.join(["convnet", *sys.argv[1:]]))
     summary = run.train()
     if run.strategy.is_main:
         parts = [f"{k.replace('_error', '')} error {summary[k] * 100:.2f}%"
@@ -158,18 +179,37 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from convnet.core import plugins
+    from convnet.core.discovery import describe_component, plugin_table
+
     regs = _registries(args)
+    if args.kind is not None:
+        if args.name is None:
+            raise RecipeError("plugins: give a KIND and a NAME, e.g. `convnet plugins layer conv`")
+        info = describe_component(regs, args.kind, args.name)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"{info['kind']} {info['name']}: {info['description']}  [{info['plugin']} from {info['distribution']}]")
+            for opt in info["options"] or [{"name": "(no options)", "type": "", "default": ""}]:
+                default = "" if opt["default"] == "" else f" = {opt['default']}"
+                print(f"  {opt['name']}: {opt['type']}{default}")
+        return 0
     rows = [{"kind": kind, "name": e.name, "description": e.description, "plugin": e.plugin,
              "distribution": e.distribution} for kind, reg in regs.items() for e in reg]
+    table = plugin_table(plugins.manager(args.strict), regs)
     if args.json:
-        print(json.dumps({"components": rows, "problems": regs.problems}, indent=2))
+        print(json.dumps({"components": rows, "plugins": table, "problems": regs.problems}, indent=2))
         return 0
     for kind, reg in regs.items():
         print(f"{kind}:")
         for e in reg:
             print(f"  {e.name:<18} {e.description}  [{e.plugin} from {e.distribution}]")
-    for problem in regs.problems:
-        print(f"problem: {problem}", file=sys.stderr)
+    print("plugins:")
+    for row in table:
+        extra = [f"hooks: {', '.join(row['hooks'])}" if row["hooks"] else "",
+                 f"commands: {', '.join(row['commands'])}" if row["commands"] else ""]
+        print(f"  {row['name']:<18} {row['distribution']}  {'; '.join(e for e in extra if e)}".rstrip())
     return 0
 
 
@@ -184,7 +224,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from convnet.core import stats
-    from convnet.core.errors import RecipeError
     from convnet.core.recipe import load_recipe
 
     if args.batch_size <= 0 or args.limit < 0:

@@ -37,6 +37,9 @@ def generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generato
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
 _SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+GOLDEN_GAMMA = _SPLITMIX[0]  # splitmix64's increment: spaces counters apart before hashing
+# The DataLoader's own base seed (its workers' torch seeds); never drawn from the global RNG.
+LOADER_SEED = (STREAM_ORDER, 0x10AD)
 
 
 def splitmix64(z: int) -> int:
@@ -120,10 +123,8 @@ class Augment(Protocol):
 
 
 def build_dataset(recipe: schema.Recipe, registries: Registries) -> DatasetSplits:
-    entry = registries.dataset.get(recipe.data.dataset.name, "data.dataset.name")
-    splits = entry.factory(recipe.data.dataset.options, DataContext(recipe, registries))
-    if not isinstance(splits, DatasetSplits):
-        raise RecipeError(f"data.dataset: {entry.origin} returned {type(splits).__name__}, not DatasetSplits")
+    splits = registries.dataset.build(recipe.data.dataset, "data.dataset", DataContext(recipe, registries),
+                                      returns=DatasetSplits)
     if splits.num_classes != recipe.model.num_classes:
         raise RecipeError(f"model.num_classes = {recipe.model.num_classes}, but dataset "
                           f"{recipe.data.dataset.name!r} has {splits.num_classes} classes")
@@ -132,11 +133,8 @@ def build_dataset(recipe: schema.Recipe, registries: Registries) -> DatasetSplit
 
 def build_augmenters(components: Sequence[schema.Augmenter], registries: Registries, path: str,
                      recipe: schema.Recipe) -> list[Augment]:
-    out = []
-    for i, comp in enumerate(components):
-        entry = registries.augmenter.get(comp.name, f"{path}[{i}].name")
-        out.append(entry.factory(comp.options, DataContext(recipe, registries, f"{path}[{i}]")))
-    return out
+    return [registries.augmenter.build(comp, f"{path}[{i}]", DataContext(recipe, registries, f"{path}[{i}]"))
+            for i, comp in enumerate(components)]
 
 
 class Augmented(Dataset):
@@ -167,6 +165,25 @@ class Augmented(Dataset):
             report = getattr(aug, "end_pass", None)
             if report is not None:
                 report(self.epoch)
+
+
+def augment_batch(augmenters: Sequence[Augment], x: torch.Tensor, seed: int, epoch: int,
+                  indices: torch.Tensor, path: str = "data.train_augment") -> torch.Tensor:
+    """Batched augmentation after transfer (``data.augment_on = "device"``): one call per
+    augmenter per batch.
+
+    Stage i of the chain gets the per-sample keys the worker placement seeds sample i's
+    generator with (same stream), so key-driven augmenters crop/flip/light each sample the
+    same way in either placement.
+    """
+    for stage, aug in enumerate(augmenters):
+        batch = getattr(aug, "batch", None)
+        if batch is None:
+            raise RecipeError(f"{path}[{stage}]: data.augment_on = \"device\", but augmenter "
+                              f"{type(aug).__name__} has no batched form")
+        keys = torch.from_numpy(sample_keys(seed, STREAM_TRAIN_AUGMENT, epoch, indices, stage).astype("int64"))
+        x = batch(x, keys)
+    return x
 
 
 def collate(samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -229,7 +246,7 @@ def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_mem
     # at every pass, which would make dropout after a resume differ from a straight run.
     return Pass(DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=collate,
                            pin_memory=pin_memory, persistent_workers=False,
-                           generator=generator(STREAM_ORDER, 0x10AD)), dataset)
+                           generator=generator(*LOADER_SEED)), dataset)
 
 
 def check_bad_samples(skipped: int, policy: str, where: str) -> None:

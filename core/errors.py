@@ -15,9 +15,13 @@ class ConvnetError(Exception):
 
 
 class RecipeError(ConvnetError):
-    """A bad recipe or command line: names the path to the bad value. Exit code 2."""
+    """A bad recipe or command line: names the path to the bad value. Exit code 2.
+
+    ``unknown``: (kind, name) when the error is a component no loaded plugin provides.
+    """
 
     exit_code = 2
+    unknown: tuple[str, str] | None = None
 
 
 class PluginError(ConvnetError):

@@ -3,23 +3,27 @@
 The first checkpoint is loaded into the recipe's model and every evaluator of the recipe
 runs on it (as at the end of a run). With several checkpoints, the others join it in an
 ``ensemble`` evaluator (added if the recipe has none; its ``checkpoints`` option is replaced
-by them), which reports each member and the averaged softmax. Results go to
-``OUT/eval.json``, and the evaluators' images and JSON files to OUT.
+by them), which reports each member and the averaged softmax.
+
+Results go to ``OUT/eval.json`` and the evaluators' files to OUT. When OUT already holds a
+run (or an earlier evaluation), everything goes to a fresh ``OUT/evals/<time>/`` instead: a
+command never replaces a file that a run wrote.
 """
+
 from __future__ import annotations
 
-import json
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
-from convnet.core import schema
+from convnet.core import run_folder, schema
+from convnet.core.components import build_evaluators, build_strategy
 from convnet.core.errors import RecipeError
-from convnet.core.evaluation import EvalContext, Evaluator, run_evaluators
+from convnet.core.evaluation import EvalContext, run_evaluators
 from convnet.core.model import build_model
 from convnet.core.registry import Registries
 
@@ -43,51 +47,47 @@ def with_members(recipe: schema.Recipe, others: Sequence[str], registries: Regis
     return recipe
 
 
-def default_out(recipe: schema.Recipe) -> Path:
-    return Path("runs") / (recipe.name or "recipe") / ("eval-" + time.strftime("%Y%m%d-%H%M%S"))
+def output_folder(recipe: schema.Recipe, out: str | Path | None) -> Path:
+    """Where this evaluation writes: OUT as given, unless it holds a run's files (then a fresh
+    folder inside it); by default ``runs/<recipe>/eval-<time>``."""
+    if out is None:
+        folder = run_folder.default_folder(recipe.name, "eval-")
+        return run_folder.fresh_folder(folder.parent, folder.name)
+    folder = Path(out)
+    if run_folder.run_files(folder) or (folder / "eval.json").exists():
+        return run_folder.fresh_folder(folder / "evals")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
-def evaluate(recipe: schema.Recipe, checkpoints: Sequence[str | Path], out: str | Path | None = None,
-             registries: Registries | None = None) -> dict[str, Any]:
+def evaluate(recipe: schema.Recipe, checkpoints: Sequence[str | Path], out: str | Path | None,
+             registries: Registries) -> dict[str, Any]:
     """Run the recipe's evaluators on ``checkpoints[0]`` (the others as ensemble members).
 
     Returns the results and the output folder on the main process, ``{}`` on the others.
     """
-    from convnet.core import plugins
-    from convnet.core.engine import build_strategy
-
     if not checkpoints:
         raise RecipeError("eval: give at least one --checkpoint")
-    regs = registries if registries is not None else plugins.registries()
-    recipe = with_members(recipe, [str(p) for p in checkpoints[1:]], regs)
-    strategy = build_strategy(recipe, regs)
-    network = build_model(recipe, "cpu", regs)
     first = Path(checkpoints[0])
-    tensors, _ = ckpt.load(first)
-    state = ckpt.model_tensors(tensors)
+    recipe = with_members(recipe, [str(p) for p in checkpoints[1:]], registries)
+    strategy = build_strategy(recipe, registries)
+    network = build_model(recipe, "cpu", registries)
+    state = ckpt.model_tensors(ckpt.load(first)[0])
     ckpt.check_compatible(first, network.state_dict(), state)
     for other in checkpoints[1:]:  # every member checked before any work is done
         ckpt.check_compatible(other, network.state_dict(), ckpt.model_tensors(ckpt.load(other)[0]))
     module = strategy.prepare(network)
     strategy.load_state_dict(module, state)
-    splits = cdata.build_dataset(recipe, regs)
-    eval_aug = cdata.build_augmenters(recipe.data.eval_augment, regs, "data.eval_augment", recipe)
-    evaluators: list[tuple[str, Evaluator]] = []
-    for i, comp in enumerate(recipe.evaluate):
-        entry = regs.evaluator.get(comp.name, f"evaluate[{i}].name")
-        evaluators.append((comp.name, entry.factory(comp.options, recipe)))
-    for name, ev in evaluators:
-        if name == ENSEMBLE and hasattr(ev, "member0"):
-            ev.member0 = str(first)
-    out_dir = Path(out) if out is not None else default_out(recipe)
-    if strategy.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = EvalContext(recipe, module, strategy, splits, eval_aug, out_dir if strategy.is_main else None, 0, True)
+    splits = cdata.build_dataset(recipe, registries)
+    eval_aug = cdata.build_augmenters(recipe.data.eval_augment, registries, "data.eval_augment", recipe)
+    evaluators = build_evaluators(recipe, registries)
+    out_dir = output_folder(recipe, out) if strategy.is_main else None
+    ctx = EvalContext(recipe, module, strategy, splits, eval_aug, out_dir, 0, True, registries, weights=str(first))
     with torch.random.fork_rng(devices=[]):
         results = run_evaluators(evaluators, ctx)
-    results = {"checkpoints": [str(p) for p in checkpoints], **results}
-    if strategy.is_main:
-        (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results = {"checkpoints": [str(p) for p in checkpoints], "metrics_from": str(first), **results}
     is_main = strategy.is_main
+    if is_main:
+        run_folder.write_json(out_dir / "eval.json", results)
     strategy.close()
     return {"out": str(out_dir), **results} if is_main else {}

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from torch import nn
 
 from convnet.core import data as cdata
 from convnet.core import schema
+from convnet.core.errors import PluginError
+from convnet.core.registry import Registries
 from convnet.core.strategy import Strategy
 
 
@@ -26,7 +31,15 @@ class Predictions:
 
 @attrs.define
 class EvalContext:
-    """What an evaluator sees: the model, the data, the strategy, the run folder."""
+    """What an evaluator sees when it runs.
+
+    ``module`` is the strategy's module (for the canonical weights use
+    ``strategy.state_dict(module)``); ``out`` the folder for the evaluator's files (None on
+    processes other than the main one: write nothing there); ``epoch`` the 0-based epoch just
+    trained; ``final`` True at the end of the run; ``registries`` to build further components;
+    ``weights`` says where the evaluated weights come from (a checkpoint path under ``convnet eval``).
+    ``predict(split)`` gives logits cached per split, ``batches(split)`` the raw batches.
+    """
 
     recipe: schema.Recipe
     module: nn.Module
@@ -36,6 +49,8 @@ class EvalContext:
     out: Path | None
     epoch: int
     final: bool
+    registries: Registries
+    weights: str = "the run's weights"
     _cache: dict[str, Predictions] = attrs.Factory(dict)
     skipped: dict[str, int] = attrs.Factory(dict)
 
@@ -105,7 +120,13 @@ def multiview_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 
 class Evaluator:
-    """Computes metrics. ``when``: "epoch" (after every epoch) or "end" (once, at the end)."""
+    """Computes metrics: ``ev(ctx: EvalContext) -> dict[str, value]``.
+
+    ``when``: ``"epoch"`` (after every epoch and at the end) or ``"end"`` (only at the end).
+    Values are numbers (a 0-d tensor or numpy scalar is converted), strings, or lists and
+    dicts of them: they go to metrics.jsonl and eval.json. Numbers must be equal on every
+    process (reduce with ``ctx.strategy.all_reduce_sum``); files go to ``ctx.out``.
+    """
 
     when: str = "epoch"
 
@@ -114,8 +135,36 @@ class Evaluator:
 
 
 def run_evaluators(evaluators: list[tuple[str, Evaluator]], ctx: EvalContext) -> dict[str, Any]:
+    """Every evaluator due now, in recipe order; results merged, each value checked (and 0-d
+    tensors converted) so that a bad value names its evaluator and key."""
     results: dict[str, Any] = {}
-    for _, ev in evaluators:
+    for path, ev in evaluators:
         if ctx.final or ev.when == "epoch":
-            results.update(ev(ctx))
+            out = ev(ctx)
+            if not isinstance(out, dict):
+                raise PluginError(f"{path}: the evaluator returned {type(out).__name__}, not a dict of results")
+            results.update({key: plain_value(value, f"{path}: result {key!r}") for key, value in out.items()})
     return results
+
+
+def plain_value(value: Any, where: str) -> Any:
+    """``value`` as JSON data (0-d tensors and numpy scalars become numbers), or a PluginError."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise PluginError(f"{where} is a tensor of shape {list(value.shape)}; return numbers "
+                              "(a 0-d tensor is converted; reduce or .tolist() anything larger)")
+        value = value.item()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, dict):
+        return {str(k): plain_value(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        json.dumps(value)
+    except TypeError:
+        raise PluginError(f"{where} is a {type(value).__name__}, which cannot be saved in metrics.jsonl; "
+                          "return numbers, strings, or lists and dicts of them") from None
+    return value

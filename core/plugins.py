@@ -1,14 +1,18 @@
 """Loading plugins through the ``convnet`` entry-point group, the built-ins included."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
+import sys
 import warnings
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 import pluggy
 
 from convnet.core import hookspecs
-from convnet.core.errors import ConvnetError, PluginError
-from convnet.core.registry import Registries
+from convnet.core.errors import ConvnetError, PluginError, RecipeError
+from convnet.core.registry import FailedPlugin, Registries
 
 GROUP = "convnet"
 OWN_DISTRIBUTION = "convnet"
@@ -37,6 +41,11 @@ def _dist_name(ep: md.EntryPoint) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else "<unknown distribution>"
 
 
+def _last_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
 def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registries]:
     """Load every plugin of the group and fill fresh registries.
 
@@ -47,6 +56,7 @@ def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registri
     pm.add_hookspecs(hookspecs)
     registries = Registries()
     dists: dict[str, str] = {}
+    values: dict[str, str] = {}
     for ep in _entry_points():
         dist = _dist_name(ep)
         try:
@@ -55,37 +65,53 @@ def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registri
                 continue
             pm.register(module, name=ep.name)
         except Exception as exc:  # a broken third-party plugin must not take the rest down
-            _problem(registries, strict,
-                     f"plugin {ep.name!r} ({ep.value}, distribution {dist}) failed to import: "
-                     f"{type(exc).__name__}: {exc}")
+            failed = FailedPlugin(ep.name, ep.value, dist, f"import failed: {_last_line(exc)}")
+            _problem(registries, strict, failed)
             continue
         dists[ep.name] = dist
+        values[ep.name] = ep.value
     # convnet's own plugins first, then the others by name: a third party can never take a
     # built-in name (its registration is the one refused), whatever the order of sys.path.
     impls = sorted(pm.hook.convnet_register.get_hookimpls(),
                    key=lambda i: (dists.get(i.plugin_name, "").split(" ")[0] != OWN_DISTRIBUTION, i.plugin_name))
     for impl in impls:
         name = impl.plugin_name
-        registries.current_plugin = (name, dists.get(name, "<registered directly>"))
+        dist = dists.get(name, "<registered directly>")
+        registries.current_plugin = (name, dist)
+        registries.attempted = []
         try:
             impl.function(registries=registries)
         except Exception as exc:
             registries.discard_plugin(name)  # a plugin is loaded whole or not at all
-            _problem(registries, strict, str(exc) if isinstance(exc, ConvnetError) else
-                     f"plugin {name!r} (distribution {dists.get(name)}) failed while registering: "
-                     f"{type(exc).__name__}: {exc}")
+            error = str(exc) if isinstance(exc, ConvnetError) else f"registering failed: {_last_line(exc)}"
+            failed = FailedPlugin(name, values.get(name, name), dist, error, tuple(registries.attempted))
+            _problem(registries, strict, failed)
     registries.current_plugin = ("<none>", "<none>")
+    registries.attempted = []
     return pm, registries
 
 
-def _problem(registries: Registries, strict: bool, message: str) -> None:
+def _problem(registries: Registries, strict: bool, failed: FailedPlugin) -> None:
     if strict:
-        raise PluginError(message)
-    registries.problems.append(message)
-    warnings.warn(message, PluginWarning, stacklevel=3)
+        raise PluginError(failed.message)
+    registries.failed.append(failed)
+    registries.problems.append(failed.message)
+    warnings.warn(failed.message, PluginWarning, stacklevel=3)
 
 
-_STATE: dict[str, object] = {}
+def report_problems(registries: Registries, stream: TextIO | None = None) -> None:
+    """One line per plugin that failed to load, on stderr: every command that loads plugins says so."""
+    for failed in registries.failed:
+        print(f"convnet: warning: {failed.message}", file=stream or sys.stderr)
+
+
+_STATE: dict[str, tuple[pluggy.PluginManager, Registries]] = {}
+
+
+def load_plugins(strict: bool = False) -> Registries:
+    """The components of every installed plugin (loaded once per process; public as
+    ``convnet.core.load_plugins``). Failed plugins are in ``.failed`` and ``.problems``."""
+    return registries(strict)
 
 
 def manager(strict: bool = False) -> pluggy.PluginManager:
@@ -99,10 +125,48 @@ def registries(strict: bool = False) -> Registries:
 def _load(strict: bool) -> tuple[pluggy.PluginManager, Registries]:
     key = "strict" if strict else "lenient"
     if key not in _STATE:
-        _STATE[key] = create_manager(strict)
-    return _STATE[key]  # type: ignore[return-value]
+        with warnings.catch_warnings():  # the caller reports problems (report_problems) once
+            warnings.simplefilter("ignore", PluginWarning)
+            _STATE[key] = create_manager(strict)
+    return _STATE[key]
 
 
 def reset() -> None:
     """Forget the loaded plugins (after installing one, or in tests)."""
     _STATE.clear()
+
+
+def hooks_without(pm: pluggy.PluginManager, disabled: Iterable[str], registries: Registries,
+                  path: str = "plugins.disable") -> Any:
+    """The lifecycle hooks of ``pm`` with the plugins named in ``disabled`` left out.
+
+    Only a plugin that registers no component may be disabled (its components would vanish
+    from under the recipe); an unknown name is a recipe error listing the plugins.
+    """
+    names = list(disabled)
+    if not names:
+        return pm.hook
+    providers = set(registries.distributions())
+    known = sorted(n for n, _ in pm.list_name_plugin() if n is not None)
+    removed = []
+    for i, name in enumerate(names):
+        plugin = pm.get_plugin(name)
+        if plugin is None:
+            raise RecipeError(f"{path}[{i}]: no plugin named {name!r} is loaded (plugins: {', '.join(known)})")
+        if name in providers:
+            raise RecipeError(f"{path}[{i}]: plugin {name!r} registers components; only a plugin that only "
+                              "observes runs through hooks can be disabled")
+        removed.append(plugin)
+    return _HookSubset(pm, removed)
+
+
+class _HookSubset:
+    """``pm.hook``-like: ``.convnet_step_end(...)`` calls every implementation but those removed."""
+
+    def __init__(self, pm: pluggy.PluginManager, removed: list[object]) -> None:
+        self._pm, self._removed = pm, removed
+
+    def __getattr__(self, name: str) -> Any:
+        caller = self._pm.subset_hook_caller(name, remove_plugins=self._removed)
+        setattr(self, name, caller)
+        return caller

@@ -158,7 +158,7 @@ def make_converter(registries: Registries) -> cattrs.Converter:
         return _structure_validated(plain_hooks[type_], value, type_)
 
     plain_hooks: dict[type, Any] = {}
-    for cls in (schema.Model, schema.Data, schema.Train, schema.Recipe):
+    for cls in (schema.Model, schema.Data, schema.Train, schema.Plugins, schema.Recipe):
         plain_hooks[cls] = conv.get_structure_hook(cls)
         conv.register_structure_hook(cls, structure_attrs_checked)
 
@@ -431,3 +431,39 @@ def recipe_from_text(text: str, registries: Registries | None = None, source: st
 
     regs = registries if registries is not None else plugins.registries()
     return structure(_read_toml(text, source), regs, source)
+
+
+# ---------------------------------------------------------------- may a checkpoint resume this recipe
+
+# What a resume may change without changing the run's result.
+RESUME_MAY_CHANGE = {"name", "description", "train.epochs", "train.max_steps", "train.checkpoint_every",
+                     "train.log_every", "parallel", "evaluate", "data.workers", "data.eval_batch_size",
+                     "data.pin_memory", "data.augment_on", "plugins"}
+
+
+def resume_difference(saved_toml: str, recipe: schema.Recipe, registries: Registries
+                      ) -> tuple[str, Any, Any] | None:
+    """The first value (path, checkpoint's, now) at which a checkpoint's recipe trains differently
+    from ``recipe``, or None when resuming would continue the same run.
+
+    Raises ``tomllib.TOMLDecodeError`` when ``saved_toml`` is not TOML.
+    """
+    return _first_difference(tomllib.loads(saved_toml), tomllib.loads(to_toml(recipe, registries)), "")
+
+
+def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
+    if path in RESUME_MAY_CHANGE:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=lambda k: (k not in old, k)):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else (path or "(top level)", old, new)

@@ -1,19 +1,30 @@
-"""One registry per kind of component; an entry remembers which plugin supplied it."""
+"""One registry per kind of component; an entry remembers which plugin supplied it.
+
+``Registry.build(component, path, ctx)`` is the one way a component is built: it finds the
+entry, calls ``factory(options, ctx)``, checks what came back against the kind's contract and
+turns the factory's ``ValueError`` into a ``RecipeError`` naming the recipe path.
+"""
+
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from convnet.core.errors import PluginError, RecipeError
 
+if TYPE_CHECKING:
+    from convnet.core.schema import Component
+
+# Each kind, in the order `convnet plugins` lists them; docs/plugins.md has one section each.
 KINDS = ("layer", "augmenter", "strategy", "evaluator", "dataset", "optimizer", "schedule", "lrn")
 
 
 @attrs.frozen
 class Entry:
-    """A registered component: ``factory(options, ...)`` builds it from its attrs options."""
+    """A registered component: ``factory(options, ctx)`` builds it from its attrs options."""
 
     kind: str
     name: str
@@ -28,16 +39,33 @@ class Entry:
         return f"plugin {self.plugin!r} (distribution {self.distribution})"
 
 
+@attrs.frozen
+class FailedPlugin:
+    """A plugin that could not be loaded, and what it had registered before it failed (if anything)."""
+
+    name: str
+    entry_point: str
+    distribution: str
+    error: str
+    attempted: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def message(self) -> str:
+        return f"plugin {self.name!r} ({self.entry_point}, distribution {self.distribution}) failed to load: {self.error}"
+
+
 class Registry:
     """Components of one kind, by name."""
 
-    def __init__(self, kind: str, owner: "Registries") -> None:
+    def __init__(self, kind: str, owner: Registries) -> None:
         self.kind = kind
         self._owner = owner
         self._entries: dict[str, Entry] = {}
 
     def add(self, name: str, factory: Callable[..., Any], options: type, description: str = "") -> None:
+        """Register ``name``; ``options`` is the attrs class a recipe's table is structured into."""
         plugin, dist = self._owner.current_plugin
+        self._owner.attempted.append((self.kind, name))
         if not isinstance(name, str) or not name:
             raise PluginError(f"{plugin} ({dist}) registered a {self.kind} with an empty or non-string name")
         if not attrs.has(options):
@@ -45,6 +73,9 @@ class Registry:
                 f"plugin {plugin!r} (distribution {dist}) registered {self.kind} {name!r} "
                 f"with options {options!r}, which is not an attrs class"
             )
+        if not callable(factory):
+            raise PluginError(f"plugin {plugin!r} (distribution {dist}) registered {self.kind} {name!r} "
+                              f"with a factory that is not callable ({factory!r})")
         if name in self._entries:
             first = self._entries[name]
             raise PluginError(
@@ -54,16 +85,47 @@ class Registry:
         self._entries[name] = Entry(self.kind, name, factory, options, description, plugin, dist)
 
     def get(self, name: str, path: str = "") -> Entry:
+        """The entry, or a ``RecipeError`` naming ``path``, the known names, the closest one, and a
+        plugin that failed to load when it is the likely provider."""
         try:
             return self._entries[name]
         except KeyError:
-            known = sorted(self._entries)
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
             where = f"{path}: " if path else ""
-            raise RecipeError(
-                f"{where}unknown {self.kind} {name!r}{hint} (known: {', '.join(known) or 'none'})"
-            ) from None
+            error = RecipeError(where + self._unknown(str(name)))
+            error.unknown = (self.kind, str(name))  # lets a command add where the component came from
+            raise error from None
+
+    def _unknown(self, name: str) -> str:
+        known = sorted(self._entries)
+        listing = f"(known: {', '.join(known) or 'none'})"
+        for failed in self._owner.failed:
+            if (self.kind, name) in failed.attempted:
+                return (f"{self.kind} {name!r} comes from plugin {failed.name!r} (distribution "
+                        f"{failed.distribution}), which failed to load: {failed.error}")
+        if self._owner.failed:  # an import failure: any of them may be the provider; never guess a name
+            names = "; ".join(f.message for f in self._owner.failed)
+            return f"unknown {self.kind} {name!r} {listing}; a plugin that failed to load may provide it: {names}"
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown {self.kind} {name!r}{hint} {listing}"
+
+    def build(self, component: Component, path: str, ctx: Any, returns: type | tuple[type, ...] | None = None
+              ) -> Any:
+        """Build the recipe's ``component`` (found at ``path``) with ``factory(options, ctx)``.
+
+        A ``ValueError`` from the factory is the recipe's fault: it becomes a ``RecipeError``
+        naming ``path``. With ``returns``, a result of another type is the plugin's fault.
+        """
+        entry = self.get(component.name, f"{path}.{getattr(type(component), 'key', 'name')}")
+        try:
+            built = entry.factory(component.options, ctx)
+        except ValueError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+        if returns is not None and not isinstance(built, returns):
+            expected = returns.__name__ if isinstance(returns, type) else " or ".join(t.__name__ for t in returns)
+            raise PluginError(f"{path}: {self.kind} {component.name!r} from {entry.origin} returned "
+                              f"{type(built).__name__}, not {expected}")
+        return built
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -76,11 +138,14 @@ class Registry:
 
 
 class Registries:
-    """All registries, plus the plugin currently registering (for attribution)."""
+    """All registries, plus the plugin currently registering (for attribution) and the plugins
+    that failed to load (``problems`` holds their one-line messages)."""
 
     def __init__(self) -> None:
         self.current_plugin: tuple[str, str] = ("<unknown>", "<unknown>")
         self.problems: list[str] = []
+        self.failed: list[FailedPlugin] = []
+        self.attempted: list[tuple[str, str]] = []
         for kind in KINDS:
             setattr(self, kind, Registry(kind, self))
 
@@ -97,6 +162,10 @@ class Registries:
     def items(self) -> Iterator[tuple[str, Registry]]:
         for kind in KINDS:
             yield kind, self[kind]
+
+    def distributions(self) -> dict[str, str]:
+        """Plugin name -> "distribution version" for every plugin that registered something."""
+        return {e.plugin: e.distribution for _, reg in self.items() for e in reg}
 
     # type hints for the dynamic attributes
     layer: Registry

@@ -117,7 +117,7 @@ class Train:
     checkpoint_every: int = attrs.field(default=0, validator=non_negative)
     deterministic: bool = True
     log_every: int = attrs.field(default=10, validator=positive)
-    # The fast training path (see docs/performance.md): each is a measured option, off by default.
+    # The fast training path (docs/benchmarks.md): each is a measured option, off by default.
     channels_last: bool = False
     autocast: str = attrs.field(default="none", validator=v.in_(("none", "bfloat16")))
     cudnn_benchmark: bool = False
@@ -132,6 +132,14 @@ def _default_evaluate() -> list[Evaluator]:
 
 
 @attrs.define
+class Plugins:
+    """``disable``: plugins (by entry-point name) whose lifecycle hooks this run does not call;
+    only plugins that register no component can be disabled."""
+
+    disable: list[str] = attrs.Factory(list)
+
+
+@attrs.define
 class Recipe:
     model: Model
     data: Data
@@ -141,3 +149,4 @@ class Recipe:
     train: Train = attrs.Factory(Train)
     parallel: Parallel = attrs.Factory(_default_parallel)
     evaluate: list[Evaluator] = attrs.Factory(_default_evaluate)
+    plugins: Plugins = attrs.Factory(Plugins)

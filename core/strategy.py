@@ -7,8 +7,8 @@ to read and write the canonical state, and how to reduce numbers over processes.
 from __future__ import annotations
 
 import math
-
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,6 +93,10 @@ class Strategy:
         return [{"device": str(self.device), "params": params, "activation_bytes_per_sample": act,
                  "exchanged_bytes_per_sample": 0}]
 
+
+def valid_device(instance: Any, attribute: Any, value: str) -> None:
+    """An attrs validator for a device option (``"auto"``, ``"cpu"``, ``"cuda:1"``)."""
+    resolve_device(value)
 
 
 def resolve_device(name: str) -> torch.device:

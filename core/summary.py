@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from convnet.core import schema
-from convnet.core.engine import build_strategy
+from convnet.core.components import build_strategy
 from convnet.core.model import build_model, describe
 from convnet.core.registry import Registries
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from convnet.core import BuildContext, load_plugins
 from convnet.core import checkpoint as ckpt
 from convnet.core.data import DatasetSplits
 from convnet.core.errors import CheckpointError, RecipeError
@@ -39,7 +40,13 @@ class Pairs(torch.utils.data.Dataset):
 def context(recipe, module: nn.Module, val: Pairs, train: Pairs | None = None, out=None, augment=()) -> EvalContext:
     k = recipe.model.num_classes
     splits = DatasetSplits(train if train is not None else val, val, k, [f"c{i}" for i in range(k)])
-    return EvalContext(recipe, module, Strategy(torch.device("cpu")), splits, list(augment), out, 0, True)
+    return EvalContext(recipe, module, Strategy(torch.device("cpu")), splits, list(augment), out, 0, True,
+                       load_plugins())
+
+
+def built(recipe, path: str = "evaluate[0]") -> BuildContext:
+    """What an evaluator factory receives for the recipe entry at ``path``."""
+    return BuildContext(recipe, load_plugins(), path)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +121,7 @@ def test_ten_crop_on_a_model_that_ignores_the_input_equals_centre_crop(classes, 
     labels = data.draw(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n))
     images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 8, 8).clone()
     ctx = context(recipe, LookupByMean(table), Pairs(images, labels))
-    result = TenCrop(TenCropOptions(pad=pad, flip=flip), recipe)(ctx)
+    result = TenCrop(TenCropOptions(pad=pad, flip=flip), built(recipe))(ctx)
     plain = Topk(TopkOptions(k=[1, 5]))(ctx)
     for k in (1, 5):
         if k <= classes:
@@ -149,7 +156,7 @@ def test_ten_crop_uses_views_from_the_eval_augmentation(digits):
         return ten_crops(image[None], 8, 8)[0]
 
     ctx = context(recipe, model, Pairs(images, labels), augment=[ten_views])
-    result = TenCrop(TenCropOptions(), recipe)(ctx)
+    result = TenCrop(TenCropOptions(), built(recipe))(ctx)
     with torch.no_grad():
         views = ten_crops(images, 8, 8)
         probs = torch.softmax(model(views.flatten(0, 1)), 1).reshape(20, 10, 10).double()
@@ -169,8 +176,8 @@ def test_ten_crop_agrees_with_the_ten_crop_augmenter(registries):
     data = Pairs(torch.randn(30, 3, 11, 11), [i % 10 for i in range(30)])
     entry = registries.augmenter.get("ten-crop")
     augmenter = entry.factory(entry.options(size=8), DataContext(recipe, registries, "data.eval_augment[0]"))
-    own = TenCrop(TenCropOptions(), recipe)(context(recipe, model, data))
-    via_augmenter = TenCrop(TenCropOptions(), recipe)(context(recipe, model, data, augment=[augmenter]))
+    own = TenCrop(TenCropOptions(), built(recipe))(context(recipe, model, data))
+    via_augmenter = TenCrop(TenCropOptions(), built(recipe))(context(recipe, model, data, augment=[augmenter]))
     assert own == via_augmenter and own["tencrop_samples"] == 30
 
 
@@ -178,9 +185,9 @@ def test_ten_crop_too_small_images_is_a_recipe_error():
     recipe = load_recipe("alexnet-digits", ["model.input=[3, 8, 8]"], validate_model=False)
     ctx = context(recipe, nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)), Pairs(torch.zeros(2, 3, 4, 4), [0, 1]))
     with pytest.raises(RecipeError, match="ten-crop: crop 8x8 is larger than the image 4x4"):
-        TenCrop(TenCropOptions(), recipe)(ctx)
-    with pytest.raises(RecipeError, match=r"evaluate\[ten-crop\]\.size"):
-        TenCrop(TenCropOptions(size=6), recipe)
+        TenCrop(TenCropOptions(), built(recipe))(ctx)
+    with pytest.raises(RecipeError, match=r"evaluate\[0\]\.size"):
+        TenCrop(TenCropOptions(size=6), built(recipe))
 
 
 # ------------------------------------------------------------------ ensemble and convnet eval
@@ -196,7 +203,7 @@ SMALL = ["evaluate=[{name = \"topk\"}, {name = \"ensemble\"}]", "data.dataset.va
 def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, digits):
     recipe = load_recipe("alexnet-digits", SMALL)
     a = save_model(tmp_path / "a.safetensors", build_model(recipe, seed=1))
-    result = evaluate(recipe, [a], tmp_path / "out")
+    result = evaluate(recipe, [a], tmp_path / "out", load_plugins())
     assert result["ensemble_size"] == 1
     assert result["ensemble_top1_error"] == result["top1_error"]
     assert result["ensemble_top5_error"] == result["top5_error"]
@@ -208,7 +215,7 @@ def test_ensemble_of_two_averages_softmax(tmp_path):
     recipe = load_recipe("alexnet-digits", SMALL)
     models = [build_model(recipe, seed=s) for s in (1, 2)]
     paths = [save_model(tmp_path / f"m{s}.safetensors", m) for s, m in zip((1, 2), models)]
-    result = evaluate(load_recipe("alexnet-digits", SMALL), paths, tmp_path / "out")
+    result = evaluate(load_recipe("alexnet-digits", SMALL), paths, tmp_path / "out", load_plugins())
     from convnet.core.data import build_dataset
     from convnet.core import plugins
 
@@ -230,12 +237,12 @@ def test_checkpoint_of_another_recipe_names_the_first_mismatched_tensor(tmp_path
     path = save_model(tmp_path / "other.safetensors", build_model(other))
     recipe = load_recipe("alexnet-digits", SMALL)
     with pytest.raises(CheckpointError) as info:
-        evaluate(recipe, [path], tmp_path / "out")
+        evaluate(recipe, [path], tmp_path / "out", load_plugins())
     message = str(info.value)
     assert "layers.conv1.weight" in message and "[16, 3, 5, 5]" in message and "[32, 3, 5, 5]" in message
     good = save_model(tmp_path / "good.safetensors", build_model(recipe))
     with pytest.raises(CheckpointError, match="layers.conv1.weight"):  # as an ensemble member too
-        evaluate(load_recipe("alexnet-digits", SMALL), [good, path], tmp_path / "out2")
+        evaluate(load_recipe("alexnet-digits", SMALL), [good, path], tmp_path / "out2", load_plugins())
 
 
 def test_cli_eval_bad_inputs(tmp_path, capsys):
@@ -259,7 +266,7 @@ def test_filters_image_has_the_expected_pixel_size_for_the_recipe(tmp_path, digi
     from PIL import Image
 
     ctx = context(digits, build_model(digits), Pairs(torch.zeros(1, 3, 32, 32), [0]), out=tmp_path)
-    result = Filters(FiltersOptions(), digits)(ctx)
+    result = Filters(FiltersOptions(), built(digits))(ctx)
     # conv1: 32 kernels 5x5x3, 2 towers of 16 -> one row of 16 per tower; drawn 10x (48/5), gap 2
     width = 16 * 5 * 10 + 17 * 2
     height = 2 * (5 * 10 + 2 * 2) + 2
@@ -295,11 +302,11 @@ def test_colour_specificity_definition():
 
 
 def test_filters_on_a_layer_that_is_not_a_first_conv(digits):
-    with pytest.raises(RecipeError, match=r"evaluate\[filters\]\.layer: .*'conv9'"):
-        Filters(FiltersOptions(layer="conv9"), digits)
+    with pytest.raises(RecipeError, match=r"evaluate\[0\]\.layer: .*'conv9'"):
+        Filters(FiltersOptions(layer="conv9"), built(digits))
     ctx = context(digits, build_model(digits), Pairs(torch.zeros(1, 3, 32, 32), [0]))
     with pytest.raises(RecipeError, match="reads 16 channels per kernel"):
-        Filters(FiltersOptions(layer="conv2"), digits)(ctx)
+        Filters(FiltersOptions(layer="conv2"), built(digits))(ctx)
 
 
 # ------------------------------------------------------------------ neighbours
@@ -310,8 +317,9 @@ def test_neighbours_of_a_training_image_include_itself_at_distance_0(tmp_path, d
 
     splits = build_dataset(digits, plugins.registries())
     train = splits.train
-    ctx = EvalContext(digits, build_model(digits), Strategy(torch.device("cpu")), splits, [], tmp_path, 0, True)
-    result = Neighbours(NeighboursOptions(query_split="train", queries=5, k=3, train_limit=300), digits)(ctx)
+    ctx = EvalContext(digits, build_model(digits), Strategy(torch.device("cpu")), splits, [], tmp_path, 0, True,
+                      load_plugins())
+    result = Neighbours(NeighboursOptions(query_split="train", queries=5, k=3, train_limit=300), built(digits))(ctx)
     import json
 
     payload = json.loads((tmp_path / "neighbours.json").read_text())
@@ -331,7 +339,7 @@ def test_neighbours_without_the_layer_is_a_recipe_error_naming_the_option():
     recipe = load_recipe("alexnet-digits", ["evaluate=[{name = \"neighbours\", layer = \"fc9\"}]"],
                          validate_model=False)
     with pytest.raises(RecipeError, match=r"evaluate\[0\]\.layer: .*'fc9'.*does not have"):
-        Neighbours(recipe.evaluate[0].options, recipe)
+        Neighbours(recipe.evaluate[0].options, built(recipe))
 
 
 def test_nearest_ties_go_to_the_lower_index_and_query_spread():
@@ -366,7 +374,7 @@ def test_confusion_evaluator_writes_json(tmp_path):
     table = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     images = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(4, 3, 8, 8).clone()
     ctx = context(recipe, LookupByMean(table), Pairs(images, [0, 0, 2, 1]), out=tmp_path)
-    result = Confusion(ConfusionOptions(pairs=5), recipe)(ctx)
+    result = Confusion(ConfusionOptions(pairs=5), built(recipe))(ctx)
     import json
 
     payload = json.loads((tmp_path / "confusion.json").read_text())
@@ -385,10 +393,10 @@ def test_every_evaluator_gives_the_same_under_model_parallel(tmp_path):
     recipe = load_recipe("alexnet-digits-eval", sets)
     a = save_model(tmp_path / "a.safetensors", build_model(recipe, seed=3))
     b = save_model(tmp_path / "b.safetensors", build_model(recipe, seed=4))
-    single = evaluate(recipe, [a, b], tmp_path / "single")
+    single = evaluate(recipe, [a, b], tmp_path / "single", load_plugins())
     split = load_recipe("alexnet-digits-eval", sets + ['parallel.strategy="model-parallel"',
                                                        'parallel.devices=["cpu", "cpu"]'])
-    towers = evaluate(split, [a, b], tmp_path / "towers")
+    towers = evaluate(split, [a, b], tmp_path / "towers", load_plugins())
     for key in ("top1_error", "tencrop_top1_error", "centre_top1_error", "ensemble_top1_error", "most_confused",
                 "neighbours_label_agreement"):
         assert towers[key] == single[key], key

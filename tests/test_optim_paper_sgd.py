@@ -9,11 +9,21 @@ import pytest
 import torch
 from torch import nn
 
+from convnet.core import OptimizerContext, ScheduleContext, load_plugins, load_recipe
 from convnet.plugins.optim import SGDOptions, build_paper_sgd
 from convnet.plugins.optim.paper_sgd import PaperSGD
-from convnet.plugins.optim.schedules import PlateauOptions, PlateauSchedule
+from convnet.plugins.optim.schedules import CosineOptions, CosineSchedule, PlateauOptions, PlateauSchedule
 
 MU, WD = 0.9, 5e-4
+
+
+def optimizer_context(named: list) -> OptimizerContext:
+    return OptimizerContext(named, load_recipe("alexnet-digits"), load_plugins())
+
+
+def schedule_context(opt: torch.optim.Optimizer, steps_per_epoch: int = 10, epochs: int = 3) -> ScheduleContext:
+    return ScheduleContext(opt, steps_per_epoch, steps_per_epoch * epochs, load_recipe("alexnet-digits"),
+                           load_plugins())
 
 
 def grad_of(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -111,13 +121,14 @@ def test_weight_decay_skips_biases_unless_asked():
         layer.weight.fill_(1.0)
         layer.bias.fill_(1.0)
     named = list(layer.named_parameters())
-    opt = build_paper_sgd(SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5), named)
+    opt = build_paper_sgd(SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5), optimizer_context(named))
     for p in layer.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
     assert torch.allclose(layer.weight, torch.full_like(layer.weight, 1 - 0.5 * 0.1))
     assert torch.equal(layer.bias, torch.ones_like(layer.bias))
-    opt = build_paper_sgd(SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5, decay_biases=True), named)
+    opt = build_paper_sgd(SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5, decay_biases=True),
+                          optimizer_context(named))
     opt.step()
     assert torch.allclose(layer.bias, torch.full_like(layer.bias, 1 - 0.5 * 0.1))
 
@@ -125,13 +136,48 @@ def test_weight_decay_skips_biases_unless_asked():
 def test_plateau_divides_by_ten_when_validation_error_stops_improving_three_times_at_most():
     w = nn.Parameter(torch.zeros(1))
     opt = PaperSGD([w], lr=0.01)
-    sched = PlateauSchedule(opt, PlateauOptions(factor=0.1, patience=1, max_reductions=3))
+    sched = PlateauSchedule(PlateauOptions(factor=0.1, patience=1, max_reductions=3), schedule_context(opt))
     errors = [0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
     lrs = []
     for e in errors:
-        sched.step_epoch(e)
+        sched.after_epoch(e)
         lrs.append(opt.param_groups[0]["lr"])
     drops = [i for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1] * 0.5]
     assert len(drops) == 3
     assert lrs[-1] == pytest.approx(0.01 / 1000)
     assert lrs[:2] == [0.01, 0.01]  # improving: no drop
+
+
+def test_cosine_warms_up_linearly_then_follows_half_a_cosine_to_min_lr():
+    w = nn.Parameter(torch.zeros(1))
+    opt = PaperSGD([w], lr=0.1)
+    sched = CosineSchedule(CosineOptions(warmup_steps=5, warmup_start=0.2, min_lr=0.001), schedule_context(opt, 10, 3))
+    lrs = [opt.param_groups[0]["lr"]]
+    for step in range(1, 31):
+        sched.after_step(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.02)  # warmup_start x lr before the first step
+    assert lrs[:6] == pytest.approx([0.1 * (0.2 + 0.8 * t / 5) for t in range(6)])
+    assert lrs[5] == pytest.approx(0.1)  # the peak, then only down
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    assert lrs[5 + 25 // 2] < 0.1 * 0.6 and lrs[-1] == pytest.approx(0.001)  # total = 3 epochs x 10 steps
+    mid = 5 + 12.5
+    assert sched.lr_at(17, 0.1) > sched.lr_at(18, 0.1) and 0.001 + 0.099 * 0.5 == pytest.approx(sched.lr_at(mid, 0.1))
+
+
+def test_cosine_state_restores_the_same_lr_sequence():
+    w = nn.Parameter(torch.zeros(1))
+    a, b = PaperSGD([w], lr=0.05), PaperSGD([w], lr=0.05)
+    first = CosineSchedule(CosineOptions(warmup_steps=2), schedule_context(a, 4, 2))
+    for step in range(1, 4):
+        first.after_step(step)
+    second = CosineSchedule(CosineOptions(warmup_steps=2), schedule_context(b, 4, 2))
+    second.load_state_dict(first.state_dict())
+    second.after_step(3)
+    assert b.param_groups[0]["lr"] == a.param_groups[0]["lr"]
+
+
+def test_cosine_with_no_room_after_warm_up_is_a_recipe_error():
+    opt = PaperSGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="warmup_steps = 30 leaves no step"):
+        CosineSchedule(CosineOptions(warmup_steps=30), schedule_context(opt, 10, 3))

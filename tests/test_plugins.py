@@ -75,13 +75,13 @@ def test_a_recipe_using_swish_trains(swish, tmp_path: Path) -> None:
     run = cn.Run(recipe, out=tmp_path, registries=regs, pm=pm)
     summary = run.train()
     assert summary["step"] == 4
-    kinds = [type(m).__name__ for m in run.network.layers.values()]
+    kinds = [type(m).__name__ for m in run.parts.network.layers.values()]
     assert kinds.count("Swish") == 2 and "ReLU" not in kinds and "Tanh" not in kinds
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if '"train"' in line]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     x = torch.linspace(-3, 3, 7)
-    assert torch.allclose(run.network.layers["swish2"](x), x * torch.sigmoid(2.0 * x))
+    assert torch.allclose(run.parts.network.layers["swish2"](x), x * torch.sigmoid(2.0 * x))
 
 
 def test_convnet_plugins_lists_swish_with_its_distribution(swish_path) -> None:

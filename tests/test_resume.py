@@ -135,7 +135,7 @@ def test_resume_restores_rng_and_optimizer_state(tmp_path: Path) -> None:
 
 class _SigintDuringEvaluation:
     @hookimpl
-    def convnet_evaluation_done(self, run, epoch, results) -> None:
+    def convnet_evaluation_end(self, run, epoch, results) -> None:
         if epoch == 0:
             signal.raise_signal(signal.SIGINT)
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 
-from convnet.core.hookspecs import hookimpl
+from convnet.core import hookimpl, load_plugins
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from convnet.core import plugins
     from convnet.plugins.alexnet.torchvision_weights import convert_file
 
-    path = convert_file(args.source, args.out, args.recipe, plugins.registries(strict=args.strict), args.overrides)
+    path = convert_file(args.source, args.out, args.recipe, load_plugins(strict=args.strict), args.overrides)
     print(f"{args.source} -> {path} (recipe {args.recipe})")
     return 0
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from convnet.core.errors import ConvnetError, RecipeError
+from convnet.core import ConvnetError, RecipeError, load_plugins, load_recipe, train
 
 
 @attrs.frozen
@@ -144,14 +144,10 @@ def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overri
     ``cache`` (shared between calls) reuses a run of the same recipe, seed and overrides:
     every ablation's first arm is the same baseline. With ``reuse`` an arm whose run folder
     already holds a finished run (``eval.json``) is read, not trained again."""
-    from convnet.core import plugins
-    from convnet.core.engine import train
-    from convnet.core.recipe import load_recipe
-
     if name not in ABLATIONS:
         raise RecipeError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
     ablation = ABLATIONS[name]
-    regs = registries if registries is not None else plugins.registries()
+    regs = registries if registries is not None else load_plugins()
     out = Path(out)
     arms: dict[str, dict[str, Any]] = {}
     for label, recipe_name in ablation.arms:
@@ -168,7 +164,8 @@ def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overri
                 runs.append(arm_result(run_dir, final, ablation.threshold, None))
                 continue
             start = time.perf_counter()
-            final = train(recipe, out=run_dir, quiet=quiet, registries=regs)
+            # The arms' folders are this runner's own: an arm trained again replaces its old run.
+            final = train(recipe, out=run_dir, quiet=quiet, registries=regs, overwrite=True)
             runs.append(arm_result(run_dir, final, ablation.threshold, time.perf_counter() - start))
             if cache is not None:
                 cache[key] = runs[-1]

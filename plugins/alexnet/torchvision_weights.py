@@ -15,9 +15,7 @@ from typing import Sequence
 
 import torch
 
-from convnet.core import checkpoint as ckpt
-from convnet.core.errors import ConvnetError
-from convnet.core.model import Network
+from convnet.core import ConvnetError, Network, build_model, load_plugins, load_recipe, save_checkpoint, to_toml
 
 TORCHVISION_TO_LAYER = {
     "features.0": "conv1", "features.3": "conv2", "features.6": "conv3", "features.8": "conv4",
@@ -102,16 +100,12 @@ def convert_file(src: str | Path, out: str | Path, recipe_ref: str = RECIPE, reg
     the resolved recipe in its metadata) without training state: it can be evaluated or
     fine-tuned from, not resumed.
     """
-    from convnet.core import plugins
-    from convnet.core.model import build_model
-    from convnet.core.recipe import load_recipe, to_toml
-
-    regs = registries if registries is not None else plugins.registries()
+    regs = registries if registries is not None else load_plugins()
     recipe = load_recipe(recipe_ref, overrides, regs)
     model = build_model(recipe, device="meta", registries=regs)
     converted = convert_state_dict(read_state_dict(src), str(src))
     check_against(model, converted, str(src))
     out = Path(out)
-    ckpt.save(out, {f"model/{k}": v for k, v in converted.items()},
+    save_checkpoint(out, {f"model/{k}": v for k, v in converted.items()},
               {"convnet.recipe": to_toml(recipe, regs), "convnet.converted_from": str(src)})
     return out

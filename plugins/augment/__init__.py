@@ -36,8 +36,7 @@ After a crop, mean-image subtracts the mean's centre window, exact only for cent
 """
 from __future__ import annotations
 
-from convnet.core.hookspecs import hookimpl
-from convnet.core.registry import Registries
+from convnet.core import Registries, hookimpl
 from convnet.plugins.augment import geometry as g
 from convnet.plugins.augment import photometric as p
 

@@ -14,10 +14,9 @@ from typing import Sequence
 
 import torch
 
-from convnet.core.data import splitmix64
+from convnet.core import GOLDEN_GAMMA, splitmix64
 
 _MASK = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
 
 
 def key_of(generator: torch.Generator) -> int:
@@ -33,7 +32,7 @@ def keys_list(keys: torch.Tensor | Sequence[int]) -> list[int]:
 def uniform(key: int, count: int) -> list[float]:
     """``count`` floats in [0, 1); draw j depends only on (key, j)."""
     base = splitmix64(key & _MASK)
-    return [(splitmix64(base ^ ((j * _GOLDEN) & _MASK)) >> 11) * (1.0 / (1 << 53)) for j in range(count)]
+    return [(splitmix64(base ^ ((j * GOLDEN_GAMMA) & _MASK)) >> 11) * (1.0 / (1 << 53)) for j in range(count)]
 
 
 def below(u: float, high: int) -> int:

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch.utils.data import get_worker_info
 
-from convnet.core.data import DataContext, ten_crop_views
-from convnet.core.errors import DataError
+from convnet.core import DataContext, DataError, ten_crop_views
 from convnet.plugins.augment.draws import below, key_of, keys_list, uniform
 
 _SLOTS = 258  # the main process + up to 256 workers (schema caps data.workers at 256) + spare

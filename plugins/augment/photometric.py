@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from attrs import validators as v
 
-from convnet.core.data import DataContext
-from convnet.core.errors import DataError
+from convnet.core import DataContext, DataError
 from convnet.plugins.augment.draws import key_of, keys_list, normal
 
 

@@ -1,8 +1,7 @@
 """Datasets: digits (real, bundled with scikit-learn), synthetic, and ImageNet from disk."""
 from __future__ import annotations
 
-from convnet.core.hookspecs import hookimpl
-from convnet.core.registry import Registries
+from convnet.core import Registries, hookimpl
 from convnet.plugins.data.digits import DigitsOptions, build_digits
 from convnet.plugins.data.imagenet import ImageNetOptions, build_imagenet
 from convnet.plugins.data.synthetic import SyntheticOptions, build_synthetic

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch.utils.data import TensorDataset
 
-from convnet.core.data import DataContext, DatasetSplits, generator
+from convnet.core import DataContext, DatasetSplits, generator
 
 
 @attrs.define

@@ -25,8 +25,7 @@ from attrs import validators as v
 from PIL import Image
 from torch.utils.data import Dataset
 
-from convnet.core.data import DataContext, DatasetSplits
-from convnet.core.errors import DataError
+from convnet.core import DataContext, DataError, DatasetSplits
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 META_FILE = "meta.bin"

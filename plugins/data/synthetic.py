@@ -6,7 +6,7 @@ import torch
 from attrs import validators as v
 from torch.utils.data import Dataset
 
-from convnet.core.data import DataContext, DatasetSplits, generator
+from convnet.core import DataContext, DatasetSplits, generator
 
 
 @attrs.define
@@ -15,6 +15,10 @@ class SyntheticOptions:
     val_size: int = attrs.field(default=64, validator=v.gt(0))
     seed: int = attrs.field(default=0, validator=v.ge(0))
     dtype: str = attrs.field(default="float32", validator=v.in_(("float32", "uint8")))
+
+
+# Keeps this dataset's draws apart from every other use of generator(seed, ...).
+SYNTHETIC_STREAM = 0x5EED
 
 
 class SyntheticImages(Dataset):
@@ -29,7 +33,7 @@ class SyntheticImages(Dataset):
     def __getitem__(self, index: int):
         if not 0 <= index < self.size:
             raise IndexError(index)
-        g = generator(self.seed, 0x5EED, index)
+        g = generator(self.seed, SYNTHETIC_STREAM, index)
         label = int(torch.randint(self.classes, (), generator=g))
         if self.dtype == "uint8":
             image = torch.randint(0, 256, self.shape, generator=g, dtype=torch.uint8)

@@ -1,8 +1,7 @@
 """Evaluators: top-k, ten-crop, ensembles, first-layer filters, feature neighbours, confusion."""
 from __future__ import annotations
 
-from convnet.core.hookspecs import hookimpl
-from convnet.core.registry import Registries
+from convnet.core import Registries, hookimpl
 from convnet.plugins.evaluate.confusion import Confusion, ConfusionOptions
 from convnet.plugins.evaluate.ensemble import Ensemble, EnsembleOptions
 from convnet.plugins.evaluate.filters import Filters, FiltersOptions
@@ -14,7 +13,7 @@ from convnet.plugins.evaluate.topk import Topk, TopkOptions
 @hookimpl
 def convnet_register(registries: Registries) -> None:
     add = registries.evaluator.add
-    add("topk", lambda options, recipe: Topk(options), TopkOptions,
+    add("topk", lambda options, ctx: Topk(options), TopkOptions,
         "top-1 and top-5 (any k) error on the validation split")
     add("ten-crop", TenCrop, TenCropOptions,
         "softmax averaged over 10 crops (corners, centre, flips) beside the centre crop's error")

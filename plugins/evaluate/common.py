@@ -10,32 +10,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from convnet.core import schema
-from convnet.core.errors import ConvnetError, RecipeError
-from convnet.core.model import Network
+from convnet.core import BuildContext, ConvnetError, EvalContext, Network, RecipeError, build_model
 
 
-def evaluator_path(recipe: schema.Recipe, options: Any, name: str) -> str:
-    """``evaluate[2]`` for the recipe entry holding these options (``evaluate[<name>]`` if added by a command)."""
-    for i, comp in enumerate(recipe.evaluate):
-        if comp.options is options:
-            return f"evaluate[{i}]"
-    return f"evaluate[{name}]"
+def usable_ks(ks: list[int], num_classes: int) -> list[int]:
+    """The k of top-k that mean something for this many classes."""
+    return [k for k in ks if k <= num_classes]
 
 
-def layer_ids(recipe: schema.Recipe) -> list[str]:
-    """The ids of the recipe's layers, as ``build_model`` names them (built on the meta device)."""
-    from convnet.core.model import build_model
-
-    return [info.id for info in build_model(recipe, device="meta").info]
+def split_prefix(split: str) -> str:
+    """Result keys carry the split unless it is the validation split: ``train_top1_error``."""
+    return "" if split == "val" else f"{split}_"
 
 
-def require_layer(recipe: schema.Recipe, options: Any, name: str, option: str, layer: str) -> None:
+def require_layer(ctx: BuildContext, name: str, option: str, layer: str) -> None:
     """A recipe error naming the option when the model has no layer of that id."""
-    ids = layer_ids(recipe)
+    ids = [info.id for info in build_model(ctx.recipe, device="meta", registries=ctx.registries).info]
     if layer not in ids:
-        path = evaluator_path(recipe, options, name)
-        raise RecipeError(f"{path}.{option}: evaluator {name!r} asks for layer {layer!r}, which this "
+        raise RecipeError(f"{ctx.path}.{option}: evaluator {name!r} asks for layer {layer!r}, which this "
                           f"model does not have (layers: {', '.join(ids)})")
 
 
@@ -51,16 +43,14 @@ def network_of(module: nn.Module) -> Network:
     return seen
 
 
-def feature_network(ctx: Any) -> Network:
+def feature_network(ctx: EvalContext) -> Network:
     """A ``Network`` whose ``features`` can be read: the strategy's own (single, ddp), or else a
     single-device copy of the canonical weights on the input device (model- and tower-parallel
     modules split layers into pieces that have no per-layer output)."""
     try:
         return network_of(ctx.module)
     except ConvnetError:
-        from convnet.core.model import build_model
-
-        net = build_model(ctx.recipe, "cpu")
+        net = build_model(ctx.recipe, "cpu", registries=ctx.registries)
         net.load_state_dict(ctx.strategy.state_dict(ctx.module))
         return net.to(ctx.strategy.input_device).eval()
 

@@ -12,9 +12,8 @@ import attrs
 import torch
 from attrs import validators as v
 
-from convnet.core import schema
-from convnet.core.evaluation import EvalContext, Evaluator
-from convnet.plugins.evaluate.common import write_json
+from convnet.core import BuildContext, EvalContext, Evaluator
+from convnet.plugins.evaluate.common import split_prefix, write_json
 
 
 @attrs.define
@@ -47,7 +46,7 @@ def confused_pairs(matrix: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
 class Confusion(Evaluator):
     when = "end"
 
-    def __init__(self, options: ConfusionOptions, recipe: schema.Recipe) -> None:
+    def __init__(self, options: ConfusionOptions, ctx: BuildContext) -> None:
         self.options = options
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
@@ -59,7 +58,7 @@ class Confusion(Evaluator):
         support = matrix.sum(1)
         pairs = [{"true": names[t], "predicted": names[p], "true_index": t, "predicted_index": p,
                   "count": c, "rate": c / int(support[t])} for t, p, c in confused_pairs(matrix, self.options.pairs)]
-        prefix = "" if self.options.split == "val" else f"{self.options.split}_"
+        prefix = split_prefix(self.options.split)
         write_json(ctx.out, f"{prefix}confusion.json", {"split": self.options.split, "classes": names,
                                                         "matrix": matrix.tolist(), "pairs": pairs})
         return {f"{prefix}most_confused": [f"{p['true']}->{p['predicted']}: {p['count']}" for p in pairs[:3]]}

@@ -13,10 +13,8 @@ import attrs
 import torch
 from attrs import validators as v
 
-from convnet.core import checkpoint as ckpt
-from convnet.core import schema
-from convnet.core.evaluation import EvalContext, Evaluator
-from convnet.plugins.evaluate.common import count_errors
+from convnet.core import BuildContext, EvalContext, Evaluator, check_compatible, load_checkpoint, model_tensors
+from convnet.plugins.evaluate.common import count_errors, split_prefix, usable_ks
 from convnet.plugins.evaluate.topk import _ks, label_rank
 
 
@@ -30,18 +28,17 @@ class EnsembleOptions:
 def load_member(path: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's model tensors, checked against this recipe's model (one error naming the
     first mismatched tensor and both shapes)."""
-    tensors, _ = ckpt.load(path)
-    state = ckpt.model_tensors(tensors)
-    ckpt.check_compatible(path, expected, state)
+    tensors, _ = load_checkpoint(path)
+    state = model_tensors(tensors)
+    check_compatible(path, expected, state)
     return state
 
 
 class Ensemble(Evaluator):
     when = "end"
 
-    def __init__(self, options: EnsembleOptions, recipe: schema.Recipe) -> None:
+    def __init__(self, options: EnsembleOptions, ctx: BuildContext) -> None:
         self.options = options
-        self.member0 = "(evaluated model)"
 
     def _probs(self, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
         pred = ctx.predict(self.options.split, transform=ctx.module)
@@ -54,12 +51,12 @@ class Ensemble(Evaluator):
         return rates
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
-        ks = [k for k in self.options.k if k <= ctx.recipe.model.num_classes]
+        ks = usable_ks(self.options.k, ctx.recipe.model.num_classes)
         own = ctx.strategy.state_dict(ctx.module)
         own = {name: t.detach().clone() for name, t in own.items()}
         states = [load_member(p, own) for p in self.options.checkpoints]  # all checked before any work
         probs, labels = self._probs(ctx)
-        members = [(self.member0, self._errors(ctx, probs, labels, ks))]
+        members = [(ctx.weights, self._errors(ctx, probs, labels, ks))]
         total = probs.clone()
         try:
             for path, state in zip(self.options.checkpoints, states):
@@ -73,7 +70,7 @@ class Ensemble(Evaluator):
             if states:
                 ctx.strategy.load_state_dict(ctx.module, own)
         ensemble = self._errors(ctx, total / len(members), labels, ks)
-        prefix = "" if self.options.split == "val" else f"{self.options.split}_"
+        prefix = split_prefix(self.options.split)
         out: dict[str, Any] = {f"{prefix}ensemble_size": len(members)}
         for j, k in enumerate(ks):
             out[f"{prefix}ensemble_top{k}_error"] = ensemble[j]

@@ -25,10 +25,8 @@ import numpy as np
 import torch
 from attrs import validators as v
 
-from convnet.core import schema
-from convnet.core.errors import RecipeError
-from convnet.core.evaluation import EvalContext, Evaluator
-from convnet.plugins.evaluate.common import evaluator_path, require_layer, write_json, write_png
+from convnet.core import BuildContext, EvalContext, Evaluator, RecipeError
+from convnet.plugins.evaluate.common import require_layer, write_json, write_png
 
 
 @attrs.define
@@ -94,11 +92,11 @@ def draw(kernels: torch.Tensor, towers: int, columns: int, scale: int, gap: int)
 class Filters(Evaluator):
     when = "end"
 
-    def __init__(self, options: FiltersOptions, recipe: schema.Recipe) -> None:
+    def __init__(self, options: FiltersOptions, ctx: BuildContext) -> None:
         self.options = options
-        self.path = evaluator_path(recipe, options, "filters")
-        require_layer(recipe, options, "filters", "layer", options.layer)
-        self.towers = recipe.model.towers
+        self.path = ctx.path
+        require_layer(ctx, "filters", "layer", options.layer)
+        self.towers = ctx.recipe.model.towers
 
     def kernels(self, ctx: EvalContext) -> torch.Tensor:
         state = ctx.strategy.state_dict(ctx.module)

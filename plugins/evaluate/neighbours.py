@@ -21,10 +21,8 @@ import numpy as np
 import torch
 from attrs import validators as v
 
-from convnet.core import schema
-from convnet.core.errors import RecipeError
-from convnet.core.evaluation import EvalContext, Evaluator
-from convnet.plugins.evaluate.common import (evaluator_path, feature_network, require_layer, to_display,
+from convnet.core import BuildContext, EvalContext, Evaluator, RecipeError
+from convnet.plugins.evaluate.common import (feature_network, require_layer, to_display,
                                              write_json, write_png)
 
 
@@ -78,10 +76,10 @@ def sheet(rows: list[list[torch.Tensor]], cell: int, gap: int = 4) -> np.ndarray
 class Neighbours(Evaluator):
     when = "end"
 
-    def __init__(self, options: NeighboursOptions, recipe: schema.Recipe) -> None:
+    def __init__(self, options: NeighboursOptions, ctx: BuildContext) -> None:
         self.options = options
-        self.path = evaluator_path(recipe, options, "neighbours")
-        require_layer(recipe, options, "neighbours", "layer", options.layer)
+        self.path = ctx.path
+        require_layer(ctx, "neighbours", "layer", options.layer)
 
     def features(self, ctx: EvalContext, split: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, labels, indices) of those samples, gathered from all processes, sorted by index."""

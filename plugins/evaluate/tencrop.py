@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 from attrs import validators as v
 
-from convnet.core import schema
-from convnet.core.data import ten_crop_views
-from convnet.core.errors import RecipeError
-from convnet.core.evaluation import EvalContext, Evaluator
-from convnet.plugins.evaluate.common import count_errors, evaluator_path
+from convnet.core import BuildContext, EvalContext, Evaluator, RecipeError, ten_crop_views
+from convnet.plugins.evaluate.common import count_errors, split_prefix, usable_ks
 from convnet.plugins.evaluate.topk import _ks, label_rank
 
 CENTRE = 4
@@ -48,13 +45,12 @@ def ten_crops(images: torch.Tensor, height: int, width: int, flip: bool = True) 
 class TenCrop(Evaluator):
     when = "end"
 
-    def __init__(self, options: TenCropOptions, recipe: schema.Recipe) -> None:
+    def __init__(self, options: TenCropOptions, ctx: BuildContext) -> None:
         self.options = options
-        _, h, w = recipe.model.input
+        _, h, w = ctx.recipe.model.input
         self.height, self.width = (options.size, options.size) if options.size else (h, w)
         if (self.height, self.width) != (h, w):
-            path = evaluator_path(recipe, options, "ten-crop")
-            raise RecipeError(f"{path}.size: crops of {self.height}x{self.width} do not fit the model's input "
+            raise RecipeError(f"{ctx.path}.size: crops of {self.height}x{self.width} do not fit the model's input "
                               f"{h}x{w} (model.input); leave size = 0 to use the input size")
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +67,7 @@ class TenCrop(Evaluator):
             raise RecipeError(f"ten-crop: {exc} (images after data.eval_augment, padded by pad = {p})") from None
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
-        ks = [k for k in self.options.k if k <= ctx.recipe.model.num_classes]
+        ks = usable_ks(self.options.k, ctx.recipe.model.num_classes)
         centre_wrong, ten_wrong, total = [0] * len(ks), [0] * len(ks), 0
         with ctx.evaluating():
             for x, labels, _ in ctx.batches(self.options.split):
@@ -87,7 +83,7 @@ class TenCrop(Evaluator):
                     ten_wrong[j] += int((ten_rank >= k).sum())
                 total += len(labels)
         rates, n = count_errors(ctx.strategy, centre_wrong + ten_wrong, total)
-        prefix = "" if self.options.split == "val" else f"{self.options.split}_"
+        prefix = split_prefix(self.options.split)
         out: dict[str, Any] = {f"{prefix}tencrop_samples": n}
         for j, k in enumerate(ks):
             out[f"{prefix}centre_top{k}_error"] = rates[j]

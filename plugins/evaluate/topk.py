@@ -7,7 +7,8 @@ import attrs
 import torch
 from attrs import validators as v
 
-from convnet.core.evaluation import EvalContext, Evaluator
+from convnet.core import EvalContext, Evaluator
+from convnet.plugins.evaluate.common import count_errors, split_prefix, usable_ks
 
 
 def _ks(instance: Any, attribute: attrs.Attribute, value: list[int]) -> None:
@@ -47,13 +48,8 @@ class Topk(Evaluator):
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
         pred = ctx.predict(self.options.split)
-        ks = [k for k in self.options.k if k <= ctx.recipe.model.num_classes]
+        ks = usable_ks(self.options.k, ctx.recipe.model.num_classes)
         counts = topk_errors(pred.logits, pred.labels, ks)
-        wrong = torch.tensor([counts[k][0] for k in ks] + [len(pred.labels)], dtype=torch.float64)
-        wrong = ctx.strategy.all_reduce_sum(wrong)
-        total = float(wrong[-1])
-        prefix = "" if self.options.split == "val" else f"{self.options.split}_"
-        out: dict[str, Any] = {f"{prefix}samples": int(total)}
-        for i, k in enumerate(ks):
-            out[f"{prefix}top{k}_error"] = float(wrong[i]) / total if total else float("nan")
-        return out
+        rates, total = count_errors(ctx.strategy, [counts[k][0] for k in ks], len(pred.labels))
+        prefix = split_prefix(self.options.split)
+        return {f"{prefix}samples": total, **{f"{prefix}top{k}_error": rate for k, rate in zip(ks, rates, strict=True)}}

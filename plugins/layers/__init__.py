@@ -1,8 +1,7 @@
 """The basic layers: conv, fc, relu, tanh, maxpool, avgpool, dropout, flatten."""
 from __future__ import annotations
 
-from convnet.core.hookspecs import hookimpl
-from convnet.core.registry import Registries
+from convnet.core import Registries, hookimpl
 from convnet.plugins.layers.conv import ConvOptions, build_conv
 from convnet.plugins.layers.linear import LinearOptions, build_linear
 from convnet.plugins.layers import shapeless as s

@@ -5,7 +5,7 @@ import attrs
 from attrs import validators as v
 from torch import nn
 
-from convnet.core.model import BuiltLayer, LayerContext
+from convnet.core import BuiltLayer, LayerContext
 from convnet.plugins.layers.init import InitOptions, initialise
 
 

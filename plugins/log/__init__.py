@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from convnet.core.hookspecs import hookimpl
+from convnet.core import hookimpl
 
 _bars: dict[int, tqdm] = {}
 

@@ -15,10 +15,7 @@ import torch
 from attrs import validators as v
 from torch import nn
 
-from convnet.core.errors import ConvnetError
-from convnet.core.hookspecs import hookimpl
-from convnet.core.model import BuiltLayer, LayerContext
-from convnet.core.registry import Registries
+from convnet.core import BuiltLayer, ConvnetError, LayerContext, Registries, hookimpl
 from convnet.plugins.lrn import kernels
 from convnet.plugins.lrn.reference import lrn_reference, lrn_torch
 

@@ -6,8 +6,7 @@ import torch
 from attrs import validators as v
 from torch import nn
 
-from convnet.core.hookspecs import hookimpl
-from convnet.core.registry import Registries
+from convnet.core import OptimizerContext, Registries, Schedule, hookimpl
 from convnet.plugins.optim import schedules as s
 from convnet.plugins.optim.paper_sgd import PaperSGD
 
@@ -30,13 +29,13 @@ def _groups(named: list[tuple[str, nn.Parameter]], options: SGDOptions) -> list[
     return [g for g in ({"params": decay}, {"params": plain, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_paper_sgd(options: SGDOptions, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    return PaperSGD(_groups(named, options), lr=options.lr, momentum=options.momentum,
+def build_paper_sgd(options: SGDOptions, ctx: OptimizerContext) -> torch.optim.Optimizer:
+    return PaperSGD(_groups(ctx.parameters, options), lr=options.lr, momentum=options.momentum,
                     weight_decay=options.weight_decay)
 
 
-def build_sgd(options: SGDOptions, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(_groups(named, options), lr=options.lr, momentum=options.momentum,
+def build_sgd(options: SGDOptions, ctx: OptimizerContext) -> torch.optim.Optimizer:
+    return torch.optim.SGD(_groups(ctx.parameters, options), lr=options.lr, momentum=options.momentum,
                            weight_decay=options.weight_decay)
 
 
@@ -45,8 +44,10 @@ def convnet_register(registries: Registries) -> None:
     registries.optimizer.add("paper-sgd", build_paper_sgd, SGDOptions,
                              "the paper's SGD: v <- m v - wd lr w - lr g; w <- w + v")
     registries.optimizer.add("sgd", build_sgd, SGDOptions, "torch.optim.SGD (lr outside the momentum buffer)")
-    registries.schedule.add("constant", lambda o, opt: s.Schedule(opt), s.ConstantOptions, "keep lr fixed")
-    registries.schedule.add("step", lambda o, opt: s.StepSchedule(opt, o), s.StepOptions,
-                            "multiply lr by gamma every `every` epochs")
-    registries.schedule.add("plateau", lambda o, opt: s.PlateauSchedule(opt, o), s.PlateauOptions,
-                            "divide lr by 10 when the monitored validation error stops improving (the paper)")
+    schedule = registries.schedule.add
+    schedule("constant", lambda options, ctx: Schedule(ctx.optimizer), s.ConstantOptions, "keep lr fixed")
+    schedule("step", s.StepSchedule, s.StepOptions, "multiply lr by gamma every `every` epochs")
+    schedule("plateau", s.PlateauSchedule, s.PlateauOptions,
+             "divide lr by 10 when the monitored validation error stops improving (the paper)")
+    schedule("cosine", s.CosineSchedule, s.CosineOptions,
+             "per step: linear warm-up, then a half cosine to min_lr at the run's last step")

@@ -1,8 +1,7 @@
 """Parallelism strategies: single, model-parallel, tower-parallel, ddp."""
 from __future__ import annotations
 
-from convnet.core.hookspecs import hookimpl
-from convnet.core.registry import Registries
+from convnet.core import Registries, hookimpl
 from convnet.plugins.parallel.ddp import DDPOptions, build_ddp
 from convnet.plugins.parallel.model_parallel import ModelParallelOptions, build_model_parallel
 from convnet.plugins.parallel.single import SingleOptions, build_single

@@ -24,9 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from convnet.core import schema
-from convnet.core.errors import RecipeError
-from convnet.core.model import Network
+from convnet.core import BuildContext, Network, RecipeError
 from convnet.plugins.parallel.distributed import DistributedOptions, DistributedStrategy
 
 
@@ -136,5 +134,5 @@ class DDP(DistributedStrategy):
 
 
 
-def build_ddp(options: DDPOptions, recipe: schema.Recipe) -> DDP:
-    return DDP(options, recipe.data.batch_size)
+def build_ddp(options: DDPOptions, ctx: BuildContext) -> DDP:
+    return DDP(options, ctx.recipe.data.batch_size)

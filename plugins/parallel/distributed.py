@@ -17,9 +17,7 @@ import torch
 import torch.distributed as dist
 from attrs import validators as v
 
-from convnet.core.data import derive_seed
-from convnet.core.errors import ConvnetError
-from convnet.core.strategy import Strategy
+from convnet.core import ConvnetError, Strategy, derive_seed
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _PEER_MARKERS = ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "timed out",

@@ -13,9 +13,7 @@ import attrs
 import torch
 from torch import nn
 
-from convnet.core import schema
-from convnet.core.model import Network
-from convnet.core.strategy import Strategy, resolve_device
+from convnet.core import BuildContext, Network, Strategy, resolve_device, valid_device
 from convnet.plugins.parallel.towers import (LayerSplit, canonical, describe_towers, iter_tensors, piece_tensor,
                                              run_towers, split_network, take_blocks)
 
@@ -23,10 +21,6 @@ from convnet.plugins.parallel.towers import (LayerSplit, canonical, describe_tow
 def _devices(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
     for name in value:
         resolve_device(name)
-
-
-def _device(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    resolve_device(value)
 
 
 @attrs.define
@@ -40,7 +34,7 @@ class ModelParallelOptions:
     """
 
     devices: list[str] = attrs.field(factory=list, validator=_devices)
-    device: str = attrs.field(default="auto", validator=_device)
+    device: str = attrs.field(default="auto", validator=valid_device)
     fuse_shared_devices: bool = True
 
 
@@ -245,7 +239,8 @@ def _default_devices(device: str, towers: int) -> list[str]:
     return [device] * towers
 
 
-def build_model_parallel(options: ModelParallelOptions, recipe: schema.Recipe) -> Strategy:
+def build_model_parallel(options: ModelParallelOptions, ctx: BuildContext) -> Strategy:
+    recipe = ctx.recipe
     towers = recipe.model.towers
     names = options.devices or _default_devices(options.device, towers)
     if len(names) != towers:

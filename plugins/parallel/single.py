@@ -1,19 +1,16 @@
 """The whole model on one device; towers are grouped convolutions."""
+
 from __future__ import annotations
 
 import attrs
 
-from convnet.core.strategy import Strategy, resolve_device
-
-
-def _device(instance, attribute, value: str) -> None:
-    resolve_device(value)
+from convnet.core import BuildContext, Strategy, resolve_device, valid_device
 
 
 @attrs.define
 class SingleOptions:
-    device: str = attrs.field(default="auto", validator=_device)
+    device: str = attrs.field(default="auto", validator=valid_device)
 
 
-def build_single(options: SingleOptions, ctx) -> Strategy:
+def build_single(options: SingleOptions, ctx: BuildContext) -> Strategy:
     return Strategy(resolve_device(options.device))

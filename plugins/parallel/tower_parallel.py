@@ -23,9 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from convnet.core import schema
-from convnet.core.errors import RecipeError
-from convnet.core.model import Network
+from convnet.core import BuildContext, Network, RecipeError
 from convnet.plugins.parallel.distributed import DistributedOptions, DistributedStrategy
 from convnet.plugins.parallel.towers import (LayerSplit, canonical, describe_towers, iter_tensors, piece_tensor,
                                              run_towers, split_network)
@@ -242,5 +240,5 @@ class TowerParallel(DistributedStrategy):
         return describe_towers(model, names, self.batch_size)
 
 
-def build_tower_parallel(options: TowerParallelOptions, recipe: schema.Recipe) -> TowerParallel:
-    return TowerParallel(options, recipe.model.towers, recipe.data.batch_size)
+def build_tower_parallel(options: TowerParallelOptions, ctx: BuildContext) -> TowerParallel:
+    return TowerParallel(options, ctx.recipe.model.towers, ctx.recipe.data.batch_size)

@@ -33,8 +33,7 @@ import attrs
 import torch
 from torch import nn
 
-from convnet.core.errors import RecipeError
-from convnet.core.model import LayerInfo, Network
+from convnet.core import LayerInfo, Network, RecipeError
 
 ROW_ATTRS_OUT = ("out_channels", "out_features", "num_features")
 ROW_ATTRS_IN = ("in_channels", "in_features")

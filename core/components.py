@@ -1,0 +1,102 @@
+"""Building a recipe's components: the one place that turns recipe tables into objects.
+
+Each builder takes the registries explicitly; only the public functions of ``convnet.core``
+(``load_recipe``, ``build_model``, ``train``, ``predict``) and the command line fall back to
+the globally loaded plugins.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+
+from convnet.core import data as cdata
+from convnet.core import schema
+from convnet.core.contracts import BuildContext, OptimizerContext, Schedule, ScheduleContext
+from convnet.core.errors import RecipeError
+from convnet.core.evaluation import Evaluator
+from convnet.core.model import Network, build_model
+from convnet.core.registry import Registries
+from convnet.core.strategy import Strategy
+
+
+def build_strategy(recipe: schema.Recipe, registries: Registries) -> Strategy:
+    ctx = BuildContext(recipe, registries, "parallel")
+    return registries.strategy.build(recipe.parallel, "parallel", ctx, returns=Strategy)
+
+
+def build_evaluators(recipe: schema.Recipe, registries: Registries) -> list[tuple[str, Evaluator]]:
+    """``(path, evaluator)`` per ``[[evaluate]]`` table, in recipe order."""
+    built = []
+    for i, comp in enumerate(recipe.evaluate):
+        path = f"evaluate[{i}]"
+        ev = registries.evaluator.build(comp, path, BuildContext(recipe, registries, path))
+        if not callable(ev) or getattr(ev, "when", "epoch") not in ("epoch", "end"):
+            raise RecipeError(f"{path}: evaluator {comp.name!r} returned {type(ev).__name__}, which is not an "
+                              "Evaluator (callable, with when = \"epoch\" or \"end\")")
+        built.append((f"{path} ({comp.name})", ev))
+    return built
+
+
+def build_optimizer(recipe: schema.Recipe, registries: Registries,
+                    parameters: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    ctx = OptimizerContext(parameters, recipe, registries)
+    return registries.optimizer.build(recipe.train.optimizer, "train.optimizer", ctx, returns=torch.optim.Optimizer)
+
+
+def build_schedule(recipe: schema.Recipe, registries: Registries, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> Schedule:
+    ctx = ScheduleContext(optimizer, steps_per_epoch, steps_per_epoch * recipe.train.epochs, recipe, registries)
+    return registries.schedule.build(recipe.train.schedule, "train.schedule", ctx, returns=Schedule)
+
+
+def checkpoint_room(recipe: schema.Recipe, registries: Registries) -> int:
+    """Bytes the run folder needs: an atomic save holds the old and the new checkpoint at once,
+    each with the weights and up to two optimizer buffers per weight (sized on the meta device)."""
+    model = build_model(recipe, "meta", registries)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * 3 * weights + (1 << 20)
+
+
+@attrs.define
+class Components:
+    """Everything a run trains with, built from the recipe."""
+
+    network: Network
+    module: nn.Module
+    parameters: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    splits: cdata.DatasetSplits
+    train_augmenters: list[cdata.Augment]
+    eval_augmenters: list[cdata.Augment]
+    evaluators: list[tuple[str, Evaluator]]
+    train_set: cdata.Augmented
+    steps_per_epoch: int
+
+
+def build_components(recipe: schema.Recipe, registries: Registries, strategy: Strategy) -> Components:
+    """The model (initialised under the recipe's seed, placed by the strategy), the data, the
+    augmenters, the optimizer over this process's parameters, the schedule and the evaluators."""
+    network = build_model(recipe, "cpu", registries)
+    splits = cdata.build_dataset(recipe, registries)
+    module = strategy.prepare(network)
+    if recipe.train.channels_last:
+        module.to(memory_format=torch.channels_last)
+    named = list(strategy.named_parameters(module))
+    steps = cdata.steps_per_epoch(len(splits.train), recipe.data.batch_size)
+    if steps == 0:
+        raise RecipeError(f"data.batch_size = {recipe.data.batch_size} is larger than the training set "
+                          f"({len(splits.train)} samples)")
+    optimizer = build_optimizer(recipe, registries, named)
+    train_aug = cdata.build_augmenters(recipe.data.train_augment, registries, "data.train_augment", recipe)
+    eval_aug = cdata.build_augmenters(recipe.data.eval_augment, registries, "data.eval_augment", recipe)
+    in_workers = [] if recipe.data.augment_on == "device" else train_aug
+    return Components(
+        network=network, module=module, parameters=dict(named), optimizer=optimizer,
+        schedule=build_schedule(recipe, registries, optimizer, steps), splits=splits,
+        train_augmenters=train_aug, eval_augmenters=eval_aug, evaluators=build_evaluators(recipe, registries),
+        train_set=cdata.Augmented(splits.train, in_workers, recipe.seed, cdata.STREAM_TRAIN_AUGMENT),
+        steps_per_epoch=steps)
+

@@ -1,0 +1,137 @@
+"""A run's checkpoints: what goes into ``checkpoints/{last,best}.safetensors`` and back out.
+
+Tensors: ``model/<canonical name>``, ``optimizer/<param name>/<buffer>``, ``rng/...`` and
+``plugin/<plugin>/<key>``. Metadata: the resolved recipe, ``convnet.state`` (JSON: the
+``TrainState`` fields, optimizer hyper-parameters, schedule state, python/numpy RNG scalars),
+``convnet.components`` (which distribution supplied each component) and
+``convnet.plugin_state`` (the JSON part of plugins' state).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convnet.core import checkpoint as ckpt
+from convnet.core.components import Components
+from convnet.core.errors import CheckpointError
+from convnet.core.recipe import resume_difference
+from convnet.core.registry import Registries
+from convnet.core.schema import Recipe
+from convnet.core.strategy import Strategy
+from convnet.core.train_state import TrainState
+
+PLUGIN_PREFIX = "plugin/"
+
+
+class RunCheckpoints:
+    """Writes and restores the checkpoints of one run folder."""
+
+    def __init__(self, folder: Path, strategy: Strategy, recipe_toml: str, components: list[dict[str, str]]) -> None:
+        self.folder, self.strategy = folder, strategy
+        self.recipe_toml = recipe_toml
+        self.components_json = json.dumps(components)
+
+    def path(self, which: str = "last") -> Path:
+        return self.folder / "checkpoints" / f"{which}.safetensors"
+
+    def save(self, which: str, parts: Components, state: TrainState, plugin_state: dict[str, dict[str, Any]]) -> Path:
+        """Write ``which`` atomically (every process takes part: sharded state is gathered)."""
+        opt_tensors, groups = _optimizer_state(parts)
+        model_state = self.strategy.state_dict(parts.module)
+        opt_tensors = self.strategy.gather_tensors(opt_tensors)
+        path = self.path(which)
+        if not self.strategy.is_main:
+            return path
+        rng, rng_meta = ckpt.capture_rng()
+        tensors = {f"model/{k}": v for k, v in model_state.items()}
+        tensors.update({f"optimizer/{k}": v for k, v in opt_tensors.items()})
+        tensors.update(rng)
+        plugin_json: dict[str, dict[str, Any]] = {}
+        for plugin, values in plugin_state.items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{PLUGIN_PREFIX}{plugin}/{key}"] = value
+                else:
+                    plugin_json.setdefault(plugin, {})[key] = value
+        saved = {**state.to_json(), "optimizer_groups": groups, "schedule": parts.schedule.state_dict(),
+                 "rng": rng_meta}
+        ckpt.save(path, tensors, {"convnet.recipe": self.recipe_toml, "convnet.state": json.dumps(saved),
+                                  "convnet.components": self.components_json,
+                                  "convnet.plugin_state": json.dumps(plugin_json)})
+        return path
+
+    def copy(self, src: str, dst: str) -> None:
+        if self.strategy.is_main:
+            ckpt.copy(self.path(src), self.path(dst))
+
+    def restore(self, path: Path, parts: Components, recipe: Recipe, registries: Registries
+                ) -> tuple[TrainState, dict[str, dict[str, Any]]]:
+        """Load ``path`` into ``parts``; return the position and each plugin's saved state."""
+        tensors, metadata = ckpt.load(path)
+        saved = ckpt.state_of(metadata, path)
+        model_state = ckpt.model_tensors(tensors)
+        ckpt.check_compatible(path, parts.network.state_dict(), model_state)
+        check_same_run(path, metadata.get("convnet.recipe", ""), recipe, registries)
+        self.strategy.load_state_dict(parts.module, model_state)
+        opt = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
+        opt = self.strategy.scatter_tensors(opt)
+        for key, value in opt.items():
+            name, _, buf = key.rpartition("/")
+            p = parts.parameters.get(name)
+            if p is not None:
+                parts.optimizer.state[p][buf] = value.to(device=p.device, dtype=value.dtype)
+        for group, saved_group in zip(parts.optimizer.param_groups, saved["optimizer_groups"], strict=False):
+            for k, v in saved_group.items():
+                if k != "params":
+                    group[k] = v
+        parts.schedule.load_state_dict(saved["schedule"])
+        try:
+            ckpt.restore_rng(tensors, saved["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: RNG state is missing or corrupt ({exc})") from None
+        return TrainState.from_json(saved), _plugin_state(tensors, metadata, path)
+
+
+def check_same_run(path: Path, saved_text: str, recipe: Recipe, registries: Registries) -> None:
+    """Refuse a checkpoint whose recipe trains differently: the run would not continue."""
+    try:
+        diff = resume_difference(saved_text, recipe, registries)
+    except tomllib.TOMLDecodeError:
+        raise CheckpointError(f"{path}: the recipe stored in the checkpoint is not valid TOML") from None
+    if diff is not None:
+        key, old, new = diff
+        raise CheckpointError(
+            f"{path}: saved by a run whose recipe differs at {key} (checkpoint: {old!r}, now: {new!r}); "
+            "resuming would not continue that run. Use the same recipe and --set values "
+            "(epochs, max_steps, strategy, workers and evaluators may change)")
+
+
+def _optimizer_state(parts: Components) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimizer's buffers by ``<param name>/<buffer>`` and its groups with params by name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in parts.parameters.items():
+        for key, value in parts.optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value
+    names = {id(p): n for n, p in parts.parameters.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
+              for g in parts.optimizer.param_groups]
+    return tensors, groups
+
+
+def _plugin_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
+                  ) -> dict[str, dict[str, Any]]:
+    try:
+        state: dict[str, dict[str, Any]] = json.loads(metadata.get("convnet.plugin_state", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: checkpoint metadata 'convnet.plugin_state' is corrupt") from None
+    for key, value in tensors.items():
+        if key.startswith(PLUGIN_PREFIX):
+            plugin, _, name = key[len(PLUGIN_PREFIX):].partition("/")
+            state.setdefault(plugin, {})[name] = value
+    return state

@@ -1,0 +1,187 @@
+"""Run folders: a fresh one per run, never another run's files replaced, one writer at a time.
+
+- ``fresh_folder`` creates ``runs/<recipe>/<time>`` exclusively (``-2``, ``-3`` ... when the
+  name is taken), so runs started in the same second, by any number of processes, never share.
+- ``claim`` refuses a fresh run into a folder that already holds a run (``--resume`` continues
+  it, ``--overwrite`` replaces it, saying what it replaces) and takes the folder's lock.
+- ``FolderLock`` is an ``fcntl`` lock on ``<folder>/.lock``: the kernel releases it when its
+  process ends, however it ends (SIGKILL included), so it never goes stale; the file holds the
+  holder's pid for the message a second writer gets.
+- ``run.json`` records who made the run: the command, start time, convnet's version and, per
+  component the recipe uses, the distribution and version that supplied it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata as md
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from convnet.core.errors import ConvnetError, RecipeError
+from convnet.core.registry import Registries
+
+# What a run writes; a folder holding any of these holds a run.
+RUN_FILES = ("recipe.toml", "run.json", "metrics.jsonl", "eval.json", "checkpoints", "plots", "index.html")
+LOCK_NAME = ".lock"
+
+
+def default_folder(recipe_name: str, prefix: str = "") -> Path:
+    """Where a command writes when not told: ``runs/<recipe name>/<prefix><time>`` (not created)."""
+    return Path("runs") / (recipe_name or "recipe") / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+
+
+def fresh_folder(parent: Path, stamp: str | None = None) -> Path:
+    """Create and return a new folder ``parent/<stamp>`` (a suffix when the name is taken)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise ConvnetError(f"{parent}: no free run folder name for {stamp} after 10,000 tries")
+
+
+def run_files(folder: Path) -> list[Path]:
+    """The files and folders of a run in ``folder`` (empty when it holds none)."""
+    return [folder / name for name in RUN_FILES if (folder / name).exists()]
+
+
+class FolderLock:
+    """An exclusive lock on a run folder for the life of this object's process (or ``release``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConvnetError(f"{self.path.parent}: another convnet process (pid {holder}) is writing this run "
+                               "folder; wait for it to end, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def claim(folder: Path, resume: bool, overwrite: bool) -> FolderLock:
+    """Make ``folder`` this run's: lock it, and refuse to start afresh over another run's files.
+
+    With ``overwrite`` the other run's files are removed first, each one named on stderr.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvnetError(f"{folder}: cannot create the run folder: {exc.strerror or exc}") from None
+    lock = FolderLock(folder)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if isinstance(exc, ConvnetError):
+            raise
+        raise ConvnetError(f"{folder}: run folder is not writable: {exc.strerror or exc}") from None
+    existing = run_files(folder)
+    if existing and not resume:
+        if not overwrite:
+            lock.release()
+            names = ", ".join(p.name for p in existing)
+            last = folder / "checkpoints" / "last.safetensors"
+            how = f"--resume {last}" if last.exists() else "--resume CHECKPOINT"
+            raise RecipeError(f"{folder}: already holds a run ({names}); continue it with {how}, "
+                              "or start afresh with --overwrite (which replaces those files)")
+        for path in existing:
+            print(f"convnet: --overwrite: replacing {path}", file=sys.stderr)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return lock
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """``payload`` as indented JSON, written to a temp file and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def components_used(recipe: Any, registries: Registries) -> list[dict[str, str]]:
+    """Per component of the recipe: kind, name, plugin and "distribution version" (no repeats)."""
+    from convnet.core.recipe import iter_components
+
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for _, comp in iter_components(recipe):
+        key = (comp.kind, comp.name)
+        if key in seen or comp.name not in registries[comp.kind]:
+            continue
+        seen.add(key)
+        entry = registries[comp.kind].get(comp.name)
+        rows.append({"kind": comp.kind, "name": comp.name, "plugin": entry.plugin, "distribution": entry.distribution})
+    return rows
+
+
+def convnet_version() -> str:
+    try:
+        return md.version("convnet")
+    except md.PackageNotFoundError:
+        return "unknown"
+
+
+def write_run_json(folder: Path, recipe: Any, registries: Registries, command: str) -> dict[str, Any]:
+    """``run.json``: what made this run (rewritten by a resume, which keeps ``started``)."""
+    import torch
+
+    path = folder / "run.json"
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    try:
+        started = json.loads(path.read_text(encoding="utf-8")).get("started", started)
+    except (OSError, ValueError):
+        pass
+    info = {"command": command, "started": started, "convnet_version": convnet_version(),
+            "torch_version": torch.__version__, "python": sys.version.split()[0],
+            "components": components_used(recipe, registries)}
+    write_json(path, info)
+    return info
+
+
+def provenance_hint(kind: str, name: str, sources: list[Path]) -> str | None:
+    """For a component missing here: which distribution supplied it, from a run folder's
+    ``run.json`` or a checkpoint's metadata among ``sources``, and how to install it."""
+    from convnet.core import checkpoint
+
+    for source in sources:
+        rows: list[dict[str, str]] = []
+        try:
+            if source.suffix == ".safetensors":
+                rows = json.loads(checkpoint.read_metadata(source).get("convnet.components", "[]"))
+            else:
+                folder = source if source.is_dir() else source.parent
+                rows = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("components", [])
+        except (OSError, ValueError, ConvnetError):
+            continue
+        for row in rows:
+            if row.get("kind") == kind and row.get("name") == name:
+                dist, _, version = str(row.get("distribution", "")).partition(" ")
+                pin = f"=={version}" if version else ""
+                return (f"{kind} {name!r} came from the distribution {dist} {version} (plugin {row.get('plugin')!r}), "
+                        f"which is not installed here: pip install '{dist}{pin}'")
+    return None
