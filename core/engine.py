@@ -112,6 +112,8 @@ class Run:
     def _plugin_state(self) -> dict[str, dict[str, Any]]:
         saved = {}
         for impl in self.pm.hook.convnet_save_state.get_hookimpls():
+            if impl.plugin_name in self.recipe.plugins.disable:
+                continue
             state = impl.function(run=self.view)
             if state is not None:
                 saved[impl.plugin_name] = dict(state)
@@ -119,7 +121,7 @@ class Run:
 
     def _load_plugin_state(self, saved: dict[str, dict[str, Any]]) -> None:
         for impl in self.pm.hook.convnet_load_state.get_hookimpls():
-            if impl.plugin_name in saved:
+            if impl.plugin_name in saved and impl.plugin_name not in self.recipe.plugins.disable:
                 impl.function(run=self.view, state=saved[impl.plugin_name])
 
     def save_checkpoint(self, which: str = "last") -> Path:

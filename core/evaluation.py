@@ -139,7 +139,7 @@ def run_evaluators(evaluators: list[tuple[str, Evaluator]], ctx: EvalContext) ->
     tensors converted) so that a bad value names its evaluator and key."""
     results: dict[str, Any] = {}
     for path, ev in evaluators:
-        if ctx.final or ev.when == "epoch":
+        if ctx.final or getattr(ev, "when", "epoch") == "epoch":
             out = ev(ctx)
             if not isinstance(out, dict):
                 raise PluginError(f"{path}: the evaluator returned {type(out).__name__}, not a dict of results")

@@ -65,7 +65,8 @@ def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registri
                 continue
             pm.register(module, name=ep.name)
         except Exception as exc:  # a broken third-party plugin must not take the rest down
-            failed = FailedPlugin(ep.name, ep.value, dist, f"import failed: {_last_line(exc)}")
+            error = f"failed to import: {_last_line(exc)}"
+            failed = FailedPlugin(ep.name, ep.value, dist, error, f"plugin {ep.name!r} ({ep.value}, distribution {dist}) {error}")
             _problem(registries, strict, failed)
             continue
         dists[ep.name] = dist
@@ -83,8 +84,10 @@ def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registri
             impl.function(registries=registries)
         except Exception as exc:
             registries.discard_plugin(name)  # a plugin is loaded whole or not at all
-            error = str(exc) if isinstance(exc, ConvnetError) else f"registering failed: {_last_line(exc)}"
-            failed = FailedPlugin(name, values.get(name, name), dist, error, tuple(registries.attempted))
+            error = f"failed while registering: {_last_line(exc)}"
+            message = str(exc) if isinstance(exc, ConvnetError) else f"plugin {name!r} (distribution {dist}) {error}"
+            failed = FailedPlugin(name, values.get(name, name), dist, str(exc) if isinstance(exc, ConvnetError) else error,
+                                  message, tuple(registries.attempted))
             _problem(registries, strict, failed)
     registries.current_plugin = ("<none>", "<none>")
     registries.attempted = []

@@ -47,11 +47,8 @@ class FailedPlugin:
     entry_point: str
     distribution: str
     error: str
+    message: str
     attempted: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def message(self) -> str:
-        return f"plugin {self.name!r} ({self.entry_point}, distribution {self.distribution}) failed to load: {self.error}"
 
 
 class Registry:

@@ -110,3 +110,114 @@ def test_plugins_text_listing(capsys) -> None:
     assert "layer:" in out and "dataset:" in out
     assert any(line.split()[0] == "conv" and "[layers from convnet " in line for line in out.splitlines()
                if line.startswith("  "))
+
+
+# ------------------------------------------------------------------ the contract, in process
+
+
+class _Recorder:
+    """A hook-only plugin (registered directly on a real plugin manager) that records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @cn.hookimpl
+    def convnet_train_start(self, run) -> None:
+        self.calls.append("train_start")
+
+    @cn.hookimpl
+    def convnet_step_end(self, run, step) -> None:
+        self.calls.append(f"step_end {step}")
+
+    @cn.hookimpl
+    def convnet_evaluation_end(self, run, epoch, final) -> None:
+        self.calls.append(f"evaluation_end {epoch} {final}")
+
+    @cn.hookimpl
+    def convnet_epoch_end(self, run, epoch) -> None:
+        self.calls.append(f"epoch_end {epoch}")
+
+    @cn.hookimpl
+    def convnet_should_stop(self, run, epoch) -> None:
+        self.calls.append(f"should_stop {epoch}")
+
+    @cn.hookimpl
+    def convnet_save_state(self, run) -> None:
+        self.calls.append(f"save_state {run.step}")
+
+    @cn.hookimpl
+    def convnet_train_end(self, run, summary) -> None:
+        self.calls.append(f"train_end {summary['step']}")
+        with pytest.raises(AttributeError, match="read-only"):
+            run.step = 0
+
+
+def test_hooks_fire_in_the_documented_order(tmp_path: Path) -> None:
+    pm, regs = plugins.create_manager()
+    recorder = _Recorder()
+    pm.register(recorder, name="recorder")
+    recipe = cn.load_recipe(TINY, ["train.epochs=2", "train.max_steps=6"], regs)
+    cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+    assert recorder.calls == [
+        "train_start", "step_end 1", "step_end 2", "step_end 3", "step_end 4",
+        "evaluation_end 0 False", "save_state 4", "epoch_end 0", "should_stop 0",
+        "step_end 5", "step_end 6", "save_state 6", "evaluation_end 1 True", "train_end 6"]
+
+
+def test_a_recipe_can_disable_a_hook_only_plugin(tmp_path: Path, capsys) -> None:
+    pm, regs = plugins.create_manager()
+    recorder = _Recorder()
+    pm.register(recorder, name="recorder")
+    recipe = cn.load_recipe(TINY, ["train.max_steps=4", 'plugins.disable=["recorder", "log"]'], regs)
+    cn.Run(recipe, out=tmp_path / "a", registries=regs, pm=pm).train()
+    assert recorder.calls == [] and "epoch 1/" not in capsys.readouterr().err
+    with pytest.raises(cn.RecipeError, match=r"plugins.disable\[0\]: plugin 'layers' registers components"):
+        cn.Run(cn.load_recipe(TINY, ['plugins.disable=["layers"]'], regs), out=tmp_path / "b", registries=regs,
+               pm=pm).train()
+    with pytest.raises(cn.RecipeError, match=r"plugins.disable\[0\]: no plugin named 'nope' is loaded"):
+        cn.Run(cn.load_recipe(TINY, ['plugins.disable=["nope"]'], regs), out=tmp_path / "c", registries=regs, pm=pm)
+
+
+@pytest.mark.parametrize("result, error", [
+    (lambda: {"spread": torch.ones(3)}, r"evaluate\[1\] \(bad\): result 'spread' is a tensor of shape \[3\]"),
+    (lambda: {"when": object()}, r"evaluate\[1\] \(bad\): result 'when' is a object, which cannot be saved"),
+    (lambda: ["not", "a dict"], r"evaluate\[1\] \(bad\): the evaluator returned list, not a dict"),
+])
+def test_an_evaluator_result_that_cannot_be_saved_names_the_evaluator_and_key(result, error, tmp_path) -> None:
+    pm, regs = plugins.create_manager()
+    regs.current_plugin = ("test-evaluators", "tests")
+    regs.evaluator.add("bad", lambda options, ctx: (lambda ev_ctx: result()), regs.evaluator.get("topk").options)
+    recipe = cn.load_recipe(TINY, ["train.max_steps=4", 'evaluate=[{name = "topk"}, {name = "bad"}]'], regs)
+    with pytest.raises(cn.PluginError, match=error):
+        cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+    # the epoch's steps were saved before the evaluation failed: nothing trained is lost
+    saved = cn.load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")[1]
+    assert json.loads(saved["convnet.state"])["step"] == 4
+
+
+def test_a_zero_dim_tensor_result_is_converted(tmp_path: Path) -> None:
+    pm, regs = plugins.create_manager()
+    regs.current_plugin = ("test-evaluators", "tests")
+    regs.evaluator.add("scalar", lambda options, ctx: (lambda ev_ctx: {"answer": torch.tensor(42.5)}),
+                       regs.evaluator.get("topk").options)
+    recipe = cn.load_recipe(TINY, ["train.max_steps=4", 'evaluate=[{name = "scalar"}]'], regs)
+    summary = cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+    assert summary["answer"] == 42.5 and isinstance(summary["answer"], float)
+
+
+def test_plugins_shows_a_components_options_with_types_and_defaults(capsys) -> None:
+    assert cli_main(["plugins", "schedule", "cosine"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("schedule cosine: per step: linear warm-up") and "[optim from convnet " in out
+    assert "  warmup_steps: int = 0\n" in out and "  min_lr: float = 0.0\n" in out
+    assert cli_main(["plugins", "layer", "relu"]) == 0 and "(no options)" in capsys.readouterr().out
+    assert cli_main(["plugins", "layer", "rleu"]) == 2
+    assert "did you mean 'relu'?" in capsys.readouterr().err
+
+
+def test_plugins_lists_hooks_and_commands_per_plugin(capsys) -> None:
+    assert cli_main(["plugins", "--json"]) == 0
+    table = {row["name"]: row for row in json.loads(capsys.readouterr().out)["plugins"]}
+    assert table["alexnet"]["commands"] == ["convert"]
+    assert {"convnet_train_start", "convnet_step_end", "convnet_epoch_end"} <= set(table["log"]["hooks"])
+    assert table["layers"]["components"] >= 8 and table["log"]["components"] == 0

@@ -88,3 +88,65 @@ def test_all_broken_plugins_at_once_through_the_cli(site, ledger) -> None:
     assert "Traceback" not in strict.stderr
     ledger.record("third-party plugins: all three broken at once (CLI)",
                   "3 problems listed, the rest loaded, --strict exit 2")
+
+
+def _with(site_folder: Path) -> dict[str, str]:
+    run_env = env()
+    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site_folder), run_env.get("PYTHONPATH")]))
+    return run_env
+
+
+TINY = Path(__file__).parents[1] / "fixtures" / "recipes" / "tiny.toml"
+
+
+@pytest.mark.parametrize("command", [["show", str(TINY)], ["summary", str(TINY)], ["recipes"], ["plugins"],
+                                     ["run", str(TINY), "--set", "train.max_steps=1", "--quiet"]])
+def test_every_command_names_a_plugin_that_failed(command, site, tmp_path, ledger) -> None:
+    extra = ["--out", str(tmp_path / "run")] if command[0] == "run" else []
+    proc = subprocess.run([*CONVNET, *command, *extra], capture_output=True, text=True, env=_with(site["all"]),
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("convnet: warning: ")]
+    assert len(warned) == 3, proc.stderr
+    for name in BROKEN:
+        assert any(all(f in line for f in _fragments(name)) for line in warned), (name, warned)
+    ledger.record(f"broken plugins seen by `convnet {command[0]}`", "each named on stderr, the command worked")
+
+
+def test_a_component_of_a_failed_plugin_is_named_as_such(site, tmp_path) -> None:
+    """Not 'did you mean': the plugin that would provide it failed, and the message says so."""
+    dup = subprocess.run([*CONVNET, "show", str(TINY), "--set", "model.layers[1].name=fixture_identity"],
+                         capture_output=True, text=True, env=_with(site["duplicate-name"]), timeout=120)
+    assert dup.returncode == 2
+    error = dup.stderr.strip().splitlines()[-1]
+    assert "layer 'fixture_identity' comes from plugin 'duplicate_name' (distribution " in error, error
+    assert "which failed to load: layer 'relu' is registered twice" in error and "did you mean" not in error
+    broken = subprocess.run([*CONVNET, "show", str(TINY), "--set", "model.layers[1].name=elu"],
+                            capture_output=True, text=True, env=_with(site["raises-at-import"]), timeout=120)
+    error = broken.stderr.strip().splitlines()[-1]
+    assert broken.returncode == 2 and "unknown layer 'elu'" in error and "did you mean" not in error, error
+    assert "a plugin that failed to load may provide it: plugin 'raises_at_import'" in error, error
+
+
+def test_a_run_folder_names_its_plugins_and_eval_without_them_says_what_to_install(site, tmp_path, ledger) -> None:
+    recipe = tmp_path / "constant.toml"
+    recipe.write_text(TINY.read_text() + "\n")
+    sets = ["--set", 'data.dataset={name = "fixture_constant", size = 16}', "--set", "train.max_steps=2"]
+    out = tmp_path / "run"
+    done = subprocess.run([*CONVNET, "run", str(recipe), *sets, "--out", str(out), "--quiet"], capture_output=True,
+                          text=True, env=_with(site["all"]), timeout=300)
+    assert done.returncode == 0, done.stderr
+    used = json.loads((out / "run.json").read_text())
+    assert {"kind": "dataset", "name": "fixture_constant", "plugin": "good_extra",
+            "distribution": "convnet-fixture-good-extra 0.0.1"} in used["components"]
+    assert used["convnet_version"] and used["command"].startswith("convnet run ")
+    checkpoint = str(out / "checkpoints" / "last.safetensors")
+    for args in (["eval", str(out / "recipe.toml"), "--checkpoint", checkpoint, "--out", str(tmp_path / "ev")],
+                 ["run", str(out / "recipe.toml"), "--out", str(out), "--resume", checkpoint]):
+        proc = subprocess.run([*CONVNET, *args], capture_output=True, text=True, env=env(), timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0] == ("convnet: error: dataset 'fixture_constant' came from the distribution "
+                            "convnet-fixture-good-extra 0.0.1 (plugin 'good_extra'), which is not installed here: "
+                            "pip install 'convnet-fixture-good-extra==0.0.1'"), lines[0]
+    ledger.record("eval / resume without the plugin a run used", "one line: the distribution and its pip install")
