@@ -45,6 +45,21 @@ def test_each_variant_changes_only_its_ablated_part(registries):
         {k: (v if k == "conv5" else v // 2) for k, v in widths.items()}
 
 
+@pytest.mark.parametrize("name", sorted({recipe for ab in ABLATIONS.values() for _, recipe in ab.arms}
+                                         - {"ablation-digits"}))
+def test_each_ablation_edits_the_baseline_by_id_instead_of_copying_it(name):
+    """The ablated part is all an ablation recipe says: its layers are edits of the baseline's."""
+    import tomllib
+
+    from convnet.core.recipe import locate
+
+    text, _, _ = locate(name)
+    raw = tomllib.loads(text)
+    assert raw["extends"] == "ablation-digits"
+    assert isinstance(raw["model"]["layers"], dict) and len(raw["model"]["layers"]) <= 7
+    assert len(text.splitlines()) <= 15
+
+
 def test_epochs_to_threshold():
     evals = [{"epoch": 0, "train_top1_error": 0.6}, {"epoch": 1, "train_top1_error": 0.26},
              {"epoch": 2, "train_top1_error": 0.25}]
