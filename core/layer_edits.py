@@ -58,7 +58,7 @@ def find_layer(layers: list[Any], layer_id: str, where: str) -> int:
 
 def edit_layers(layers: list[Any], edits: dict[str, Any], path: str = "model.layers") -> list[Any]:
     """The parent's layer list with a child's table of edits applied (see the module docstring)."""
-    entries = [(i, copy.deepcopy(layer)) for i, layer in zip(raw_layer_ids(layers), layers)]
+    entries = [(i, copy.deepcopy(layer)) for i, layer in zip(raw_layer_ids(layers), layers, strict=True)]
     chained: dict[str, str] = {}  # anchor -> the last layer inserted after it
     for key, edit in edits.items():
         where = f"{path}.{key}"
@@ -79,31 +79,40 @@ def edit_layers(layers: list[Any], edits: dict[str, Any], path: str = "model.lay
                 del entries[position]
                 continue
             layer = entries[position][1]
+            if not isinstance(layer, dict):
+                raise RecipeError(f"{where}: the parent's layer is not a table, found {show(layer)}")
             if "name" in edit and edit["name"] != layer.get("name"):
                 layer = edit  # another layer: its own options
             else:
                 layer.update(edit)
             entries[position] = (key, layer)
-            if anchor is None:
-                continue
-            del entries[position]
+            if anchor is not None:  # a move
+                del entries[position]
+                _place(entries, key, layer, anchor, where, chained)
         elif remove or anchor is None:
             raise unknown_id(where, key, ids, "" if remove else "a new layer needs after = \"ID\" or before = \"ID\"; ")
         elif "name" not in edit:
             raise RecipeError(f"{where}: a new layer needs a name (the registered layer it is)")
         else:
-            layer = edit
-        side, target = anchor
-        ids = [i for i, _ in entries]
-        if target not in ids:
-            raise unknown_id(f"{where}.{side}", target, ids)
-        if side == "before":
-            entries.insert(ids.index(target), (key, layer))
-        else:
-            last = chained.get(target)
-            entries.insert(ids.index(last if last in ids else target) + 1, (key, layer))
-            chained[target] = key
+            _place(entries, key, edit, anchor, where, chained)
     return _pin_ids(entries)
+
+
+def _place(entries: list[tuple[str, Any]], key: str, layer: Any, anchor: tuple[str, str], where: str,
+           chained: dict[str, str]) -> None:
+    """Insert ``layer`` before or after its anchor (after the layers inserted after it before)."""
+    side, target = anchor
+    if target == key:
+        raise RecipeError(f"{where}.{side}: a layer cannot be placed {side} itself")
+    ids = [i for i, _ in entries]
+    if target not in ids:
+        raise unknown_id(f"{where}.{side}", target, ids)
+    if side == "before":
+        entries.insert(ids.index(target), (key, layer))
+        return
+    last = chained.get(target)
+    entries.insert(ids.index(last if last in ids else target) + 1, (key, layer))
+    chained[target] = key
 
 
 def _edit_keys(edit: dict[str, Any], where: str) -> tuple[bool, tuple[str, str] | None]:
@@ -123,7 +132,7 @@ def _edit_keys(edit: dict[str, Any], where: str) -> tuple[bool, tuple[str, str] 
 def _pin_ids(entries: list[tuple[str, Any]]) -> list[Any]:
     """The layers, each with its id written out where the default rule would now give another."""
     layers = [layer for _, layer in entries]
-    for (wanted, layer), got in zip(entries, raw_layer_ids(layers)):
+    for (wanted, layer), got in zip(entries, raw_layer_ids(layers), strict=True):
         if got != wanted and isinstance(layer, dict):
             layer["id"] = wanted
     return layers

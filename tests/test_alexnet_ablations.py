@@ -69,8 +69,9 @@ def test_epochs_to_threshold():
 
 def test_relu_vs_tanh_comparison_reports_the_speedup():
     ab = ABLATIONS["relu-vs-tanh"]
-    arms = {"relu": summarise_arm([{"epochs_to_25pct_train_error": 2, "val_top1_error": 0.1, "val_samples": 100}], 0.25),
-            "tanh": summarise_arm([{"epochs_to_25pct_train_error": 6, "val_top1_error": 0.2, "val_samples": 100}], 0.25)}
+    runs = {"relu": (2, 0.1), "tanh": (6, 0.2)}
+    arms = {arm: summarise_arm([{"epochs_to_25pct_train_error": epochs, "val_top1_error": error, "val_samples": 100}],
+                               0.25) for arm, (epochs, error) in runs.items()}
     diff, line = compare(ab, arms)
     assert diff["speedup"] == 3.0 and "after 2 epoch(s) with relu" in line and "(3.00x)" in line
     assert "six times faster" in line

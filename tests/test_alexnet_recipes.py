@@ -174,7 +174,8 @@ def test_tower_split_that_does_not_divide_fails_at_load(registries):
 def test_local_conv_whose_channels_do_not_divide_names_layer_and_shape(registries):
     # conv2 is tower-local; 90 output channels from conv1 cannot split over 4 towers.
     with pytest.raises(RecipeError) as err:
-        load("alexnet-imagenet", registries, ("model.towers=4", "model.layers[0].out=90", "model.layers[2].towers=\"cross\""))
+        load("alexnet-imagenet", registries, ("model.towers=4", "model.layers.conv1.out=90",
+                                              'model.layers.lrn1.towers="cross"'))
     msg = str(err.value)
     assert "model.layers[4] (conv2)" in msg and "[90, 27, 27]" in msg and "4" in msg
 

@@ -96,7 +96,8 @@ def test_the_same_component_still_merges_and_the_swap_rule_covers_every_componen
 
 def test_a_swapped_component_is_checked_against_its_own_options(tmp_path, registries) -> None:
     child = child_of(tmp_path, "alexnet-digits", '[train.schedule]\nname = "step"\nfactor = 0.5\n')
-    with pytest.raises(RecipeError, match=rf"^{child}: train\.schedule: unknown key 'factor' \(allowed: every, gamma\)$"):
+    message = rf"^{child}: train\.schedule: unknown key 'factor' \(allowed: every, gamma\)$"
+    with pytest.raises(RecipeError, match=message):
         load_recipe(child, registries=registries)
 
 

@@ -85,7 +85,7 @@ act = { name = "relu", before = "conv1", towers = "cross" }
     base = load_recipe("alexnet-digits", registries=registries)
     assert ids_of(recipe)[:7] == ["act", "conv1", "relu1", "pool1", "drop0", "drop00", "conv2"]
     assert "lrn1" not in ids_of(recipe) and "lrn2" not in ids_of(recipe)
-    layers = dict(zip(ids_of(recipe), recipe.model.layers))
+    layers = dict(zip(ids_of(recipe), recipe.model.layers, strict=True))
     assert layers["relu1"].name == "tanh" and layers["relu1"].id == "relu1"  # the id stays with the key
     assert (layers["drop0"].options.p, layers["drop00"].options.p, layers["act"].towers) == (0.1, 0.2, "cross")
     fc8 = layers["fc8"].options
@@ -142,6 +142,7 @@ def test_edits_chain_through_grandchildren(tmp_path, registries) -> None:
                                            "'lrn7'"),
     ('[model.layers.lrn1]\nremove = "yes"\n', "model.layers.lrn1.remove: expected true or false, found 'yes'"),
     ('[model.layers.lrn1]\nafter = 3\n', "model.layers.lrn1.after: expected a layer id, found 3 (int)"),
+    ('[model.layers.lrn1]\nbefore = "lrn1"\n', "model.layers.lrn1.before: a layer cannot be placed before itself"),
 ])
 def test_bad_layer_edits_name_the_file_and_the_path(tmp_path, registries, body: str, message: str) -> None:
     path = child(tmp_path, body)
