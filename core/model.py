@@ -7,7 +7,6 @@ output rows in tower order, so a strategy can split a layer by slicing rows.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import attrs
@@ -110,7 +109,7 @@ def build_model(recipe: schema.Recipe, device: str | torch.device = "cpu",
     shape: tuple[int, ...] = tuple(recipe.model.input)
     modules: list[tuple[str, nn.Module]] = []
     info: list[LayerInfo] = []
-    counts: Counter[str] = Counter()
+    ids = schema.layer_ids((spec.name, spec.id) for spec in recipe.model.layers)
     seen: set[str] = set()
     generator_state = None
     if dev.type != "meta":
@@ -119,8 +118,7 @@ def build_model(recipe: schema.Recipe, device: str | torch.device = "cpu",
     try:
         n = len(recipe.model.layers)
         for index, spec in enumerate(recipe.model.layers):
-            counts[spec.name] += 1
-            layer_id = spec.id or f"{spec.name.replace('-', '_')}{counts[spec.name]}"
+            layer_id = ids[index]
             path = f"model.layers[{index}]"
             if layer_id in seen:
                 raise RecipeError(f"{path}: id {layer_id!r} is used twice")

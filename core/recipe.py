@@ -7,206 +7,25 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import importlib.resources
-import math
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
 import attrs
-import cattrs
 import tomli_w
-from cattrs.cols import is_sequence, list_structure_factory
-from cattrs.errors import (AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError,
-                           IterableValidationError)
+from cattrs.errors import ClassValidationError, IterableValidationError
 
 from convnet.core import schema
+from convnet.core.converter import make_converter, show, structure_error
 from convnet.core.errors import RecipeError
+from convnet.core.layer_edits import edit_layers, find_layer
 from convnet.core.registry import Registries
 
 MAX_EXTENDS_DEPTH = 16
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def _strict_int(value: Any, _: type) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer, found {_show(value)}")
-    return value
-
-
-def _strict_float(value: Any, _: type) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"expected a number, found {_show(value)}")
-    try:
-        result = float(value)
-    except OverflowError:
-        raise ValueError(f"expected a number that fits a float, found {_show(value)}") from None
-    if not math.isfinite(result):
-        raise ValueError(f"expected a finite number, found {_show(value)}")
-    return result
-
-
-def _strict_bool(value: Any, _: type) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, found {_show(value)}")
-    return value
-
-
-def _strict_str(value: Any, _: type) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, found {_show(value)}")
-    return value
-
-
-def _strict_list_factory(type_: Any, converter: cattrs.Converter) -> Any:
-    inner = list_structure_factory(type_, converter)
-
-    def structure(value: Any, t: Any) -> list:
-        if not isinstance(value, list):
-            raise ValueError(f"expected an array, found {_show(value)}")
-        return inner(value, t)
-
-    return structure
-
-
-def _failing_field(cls: type, value: dict[str, Any]) -> attrs.Attribute | None:
-    """The field whose validator rejects its raw value (attrs names only the class)."""
-    for field in attrs.fields(cls):
-        key = field.alias or field.name
-        if field.validator is None or key not in value:
-            continue
-        try:
-            field.validator(None, field, value[key])
-        except Exception:  # noqa: BLE001 - any complaint of the validator is the one we want
-            return field
-    return None
-
-
-def _structure_validated(structure_fn: Any, value: Any, cls: type) -> Any:
-    """Structure an attrs class; a validator's ValueError gets the field's path like a type error."""
-    try:
-        return structure_fn(value, cls)
-    except ClassValidationError as group:
-        field = _failing_field(cls, value) if isinstance(value, dict) else None
-        if field is not None:
-            for exc in group.exceptions:
-                if isinstance(exc, (ValueError, TypeError)) and not any(
-                        isinstance(n, AttributeValidationNote) for n in getattr(exc, "__notes__", ())):
-                    exc.add_note(AttributeValidationNote(
-                        f"Structuring class {cls.__qualname__} @ attribute {field.name}", field.name, field.type))
-        raise
-
-
-def _is_component(type_: Any) -> bool:
-    return isinstance(type_, type) and issubclass(type_, schema.Component)
-
-
-def make_converter(registries: Registries) -> cattrs.Converter:
-    """A converter that is strict about types and validates component options."""
-    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-    conv.register_structure_hook(int, _strict_int)
-    conv.register_structure_hook(float, _strict_float)
-    conv.register_structure_hook(bool, _strict_bool)
-    conv.register_structure_hook(str, _strict_str)
-    conv.register_structure_hook_factory(is_sequence, _strict_list_factory)
-
-    def structure_component(value: Any, type_: type[schema.Component]) -> schema.Component:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a table with a {_key(type_)!r}, found {_show(value)}")
-        value = dict(value)
-        key = _key(type_)
-        if key not in value:
-            raise ValueError(f"missing {key!r}: name one of the registered {type_.kind}s "
-                             f"({', '.join(registries[type_.kind].names())})")
-        name = value.pop(key)
-        if not isinstance(name, str):
-            raise ValueError(f"{key!r}: expected a string, found {_show(name)}")
-        entry = registries[type_.kind].get(name)
-        extra: dict[str, Any] = {}
-        if type_ is schema.Layer:
-            for field in ("id", "towers"):
-                if field in value:
-                    extra[field] = value.pop(field)
-            try:
-                if "id" in extra:
-                    field = "id"
-                    extra["id"] = _strict_str(extra["id"], str)
-                    if not extra["id"].isidentifier():
-                        raise ValueError(f"expected a name made of letters, digits and _, found {extra['id']!r}")
-                if "towers" in extra:
-                    field = "towers"
-                    extra["towers"] = _strict_str(extra["towers"], str)
-                    schema._towers_choice(None, None, extra["towers"])
-            except ValueError as exc:
-                exc.add_note(AttributeValidationNote(f"Structuring class Layer @ attribute {field}", field, str))
-                raise ClassValidationError("While structuring Layer", [exc], type_) from None
-        options = _structure_validated(conv.structure, value, entry.options)
-        return type_(name, options, **extra) if extra else type_(name, options)
-
-    conv.register_structure_hook_func(_is_component, structure_component)
-
-    def structure_attrs_checked(value: Any, type_: type) -> Any:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a table, found {_show(value)}")
-        return _structure_validated(plain_hooks[type_], value, type_)
-
-    plain_hooks: dict[type, Any] = {}
-    for cls in (schema.Model, schema.Data, schema.Train, schema.Plugins, schema.Recipe):
-        plain_hooks[cls] = conv.get_structure_hook(cls)
-        conv.register_structure_hook(cls, structure_attrs_checked)
-
-
-    def unstructure_component(component: schema.Component) -> dict[str, Any]:
-        out: dict[str, Any] = {_key(type(component)): component.name}
-        if isinstance(component, schema.Layer):
-            if component.id is not None:
-                out["id"] = component.id
-            out["towers"] = component.towers
-        if component.options is not None:
-            out.update(conv.unstructure(component.options))
-        return out
-
-    conv.register_unstructure_hook_func(_is_component, unstructure_component)
-    return conv
-
-
-def _key(type_: type[schema.Component]) -> str:
-    return getattr(type_, "key", "name")
-
-
-def format_exception(exc: BaseException, type_: Any) -> str:
-    if isinstance(exc, ForbiddenExtraKeysError):
-        allowed = sorted(a.name for a in attrs.fields(exc.cl)) if attrs.has(exc.cl) else []
-        extra = sorted(exc.extra_fields)
-        close = [m for k in extra for m in difflib.get_close_matches(k, allowed, n=1)]
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}{hint} (allowed: {', '.join(allowed)})"
-    if isinstance(exc, KeyError):
-        return "required key missing"
-    if isinstance(exc, (ValueError, TypeError, RecipeError)):
-        # attrs' in_ validator passes (message, attribute, options, value) as its arguments
-        return exc.args[0] if len(exc.args) > 1 and isinstance(exc.args[0], str) else str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _errors(exc: BaseException, source: str) -> RecipeError:
-    lines = cattrs.transform_error(exc, path="$", format_exception=format_exception)
-    pretty = []
-    for line in lines:
-        message, _, path = line.rpartition(" @ ")
-        path = path.removeprefix("$").removeprefix(".") or "(top level)"
-        pretty.append(f"{path}: {message}")
-    head = f"{source}: " if source else ""
-    if len(pretty) == 1:
-        return RecipeError(head + pretty[0])
-    return RecipeError(head + "; ".join(pretty))
+LAYERS = ("model", "layers")
 
 
 # ---------------------------------------------------------------- finding and merging
@@ -246,15 +65,42 @@ def locate(ref: str, relative_to: Path | None = None) -> tuple[str, str, Path | 
     raise RecipeError(f"unknown recipe {ref!r}{hint} (bundled: {', '.join(names)}; or give a path to a .toml file)")
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; anything else (arrays included) is replaced."""
+@functools.cache
+def component_tables(cls: type = schema.Recipe, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
+    """The path of every component table in a recipe (arrays aside) and the key that names its plugin."""
+    out: dict[tuple[str, ...], str] = {}
+    for field in attrs.fields(attrs.resolve_types(cls)):
+        path = (*prefix, field.name)
+        if isinstance(field.type, type) and issubclass(field.type, schema.Component):
+            out[path] = field.type.key
+        elif attrs.has(field.type):
+            out.update(component_tables(field.type, path))
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A child recipe's data over its parent's.
+
+    Tables merge key by key, except a component table naming another plugin than the parent's:
+    that one replaces the parent's whole (another component brings its own options). Arrays
+    are replaced; a table given for ``model.layers`` edits the parent's layers by id.
+    """
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        here = (*path, key)
+        old = out.get(key)
+        if here == LAYERS and isinstance(value, dict) and isinstance(old, list):
+            out[key] = edit_layers(old, value)
+        elif isinstance(value, dict) and isinstance(old, dict) and not _swaps_component(here, old, value):
+            out[key] = merge(old, value, here)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _swaps_component(path: tuple[str, ...], old: dict[str, Any], new: dict[str, Any]) -> bool:
+    key = component_tables().get(path)
+    return key is not None and key in new and new[key] != old.get(key)
 
 
 def load_raw(ref: str, relative_to: Path | None = None, _depth: int = 0) -> tuple[dict[str, Any], str]:
@@ -265,7 +111,7 @@ def load_raw(ref: str, relative_to: Path | None = None, _depth: int = 0) -> tupl
     if "extends" in raw:
         parent = raw.pop("extends")
         if not isinstance(parent, str):
-            raise RecipeError(f"{source}: extends: expected a recipe name or path, found {_show(parent)}")
+            raise RecipeError(f"{source}: extends: expected a recipe name or path, found {show(parent)}")
         if _depth >= MAX_EXTENDS_DEPTH:
             raise RecipeError(f"{source}: extends: more than {MAX_EXTENDS_DEPTH} levels (a cycle?)")
         try:  # an unknown parent is this file's error: name it
@@ -275,7 +121,14 @@ def load_raw(ref: str, relative_to: Path | None = None, _depth: int = 0) -> tupl
         base, _ = load_raw(parent, path.parent if path is not None else None, _depth + 1)
         base.pop("name", None)
         base.pop("description", None)
-        raw = merge(base, raw)
+        try:
+            raw = merge(base, raw)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("layers"), dict):
+        raise RecipeError(f"{source}: model.layers: a table edits the layers of a parent recipe by id, and "
+                          "there is none (no extends, or it has no layers): give an array of layers")
     return raw, name
 
 
@@ -308,31 +161,33 @@ def parse_value(text: str) -> Any:
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """``--set KEY=VALUE``: assign one value (a table value replaces the table whole).
+
+    In ``model.layers`` a piece that is not an index names a layer id: ``model.layers.fc8.out``.
+    """
     key, sep, text = assignment.partition("=")
     if not sep:
         raise RecipeError(f"--set {assignment}: expected KEY=VALUE")
     parts = parse_path(key.strip())
     node: Any = raw
-    for depth, part in enumerate(parts[:-1]):
-        where = _fmt_path(parts[: depth + 1])
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(part, str) and isinstance(node, list) and tuple(parts[:depth]) == LAYERS:
+            try:
+                part = find_layer(node, part, _fmt_path(parts[: depth + 1]))
+            except RecipeError as exc:
+                raise RecipeError(f"--set {key}: {exc}") from None
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                raise RecipeError(f"--set {key}: {where} does not exist")
+                raise RecipeError(f"--set {key}: {_fmt_path(parts[: depth + 1])} does not exist")
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {_fmt_path(parts[:depth])} is not a table")
+        if last:
+            node[part] = parse_value(text.strip())
+        elif isinstance(part, int):
             node = node[part]
         else:
-            if not isinstance(node, dict):
-                raise RecipeError(f"--set {key}: {_fmt_path(parts[:depth])} is not a table")
             node = node.setdefault(part, {})
-    last = parts[-1]
-    value = parse_value(text.strip())
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise RecipeError(f"--set {key}: {_fmt_path(parts)} does not exist")
-        node[last] = value
-    else:
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set {key}: {_fmt_path(parts[:-1])} is not a table")
-        node[last] = value
 
 
 def _fmt_path(parts: list[str | int]) -> str:
@@ -351,11 +206,24 @@ def structure(raw: dict[str, Any], registries: Registries, source: str = "") -> 
     try:
         recipe = conv.structure(raw, schema.Recipe)
     except (ClassValidationError, IterableValidationError) as exc:
-        raise _errors(exc, source) from None
+        raise structure_error(exc, source) from None
     except (ValueError, TypeError, RecipeError) as exc:
         raise RecipeError(f"{source}: {exc}") from None
     _fill_default_options(recipe, registries, source)
+    _fill_last_out(recipe)
     return recipe
+
+
+def _fill_last_out(recipe: schema.Recipe) -> None:
+    """An option named ``out`` of the last layer, left unset, is ``model.num_classes``.
+
+    Filled here, in the resolved recipe, so that ``convnet show``, the run folder's recipe.toml
+    and every checkpoint state the width explicitly.
+    """
+    last = recipe.model.layers[-1]
+    options = last.options
+    if attrs.has(type(options)) and "out" in attrs.fields_dict(type(options)) and options.out is None:
+        last.options = attrs.evolve(options, out=recipe.model.num_classes)
 
 
 def _fill_default_options(recipe: schema.Recipe, registries: Registries, source: str) -> None:

@@ -6,6 +6,8 @@ attrs class the plugin registered.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import attrs
@@ -15,16 +17,42 @@ positive = v.gt(0)
 non_negative = v.ge(0)
 
 
-def _towers_choice(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+def towers_choice(instance: Any, attribute: attrs.Attribute | None, value: str) -> None:
+    """A layer's ``towers``: ``"local"`` (inside each tower) or ``"cross"`` (reads every tower)."""
     if value not in ("local", "cross"):
         raise ValueError(f"expected 'local' or 'cross', found {value!r}")
 
 
+def identifier(instance: Any, attribute: attrs.Attribute | None, value: str) -> None:
+    """A layer id: a name made of letters, digits and ``_`` (it is a module name and a ``--set`` path piece)."""
+    if not value.isidentifier():
+        raise ValueError(f"expected a name made of letters, digits and _, found {value!r}")
+
+
+def layer_ids(layers: Iterable[tuple[str, str | None]]) -> list[str]:
+    """Each layer's id from its (registry name, stated id) pairs, in order.
+
+    A layer without an id is named after its registry name (``-`` as ``_``) and its count
+    among the layers of that name so far: the third ``relu`` is ``relu3``. The model, the
+    summary, ``--set model.layers.ID`` and a child recipe's layer edits all use this rule.
+    """
+    counts: Counter[str] = Counter()
+    ids = []
+    for name, given in layers:
+        counts[name] += 1
+        ids.append(given or f"{name.replace('-', '_')}{counts[name]}")
+    return ids
+
+
 @attrs.define
 class Component:
-    """A registered component: its registry name and its validated options."""
+    """A registered component: its registry name and its validated options.
+
+    ``kind`` is the registry it comes from; ``key`` the recipe key that names it.
+    """
 
     kind: ClassVar[str] = ""
+    key: ClassVar[str] = "name"
     name: str
     options: Any = None
 
@@ -59,8 +87,8 @@ class Layer(Component):
     """A layer: ``towers = "local"`` keeps it inside each tower, ``"cross"`` reads all towers."""
 
     kind: ClassVar[str] = "layer"
-    id: str | None = None
-    towers: str = attrs.field(default="local", validator=_towers_choice)
+    id: str | None = attrs.field(default=None, validator=v.optional(identifier))
+    towers: str = attrs.field(default="local", validator=towers_choice)
 
 
 @attrs.define
@@ -117,7 +145,7 @@ class Train:
     checkpoint_every: int = attrs.field(default=0, validator=non_negative)
     deterministic: bool = True
     log_every: int = attrs.field(default=10, validator=positive)
-    # The fast training path (docs/benchmarks.md): each is a measured option, off by default.
+    # The fast training path (README.md, "Fast training path"): each is a measured option, off by default.
     channels_last: bool = False
     autocast: str = attrs.field(default="none", validator=v.in_(("none", "bfloat16")))
     cudnn_benchmark: bool = False

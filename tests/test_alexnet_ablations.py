@@ -45,6 +45,21 @@ def test_each_variant_changes_only_its_ablated_part(registries):
         {k: (v if k == "conv5" else v // 2) for k, v in widths.items()}
 
 
+@pytest.mark.parametrize("name", sorted({recipe for ab in ABLATIONS.values() for _, recipe in ab.arms}
+                                         - {"ablation-digits"}))
+def test_each_ablation_edits_the_baseline_by_id_instead_of_copying_it(name):
+    """The ablated part is all an ablation recipe says: its layers are edits of the baseline's."""
+    import tomllib
+
+    from convnet.core.recipe import locate
+
+    text, _, _ = locate(name)
+    raw = tomllib.loads(text)
+    assert raw["extends"] == "ablation-digits"
+    assert isinstance(raw["model"]["layers"], dict) and len(raw["model"]["layers"]) <= 7
+    assert len(text.splitlines()) <= 15
+
+
 def test_epochs_to_threshold():
     evals = [{"epoch": 0, "train_top1_error": 0.6}, {"epoch": 1, "train_top1_error": 0.26},
              {"epoch": 2, "train_top1_error": 0.25}]
@@ -54,8 +69,9 @@ def test_epochs_to_threshold():
 
 def test_relu_vs_tanh_comparison_reports_the_speedup():
     ab = ABLATIONS["relu-vs-tanh"]
-    arms = {"relu": summarise_arm([{"epochs_to_25pct_train_error": 2, "val_top1_error": 0.1, "val_samples": 100}], 0.25),
-            "tanh": summarise_arm([{"epochs_to_25pct_train_error": 6, "val_top1_error": 0.2, "val_samples": 100}], 0.25)}
+    runs = {"relu": (2, 0.1), "tanh": (6, 0.2)}
+    arms = {arm: summarise_arm([{"epochs_to_25pct_train_error": epochs, "val_top1_error": error, "val_samples": 100}],
+                               0.25) for arm, (epochs, error) in runs.items()}
     diff, line = compare(ab, arms)
     assert diff["speedup"] == 3.0 and "after 2 epoch(s) with relu" in line and "(3.00x)" in line
     assert "six times faster" in line

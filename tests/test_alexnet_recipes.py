@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from convnet.core import cli
 from convnet.core.errors import RecipeError
 from convnet.core.model import build_model, describe
-from convnet.core.recipe import load_recipe
+from convnet.core.recipe import bundled_names, load_recipe, to_toml
 from convnet.core.summary import summarize
 
 PAPER_AUGMENTERS = ("mean-image", "random-crop", "hflip", "pca-lighting", "ten-crop")
@@ -101,9 +102,8 @@ def test_paper_initialisation_from_layer_options(registries):
 
 def test_lrn_is_tower_local_by_default_and_cross_is_an_option(registries):
     recipe = load("alexnet-imagenet", registries)
-    index = next(i for i, layer in enumerate(recipe.model.layers) if layer.id == "lrn1")
     local = build_model(recipe, registries=registries).layers["lrn1"]
-    cross = build_model(load("alexnet-imagenet", registries, (f"model.layers[{index}].towers=\"cross\"",)),
+    cross = build_model(load("alexnet-imagenet", registries, ('model.layers.lrn1.towers="cross"',)),
                         registries=registries).layers["lrn1"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 96, 5, 5, generator=g) * 30
@@ -174,18 +174,16 @@ def test_tower_split_that_does_not_divide_fails_at_load(registries):
 def test_local_conv_whose_channels_do_not_divide_names_layer_and_shape(registries):
     # conv2 is tower-local; 90 output channels from conv1 cannot split over 4 towers.
     with pytest.raises(RecipeError) as err:
-        load("alexnet-imagenet", registries, ("model.towers=4", "model.layers[0].out=90", "model.layers[2].towers=\"cross\""))
+        load("alexnet-imagenet", registries, ("model.towers=4", "model.layers.conv1.out=90",
+                                              'model.layers.lrn1.towers="cross"'))
     msg = str(err.value)
     assert "model.layers[4] (conv2)" in msg and "[90, 27, 27]" in msg and "4" in msg
 
 
 def test_fc_on_a_spatial_input_fails_at_load(registries):
-    index = 15  # the flatten layer
-    recipe_layers = load("alexnet-imagenet", registries).model.layers
-    assert recipe_layers[index].name == "flatten"
     with pytest.raises(RecipeError) as err:
-        load("alexnet-imagenet", registries, (f"model.layers[{index}].name=\"relu\"",))
-    assert "(fc6)" in str(err.value) and "[256, 6, 6]" in str(err.value)
+        load("alexnet-imagenet", registries, ('model.layers.flatten.name="relu"',))
+    assert "model.layers[16] (fc6)" in str(err.value) and "[256, 6, 6]" in str(err.value)
 
 
 def test_bad_shape_fails_before_any_data_is_read(registries, tmp_path):
@@ -205,13 +203,45 @@ def test_the_paper_recipe_runs_end_to_end_on_a_small_jpeg_tree(tmp_path, registr
     write_tree(root)
     stats = tmp_path / "stats.safetensors"
     raw = load_recipe("alexnet-imagenet", registries=registries)
-    fc8 = next(i for i, layer in enumerate(raw.model.layers) if layer.id == "fc8")
-    ids = {layer.id: i for i, layer in enumerate(raw.model.layers)}
-    sets = [f"data.dataset.root=\"{root}\"", "model.num_classes=2", f"model.layers[{fc8}].out=2",
-            f"model.layers[{ids['fc6']}].out=256", f"model.layers[{ids['fc7']}].out=256",
+    sets = [f"data.dataset.root=\"{root}\"", "model.num_classes=2",  # fc8's width follows
+            "model.layers.fc6.out=256", "model.layers.fc7.out=256",
             "data.batch_size=4", "data.workers=0", "train.max_steps=2"]
     sets += [f"data.{split}[{i}].stats=\"{stats}\"" for split in ("train_augment", "eval_augment")
              for i, a in enumerate(getattr(raw.data, split)) if a.name in ("mean-image", "pca-lighting")]
     assert cli.main(["stats", "alexnet-imagenet", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
     summary = train(load_recipe("alexnet-imagenet", sets, registries), out=tmp_path / "run", registries=registries)
     assert summary["step"] == 2 and summary["samples"] == 4 and 0.0 <= summary["top1_error"] <= 1.0
+
+
+# ---------------------------------------------------------------- the recipes as written
+
+RESOLVED = Path(__file__).parent / "fixtures" / "resolved"
+
+
+@pytest.mark.parametrize("name", bundled_names())
+def test_bundled_recipes_resolve_byte_for_byte_as_before(name, registries):
+    """A run resumes only under the recipe it was saved with (resolved, compared key by key).
+
+    tests/fixtures/resolved/ holds each bundled recipe as `convnet show` printed it before the
+    recipes were rewritten with inline layer tables, layer edits by id and fc8's width from
+    model.num_classes: the rewrite changed no resolved value. Regenerate a file only for a
+    change that is meant to change the recipe (old runs of it then no longer resume).
+    """
+    try:
+        recipe = load_recipe(name, registries=registries)
+    except RecipeError as exc:
+        if "unknown augmenter" in str(exc):
+            pytest.skip(f"the augmenter plugin is not installed: {exc}")
+        raise
+    assert to_toml(recipe, registries) == (RESOLVED / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def test_the_paper_network_is_a_table_and_fc8_follows_num_classes(registries):
+    from convnet.core.recipe import load_raw
+
+    raw, _ = load_raw("alexnet-imagenet")
+    assert [layer["id"] for layer in raw["model"]["layers"]][:4] == ["conv1", "relu1", "lrn1", "pool1"]
+    assert "out" not in raw["model"]["layers"][-1]
+    assert load("alexnet-imagenet", registries).model.layers[-1].options.out == 1000
+    ten = load("alexnet-imagenet", registries, ("model.num_classes=10",))
+    assert rows_by_id(ten, registries)["fc8"]["out_shape"] == [10]

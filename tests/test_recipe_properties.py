@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from convnet.core import schema
 from convnet.core.errors import RecipeError
-from convnet.core.recipe import load_recipe, recipe_from_text, structure, to_toml, unstructure
+from convnet.core.recipe import apply_override, load_recipe, recipe_from_text, structure, to_toml, unstructure
 from fixtures.strategies import leaves, raw_recipes, set_path, toml_literal
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
@@ -80,6 +80,34 @@ def test_set_on_any_key_changes_exactly_that_key(registries, tmp_path_factory, d
     after = load_recipe(path, [f"{leaf.path}={toml_literal(new)}"], registries, validate_model=False)
     assert unstructure(after, registries) == expected
     assert after != recipe
+
+
+@FILTERED
+@given(data=st.data())
+def test_set_by_layer_id_equals_set_by_index(registries, data) -> None:
+    """``model.layers.ID.KEY`` and ``model.layers[N].KEY`` are one key, ids by the model's rule."""
+    raw = data.draw(_base_recipes(registries), label="recipe")
+    recipe = structured(registries, raw)
+    layer_leaves = [leaf for leaf in leaves(recipe) if re.match(r"model\.layers\[\d+\]\.", leaf.path)
+                    and leaf.strategy() is not None and leaf.field.name != "id"]
+    assume(layer_leaves)
+    leaf = data.draw(st.sampled_from(layer_leaves), label="key")
+    new = data.draw(leaf.strategy().filter(lambda x: x is not None), label="value")
+    index = int(re.match(r"model\.layers\[(\d+)\]", leaf.path).group(1))
+    ids = schema.layer_ids((layer.name, layer.id) for layer in recipe.model.layers)
+    assume(ids.count(ids[index]) == 1)  # a repeated id is the model's error, not an address
+    by_id = leaf.path.replace(f"[{index}]", f".{ids[index]}", 1)
+    plain = unstructure(recipe, registries)
+
+    def load(assignment: str) -> Any:
+        doc = copy.deepcopy(plain)
+        apply_override(doc, assignment)
+        try:
+            return structure(doc, registries)
+        except RecipeError as exc:
+            return str(exc)
+
+    assert load(f"{by_id}={toml_literal(new)}") == load(f"{leaf.path}={toml_literal(new)}")
 
 
 def test_set_parses_types_and_rejects_bad_paths(registries) -> None:

@@ -14,7 +14,11 @@ from convnet.plugins.layers.init import InitOptions, initialise
 
 @attrs.define
 class LinearOptions(InitOptions):
-    out: int = attrs.field(validator=v.gt(0))
+    """``out``: the number of output features. Unset in the last layer it is
+    ``model.num_classes`` (the recipe loader writes it into the resolved recipe); every
+    other fc layer must state it."""
+
+    out: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
 
 
 class GroupedLinear(nn.Module):
@@ -51,6 +55,8 @@ class GroupedLinear(nn.Module):
 def build_linear(options: LinearOptions, ctx: LayerContext) -> BuiltLayer:
     if len(ctx.in_shape) != 1:
         raise ctx.error(f"fc needs a flat input, found {list(ctx.in_shape)}: add a flatten layer before it")
+    if options.out is None:
+        raise ctx.error("fc needs out = <features> (only the last layer's out defaults to model.num_classes)")
     (f,) = ctx.in_shape
     g = ctx.groups
     if f % g or options.out % g:
