@@ -252,7 +252,10 @@ def iter_components(recipe: schema.Recipe) -> typing.Iterator[tuple[str, schema.
 
 
 def unstructure(recipe: schema.Recipe, registries: Registries) -> dict[str, Any]:
-    return _drop_none(make_converter(registries).unstructure(recipe))
+    raw = _drop_none(make_converter(registries).unstructure(recipe))
+    if raw.get("plugins") == {"disable": []}:  # the default: resolved recipes (and checkpoints) stay as before
+        del raw["plugins"]
+    return raw
 
 
 def _drop_none(value: Any) -> Any:

@@ -62,6 +62,8 @@ def child_of(tmp_path: Path, parent: str, body: str) -> Path:
      == ("step", 5, 0.1)),
     ("alexnet-digits", "train.schedule", '[train.schedule]\nname = "constant"\n',
      lambda r: r.train.schedule.name == "constant"),
+    ("alexnet-digits", "train.schedule", '[train.schedule]\nname = "cosine"\nwarmup_steps = 20\n',
+     lambda r: (r.train.schedule.name, r.train.schedule.options.warmup_steps) == ("cosine", 20)),
     # same options class, other component: replaced all the same (the parent's lr is not kept)
     ("alexnet-digits", "train.optimizer", '[train.optimizer]\nname = "sgd"\nmomentum = 0.5\n',
      lambda r: (r.train.optimizer.name, r.train.optimizer.options.lr, r.train.optimizer.options.momentum)
