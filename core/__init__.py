@@ -62,12 +62,12 @@ from convnet.core.plugins import PluginWarning, load_plugins
 from convnet.core.recipe import load_recipe, to_toml
 from convnet.core.registry import KINDS, Entry, Registries, Registry
 from convnet.core.run_view import RunView
-from convnet.core.schema import Recipe
+from convnet.core.schema import Recipe, layer_ids
 from convnet.core.strategy import Strategy, resolve_device, valid_device
 
 __all__ = [
     # using convnet
-    "load_recipe", "build_model", "train", "Run", "to_toml", "Recipe", "schema",
+    "load_recipe", "build_model", "train", "Run", "to_toml", "Recipe", "schema", "layer_ids",
     # writing a plugin: hooks and registries
     "hookimpl", "hookspec", "load_plugins", "KINDS", "Registries", "Registry", "Entry", "PluginWarning", "RunView",
     # the contract of each kind: factory protocols and the contexts factories receive

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from convnet.core import BuildContext, ConvnetError, EvalContext, Network, RecipeError, build_model
+from convnet.core import BuildContext, ConvnetError, EvalContext, Network, RecipeError, build_model, layer_ids
 
 
 def usable_ks(ks: list[int], num_classes: int) -> list[int]:
@@ -25,7 +25,7 @@ def split_prefix(split: str) -> str:
 
 def require_layer(ctx: BuildContext, name: str, option: str, layer: str) -> None:
     """A recipe error naming the option when the model has no layer of that id."""
-    ids = [info.id for info in build_model(ctx.recipe, device="meta", registries=ctx.registries).info]
+    ids = layer_ids((spec.name, spec.id) for spec in ctx.recipe.model.layers)
     if layer not in ids:
         raise RecipeError(f"{ctx.path}.{option}: evaluator {name!r} asks for layer {layer!r}, which this "
                           f"model does not have (layers: {', '.join(ids)})")
