@@ -20,6 +20,7 @@ from torch import nn
 from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
 from convnet.core import plugins, schema
+from convnet.core.compiling import compile_in_place
 from convnet.core.errors import CheckpointError, ConvnetError, NonFiniteLossError, RecipeError
 from convnet.core.evaluation import EvalContext, Evaluator, run_evaluators
 from convnet.core.model import Network, build_model
@@ -110,6 +111,8 @@ class Run:
         self.network: Network = model
         self.splits = cdata.build_dataset(r, self.registries)
         self.module: nn.Module = self.strategy.prepare(model)
+        if r.train.compile:  # in place: parameter names and checkpoints stay those of the eager module
+            compile_in_place(self.module, r.train.compile_mode)
         self.dtype = next(iter(self.module.parameters())).dtype
         self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
         if r.train.channels_last:
@@ -442,7 +445,7 @@ class Run:
 # What a resume may change without changing the run's result.
 RESUME_MAY_CHANGE = {"name", "description", "train.epochs", "train.max_steps", "train.checkpoint_every",
                      "train.log_every", "parallel", "evaluate", "data.workers", "data.eval_batch_size",
-                     "data.pin_memory", "data.augment_on"}
+                     "data.pin_memory", "data.augment_on", "train.compile", "train.compile_mode"}
 
 
 def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
