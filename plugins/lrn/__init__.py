@@ -20,6 +20,7 @@ from convnet.core.hookspecs import hookimpl
 from convnet.core.model import BuiltLayer, LayerContext
 from convnet.core.registry import Registries
 from convnet.plugins.lrn import kernels, ops
+from convnet.plugins.lrn import onnx as lrn_onnx
 from convnet.plugins.lrn.reference import lrn_reference, lrn_torch
 
 LrnFn = Callable[[torch.Tensor, int, float, float, float], torch.Tensor]
@@ -140,6 +141,10 @@ def _impl_factory(name: str) -> Callable[[LrnOptions, LayerContext], LrnFn]:
         # `convnet build-kernels` calls this ahead of time: it knows nothing of LRN, only the attribute.
         factory.build = functools.partial(kernels.build_ahead, name)  # type: ignore[attr-defined]
     return factory
+
+
+# `convnet export --format onnx` looks for this attribute on registered factories (core/export.py).
+build_lrn.onnx_translations = {torch.ops.convnet.lrn_forward.default: lrn_onnx.lrn_forward}  # type: ignore[attr-defined]
 
 
 @hookimpl
