@@ -62,11 +62,14 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
                            "gradient; the backward needs the saved scale")
     scale = output[1]
     ctx.mark_non_differentiable(scale)
+    ctx.set_materialize_grads(False)  # else autograd writes a zero gradient for the scale, as big as x
     ctx.save_for_backward(x, scale)
     ctx.args = (size, alpha, beta, k)
 
 
 def _backward(ctx: Any, grad: torch.Tensor, _grad_scale: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    if grad is None:
+        return None, None, None, None, None, None
     x, scale = ctx.saved_tensors
     dx = torch.ops.convnet.lrn_backward(grad, x, scale, *ctx.args)
     return dx, None, None, None, None, None
