@@ -87,7 +87,7 @@ def save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, out:
     try:
         torch.onnx.export(program, (example,), str(out), dynamo=True, custom_translation_table=translations,
                           external_data=weights > 1_800_000_000, verbose=False)
-    except Exception as exc:  # the exporter wraps a translation's ValueError in its own error types
+    except Exception as exc:  # noqa: BLE001  (the exporter wraps a translation's errors in its own types)
         raise ConvnetError(f"{out}: ONNX export failed: {_first_line(exc)}") from None
 
 

@@ -47,7 +47,7 @@ def test_opcheck_cpu(cpu_kernel):
     for args in _opcheck_cases("cpu"):
         torch.library.opcheck(torch.ops.convnet.lrn_forward.default, args)
     x = _input((2, 7, 5, 6), torch.float64)
-    y, scale = torch.ops.convnet.lrn_forward(x, 5, 1e-2, 0.75, 2.0, True)
+    _, scale = torch.ops.convnet.lrn_forward(x, 5, 1e-2, 0.75, 2.0, True)
     torch.library.opcheck(torch.ops.convnet.lrn_backward.default, (torch.ones_like(x), x, scale, 5, 1e-2, 0.75, 2.0))
 
 

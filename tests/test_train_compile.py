@@ -41,7 +41,7 @@ def test_compiled_training_matches_eager_and_checkpoints_cross_resume(tmp_path):
     compiled = _train(tmp_path / "compiled", True, STEPS - 1)
     assert compiled == pytest.approx(eager[:STEPS - 1], rel=1e-5)
     compiled_ckpt = tmp_path / "compiled" / "checkpoints" / "last.safetensors"
-    eager_short = _train(tmp_path / "eager-short", False, STEPS - 1)
+    _train(tmp_path / "eager-short", False, STEPS - 1)
     eager_ckpt = tmp_path / "eager-short" / "checkpoints" / "last.safetensors"
     assert _layout(compiled_ckpt) == _layout(eager_ckpt), "compiling must not rename or reshape a tensor"
 

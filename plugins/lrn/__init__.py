@@ -144,7 +144,8 @@ def _impl_factory(name: str) -> Callable[[LrnOptions, LayerContext], LrnFn]:
 
 
 # `convnet export --format onnx` looks for this attribute on registered factories (core/export.py).
-build_lrn.onnx_translations = {torch.ops.convnet.lrn_forward.default: lrn_onnx.lrn_forward}  # type: ignore[attr-defined]
+build_lrn.onnx_translations = {  # type: ignore[attr-defined]
+    torch.ops.convnet.lrn_forward.default: lrn_onnx.lrn_forward}
 
 
 @hookimpl

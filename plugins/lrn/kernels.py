@@ -3,8 +3,9 @@
 Loading a build registers its implementation of the ``convnet::lrn_forward`` and
 ``convnet::lrn_backward`` operators (defined in ``ops.py``). ``get(name)`` returns
 ``fn(x, size, alpha, beta, k) -> Tensor`` (differentiable through the operators' registered
-backward) or None when the kernel cannot be built or run here; ``failure(name)`` then says why. Builds land in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-and are reused by later processes until the sources or flags change.
+backward) or None when the kernel cannot be built or run here; ``failure(name)`` then says why.
+Builds land in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and are reused
+by later processes until the sources or flags change.
 """
 from __future__ import annotations
 
