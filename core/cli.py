@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint(s) of this recipe's model; with several, their softmax is averaged")
     p.add_argument("--out", metavar="DIR", help="where eval.json and images go (default runs/<recipe>/eval-<time>)")
 
+    p = sub.add_parser("export", help="a trained network for serving: torch.export program (.pt2) or ONNX",
+                       epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint of this recipe's model")
+    p.add_argument("--format", required=True, choices=["torch", "onnx"],
+                   help="torch: torch.export.save (.pt2); onnx: ONNX (needs the 'export' extra)")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+
     p = sub.add_parser("report", help="learning curves (PNG) and index.html for a run folder")
     p.add_argument("run_folder", metavar="RUN_FOLDER", help="a run folder (holds metrics.jsonl)")
 
@@ -259,6 +267,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from convnet.core.export import export
+    from convnet.core.recipe import load_recipe
+
+    regs = _registries(args)
+    recipe = load_recipe(args.recipe, args.overrides, regs)
+    done = export(recipe, args.checkpoint, args.out, args.format, regs)
+    check = ("not checked (onnxruntime is not installed)" if done.max_difference is None
+             else f"largest logit difference from eager on a random batch: {done.max_difference:.2e}")
+    print(f"{done.path}: {recipe.name} as {done.format}; {check}")
+    return 0
+
+
 def cmd_build_kernels(args: argparse.Namespace) -> int:
     """Every registered component whose factory has a ``build`` step (a compiled kernel) runs it."""
     regs = _registries(args)
@@ -279,4 +300,4 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
             "recipes": cmd_recipes, "stats": cmd_stats,
-            "eval": cmd_eval, "report": cmd_report, "build-kernels": cmd_build_kernels}
+            "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "build-kernels": cmd_build_kernels}

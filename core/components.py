@@ -13,6 +13,7 @@ from torch import nn
 
 from convnet.core import data as cdata
 from convnet.core import schema
+from convnet.core.compiling import compile_in_place
 from convnet.core.contracts import BuildContext, OptimizerContext, Schedule, ScheduleContext
 from convnet.core.errors import RecipeError
 from convnet.core.evaluation import Evaluator
@@ -82,6 +83,8 @@ def build_components(recipe: schema.Recipe, registries: Registries, strategy: St
     network = build_model(recipe, "cpu", registries)
     splits = cdata.build_dataset(recipe, registries)
     module = strategy.prepare(network)
+    if recipe.train.compile:  # in place: parameter names and checkpoints stay those of the eager module
+        compile_in_place(module, recipe.train.compile_mode)
     if recipe.train.channels_last:
         module.to(memory_format=torch.channels_last)
     named = list(strategy.named_parameters(module))

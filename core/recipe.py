@@ -309,7 +309,8 @@ def recipe_from_text(text: str, registries: Registries | None = None, source: st
 # What a resume may change without changing the run's result.
 RESUME_MAY_CHANGE = {"name", "description", "train.epochs", "train.max_steps", "train.checkpoint_every",
                      "train.log_every", "parallel", "evaluate", "data.workers", "data.eval_batch_size",
-                     "data.pin_memory", "data.augment_on", "plugins"}
+                     "data.pin_memory", "data.augment_on", "plugins", "train.compile",
+                     "train.compile_mode"}
 
 
 def resume_difference(saved_toml: str, recipe: schema.Recipe, registries: Registries

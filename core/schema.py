@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import attrs
 from attrs import validators as v
 
+from convnet.core import compiling
+
 positive = v.gt(0)
 non_negative = v.ge(0)
 
@@ -149,6 +151,9 @@ class Train:
     channels_last: bool = False
     autocast: str = attrs.field(default="none", validator=v.in_(("none", "bfloat16")))
     cudnn_benchmark: bool = False
+    # torch.compile the module (core/compiling.py): same losses within float32 rounding, same checkpoints.
+    compile: bool = False
+    compile_mode: str = attrs.field(default="default", validator=v.in_(compiling.MODES))
 
 
 def _default_parallel() -> Parallel:

@@ -181,3 +181,26 @@ def test_cosine_with_no_room_after_warm_up_is_a_recipe_error():
     opt = PaperSGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="warmup_steps = 30 leaves no step"):
         CosineSchedule(CosineOptions(warmup_steps=30), schedule_context(opt, 10, 3))
+
+
+def test_multi_tensor_step_is_bit_identical_to_the_per_tensor_equations():
+    """The step runs torch._foreach_* over all parameters: same operations, same order, same bits;
+    a parameter without a gradient is left alone (and gets no velocity)."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(50, 30), (7,), (3, 4, 5, 5), (2, 2)]
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = PaperSGD(params, lr=0.01, momentum=MU, weight_decay=WD)
+    expected = [p.detach().clone() for p in params]
+    velocity = [torch.zeros_like(p) for p in expected]
+    for step, lr in enumerate([0.01, 0.01, 0.001, 0.001]):
+        opt.param_groups[0]["lr"] = lr
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(params[:-1], grads):
+            p.grad = g
+        opt.step()
+        for i in range(len(shapes) - 1):
+            velocity[i].mul_(MU).add_(expected[i], alpha=-WD * lr).add_(grads[i], alpha=-lr)
+            expected[i].add_(velocity[i])
+        for p, e in zip(params, expected):
+            assert torch.equal(p.detach(), e), f"step {step}"
+    assert "velocity" not in opt.state[params[-1]]

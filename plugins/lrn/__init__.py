@@ -16,7 +16,8 @@ from attrs import validators as v
 from torch import nn
 
 from convnet.core import BuiltLayer, ConvnetError, LayerContext, Registries, hookimpl
-from convnet.plugins.lrn import kernels
+from convnet.plugins.lrn import kernels, ops
+from convnet.plugins.lrn import onnx as lrn_onnx
 from convnet.plugins.lrn.reference import lrn_reference, lrn_torch
 
 LrnFn = Callable[[torch.Tensor, int, float, float, float], torch.Tensor]
@@ -34,30 +35,38 @@ def _kernel(name: str) -> LrnFn | None:
     return kernels.get(name)
 
 
+@torch.compiler.assume_constant_result
+def _available(name: str) -> bool:
+    """Whether kernel ``name`` is loaded (building it on the first call). torch.compile takes the
+    answer as a constant instead of tracing into the build, so the op stays in one graph."""
+    return kernels.get(name) is not None
+
+
 _warned: set[str] = set()
+_DEVICE_KERNELS = {"cuda": "cuda", "cpu": "cpu"}
 
 
 def _auto(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    name = {"cuda": "cuda", "cpu": "cpu"}.get(x.device.type)
-    fn = _kernel(name) if name else None
-    if fn is None:
-        key = name or x.device.type
-        if key not in _warned:
-            _warned.add(key)
-            why = kernels.failure(name) if name else "no kernel for this device type"
-            warnings.warn(f"LRN: the {key} kernel is not available ({why}); using the reference "
-                          "implementation (slower, same result)", RuntimeWarning, stacklevel=3)
-        return lrn_reference(x, size, alpha, beta, k)
-    return fn(x, size, alpha, beta, k)
+    name = _DEVICE_KERNELS.get(x.device.type)
+    if name is not None and _available(name):
+        return ops.lrn(x, size, alpha, beta, k)
+    key = name or x.device.type
+    if key not in _warned:
+        _warned.add(key)
+        why = kernels.failure(name) if name else "no kernel for this device type"
+        warnings.warn(f"LRN: the {key} kernel is not available ({why}); using the reference "
+                      "implementation (slower, same result)", RuntimeWarning, stacklevel=3)
+    return lrn_reference(x, size, alpha, beta, k)
 
 
 def _require(name: str) -> LrnFn:
     def run(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-        fn = _kernel(name)
-        if fn is None:
+        if not _available(name):
             raise KernelUnavailable(f"LRN impl {name!r} is not available here ({kernels.failure(name)}); "
-                               "use impl = \"auto\" or \"reference\"")
-        return fn(x, size, alpha, beta, k)
+                                    "use impl = \"auto\" or \"reference\"")
+        if x.device.type != name:
+            raise RuntimeError(f"LRN impl {name!r} needs a {name} tensor, got one on {x.device}")
+        return ops.lrn(x, size, alpha, beta, k)
     return run
 
 
@@ -129,6 +138,11 @@ def _impl_factory(name: str) -> Callable[[LrnOptions, LayerContext], LrnFn]:
         # `convnet build-kernels` calls this ahead of time: it knows nothing of LRN, only the attribute.
         factory.build = functools.partial(kernels.build_ahead, name)  # type: ignore[attr-defined]
     return factory
+
+
+# `convnet export --format onnx` looks for this attribute on registered factories (core/export.py).
+build_lrn.onnx_translations = {  # type: ignore[attr-defined]
+    torch.ops.convnet.lrn_forward.default: lrn_onnx.lrn_forward}
 
 
 @hookimpl

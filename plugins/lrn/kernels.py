@@ -1,9 +1,11 @@
 """The compiled LRN kernels: built with ``torch.utils.cpp_extension`` on first use, cached.
 
-``get(name)`` returns ``fn(x, size, alpha, beta, k) -> Tensor`` (differentiable through an
-``autograd.Function``) or None when the kernel cannot be built or run here; ``failure(name)``
-then says why. Builds land in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-and are reused by later processes until the sources or flags change.
+Loading a build registers its implementation of the ``convnet::lrn_forward`` and
+``convnet::lrn_backward`` operators (defined in ``ops.py``). ``get(name)`` returns
+``fn(x, size, alpha, beta, k) -> Tensor`` (differentiable through the operators' registered
+backward) or None when the kernel cannot be built or run here; ``failure(name)`` then says why.
+Builds land in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and are reused
+by later processes until the sources or flags change.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+
+from convnet.plugins.lrn import ops
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 KERNELS = ("cpu", "cuda")
@@ -139,10 +143,6 @@ def compile_cuda_object(out_dir: Path, arch: str = "90") -> Path:
     return out
 
 
-def _ops(name: str) -> Any:
-    return getattr(torch.ops, f"convnet_lrn_{name}")
-
-
 @functools.cache
 def get(name: str) -> LrnFn | None:
     """The kernel ``name`` ("cpu" or "cuda") as a differentiable function, or None."""
@@ -152,13 +152,12 @@ def get(name: str) -> LrnFn | None:
         _failures[name] = _one_line(exc)
         return None
     _failures.pop(name, None)
-    ops = _ops(name)
     device = "cpu" if name == "cpu" else "cuda"
 
     def run(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
         if x.device.type != device:
             raise RuntimeError(f"LRN impl {name!r} needs a {device} tensor, got one on {x.device}")
-        return _Lrn.apply(ops, x, int(size), float(alpha), float(beta), float(k))
+        return ops.lrn(x, size, alpha, beta, k)
 
     return run
 
@@ -174,31 +173,3 @@ def _one_line(exc: Exception) -> str:
 def failure(name: str) -> str | None:
     """Why ``get(name)`` returned None, if it did."""
     return _failures.get(name)
-
-
-class _Lrn(torch.autograd.Function):
-    """Forward saves the input and scale = (k + alpha * sum)^-beta; backward reuses both."""
-
-    @staticmethod
-    def forward(ctx: Any, ops: Any, x: torch.Tensor, size: int, alpha: float, beta: float,
-                k: float) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"LRN expects an NCHW tensor, got {x.dim()} dimensions")
-        y, scale = ops.forward(x, size, alpha, beta, k, ctx.needs_input_grad[1])
-        ctx.save_for_backward(x, scale)
-        ctx.ops, ctx.args = ops, (size, alpha, beta, k)
-        return _like(y, x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, scale = ctx.saved_tensors
-        dx = ctx.ops.backward(grad, x, scale, *ctx.args)
-        return None, _like(dx, x), None, None, None, None
-
-
-def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The kernels write NCHW-contiguous; give a channels_last input a channels_last result."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return out.contiguous(memory_format=torch.channels_last)
-    return out

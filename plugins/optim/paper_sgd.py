@@ -29,16 +29,19 @@ class PaperSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 state = self.state[p]
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                v = state["velocity"]
-                v.mul_(mu)
-                if wd:
-                    v.add_(p, alpha=-wd * lr)
-                v.add_(p.grad, alpha=-lr)
-                p.add_(v)
+            velocities = [self.state[p]["velocity"] for p in params]
+            # One multi-tensor kernel per operation instead of one per parameter and operation; the
+            # same operations in the same order as the per-tensor form, so the same bits.
+            torch._foreach_mul_(velocities, mu)
+            if wd:
+                torch._foreach_add_(velocities, params, alpha=-wd * lr)
+            torch._foreach_add_(velocities, [p.grad for p in params], alpha=-lr)
+            torch._foreach_add_(params, velocities)
         return loss

@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 namespace convnet_lrn {
 
@@ -12,6 +14,22 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
               "LRN backward: grad, input and scale shapes differ");
   TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "LRN backward: grad and input dtypes differ");
   TORCH_CHECK(scale.scalar_type() == at::toOpMathType(input.scalar_type()), "LRN backward: scale dtype");
+}
+
+// The kernels compute on NCHW-contiguous buffers; the op's result has the layout torch.empty_like(input)
+// would give (a channels_last input gets a channels_last result), which is what the fake
+// implementation (plugins/lrn/ops.py) promises torch.compile and torch.export.
+inline at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& input) {
+  if (input.is_contiguous()) return out;
+  at::Tensor shaped = at::empty_like(input);
+  shaped.copy_(out);
+  return shaped;
+}
+
+// The saved scale, or an empty tensor when the caller needs no backward (the schema returns a Tensor).
+inline at::Tensor scale_buffer(const at::Tensor& x, bool save_scale) {
+  const auto options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  return save_scale ? at::empty(x.sizes(), options) : at::empty({0}, options);
 }
 
 }  // namespace convnet_lrn

@@ -78,7 +78,7 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& scale, const
   const auto kind = convnet_lrn::power_kind(beta_d);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  acc_t* sp = scale.defined() ? scale.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* sp = scale.numel() != 0 ? scale.mutable_data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ring(w.span * kBlock), tmp(kBlock);
     for (int64_t item = begin; item < end; ++item) {
@@ -168,14 +168,13 @@ std::tuple<at::Tensor, at::Tensor> lrn_forward(const at::Tensor& input, int64_t 
   TORCH_CHECK(size > 0, "LRN: size must be positive, got ", size);
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor scale;
-  if (save_scale) scale = at::empty(x.sizes(), x.options().dtype(at::toOpMathType(x.scalar_type())));
-  if (x.numel() == 0) return {y, scale};
+  at::Tensor scale = convnet_lrn::scale_buffer(x, save_scale);
+  if (x.numel() == 0) return {convnet_lrn::in_layout_of(y, input), scale};
   const auto w = convnet_lrn::clipped_window(size, x.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cpu_forward", [&] {
     forward_kernel<scalar_t>(x, y, scale, w, alpha, beta, k);
   });
-  return {y, scale};
+  return {convnet_lrn::in_layout_of(y, input), scale};
 }
 
 at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale, int64_t size,
@@ -185,18 +184,19 @@ at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const a
   convnet_lrn::check_backward_args(grad, input, scale);
   const at::Tensor g = grad.contiguous(), x = input.contiguous(), s = scale.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return dx;
+  if (x.numel() == 0) return convnet_lrn::in_layout_of(dx, input);
   const auto w = convnet_lrn::clipped_window(size, x.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cpu_backward", [&] {
     backward_kernel<scalar_t>(g, x, s, dx, w, alpha, beta, k);
   });
-  return dx;
+  return convnet_lrn::in_layout_of(dx, input);
 }
 
 }  // namespace
 
-TORCH_LIBRARY(convnet_lrn_cpu, m) {
-  m.def("forward(Tensor x, int size, float alpha, float beta, float k, bool save_scale) -> (Tensor, Tensor)", &lrn_forward);
-  m.def("backward(Tensor grad, Tensor x, Tensor scale, int size, float alpha, float beta, float k) -> Tensor",
-        &lrn_backward);
+// The schemas are defined once, in Python (plugins/lrn/ops.py), with their fake and autograd rules;
+// this file only supplies the CPU implementations.
+TORCH_LIBRARY_IMPL(convnet, CPU, m) {
+  m.impl("lrn_forward", &lrn_forward);
+  m.impl("lrn_backward", &lrn_backward);
 }

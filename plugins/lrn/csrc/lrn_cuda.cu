@@ -133,9 +133,8 @@ std::tuple<at::Tensor, at::Tensor> lrn_forward(const at::Tensor& input, int64_t 
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor scale;
-  if (save_scale) scale = at::empty(x.sizes(), x.options().dtype(at::toOpMathType(x.scalar_type())));
-  if (x.numel() == 0) return {y, scale};
+  at::Tensor scale = convnet_lrn::scale_buffer(x, save_scale);
+  if (x.numel() == 0) return {convnet_lrn::in_layout_of(y, input), scale};
   const auto w = convnet_lrn::clipped_window(size, x.size(1));
   const Geometry g = geometry(x, w.span);
   const auto kind = convnet_lrn::power_kind(beta);
@@ -154,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> lrn_forward(const at::Tensor& input, int64_t 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {y, scale};
+  return {convnet_lrn::in_layout_of(y, input), scale};
 }
 
 at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale, int64_t size,
@@ -165,7 +164,7 @@ at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const a
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor gr = grad.contiguous(), x = input.contiguous(), s = scale.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return dx;
+  if (x.numel() == 0) return convnet_lrn::in_layout_of(dx, input);
   const auto w = convnet_lrn::clipped_window(size, x.size(1));
   const Geometry g = geometry(x, w.span);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -189,14 +188,14 @@ at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const a
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return dx;
+  return convnet_lrn::in_layout_of(dx, input);
 }
 
 }  // namespace
 
-TORCH_LIBRARY(convnet_lrn_cuda, m) {
-  m.def("forward(Tensor x, int size, float alpha, float beta, float k, bool save_scale) -> (Tensor, Tensor)",
-        &lrn_forward);
-  m.def("backward(Tensor grad, Tensor x, Tensor scale, int size, float alpha, float beta, float k) -> Tensor",
-        &lrn_backward);
+// The schemas are defined once, in Python (plugins/lrn/ops.py), with their fake and autograd rules;
+// this file only supplies the CUDA implementations.
+TORCH_LIBRARY_IMPL(convnet, CUDA, m) {
+  m.impl("lrn_forward", &lrn_forward);
+  m.impl("lrn_backward", &lrn_backward);
 }

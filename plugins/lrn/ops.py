@@ -1,0 +1,90 @@
+"""The LRN kernels as PyTorch custom operators: schemas, fake (shape) rules and the backward.
+
+``convnet::lrn_forward(x, size, alpha, beta, k, save_scale) -> (y, scale)`` and
+``convnet::lrn_backward(grad, x, scale, size, alpha, beta, k) -> dx`` are defined here, once;
+the compiled sources (csrc/lrn_cpu.cpp, csrc/lrn_cuda.cu) only register their CPU and CUDA
+implementations with ``TORCH_LIBRARY_IMPL``. The fake rules let ``torch.compile`` and
+``torch.export`` trace the ops as opaque nodes; the backward is ``lrn_backward`` registered with
+``torch.library.register_autograd`` (no Python ``autograd.Function``), so AOTAutograd puts it in
+the compiled backward graph.
+
+``scale`` = (k + alpha * window sum)^-beta in the accumulation dtype (float32 for half and
+bfloat16), saved by the forward for the backward; with ``save_scale = False`` (inference) it is
+an empty tensor and the forward writes one tensor instead of two.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+NAMESPACE = "convnet"
+FORWARD = f"{NAMESPACE}::lrn_forward"
+BACKWARD = f"{NAMESPACE}::lrn_backward"
+
+torch.library.define(FORWARD, "(Tensor x, int size, float alpha, float beta, float k, bool save_scale=True) "
+                     "-> (Tensor, Tensor)")
+torch.library.define(BACKWARD, "(Tensor grad, Tensor x, Tensor scale, int size, float alpha, float beta, "
+                     "float k) -> Tensor")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' ``at::opmath_type``: float32 for half and bfloat16, else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_nchw(x: torch.Tensor, what: str) -> None:
+    torch._check(x.dim() == 4, lambda: f"LRN: {what} must be NCHW, got {x.dim()} dimensions")
+
+
+@torch.library.register_fake(FORWARD)
+def _forward_fake(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
+                  save_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_nchw(x, "input")
+    torch._check(size > 0, lambda: f"LRN: size must be positive, got {size}")
+    scale_shape = x.shape if save_scale else (0,)
+    return torch.empty_like(x), x.new_empty(scale_shape, dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.register_fake(BACKWARD)
+def _backward_fake(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, size: int, alpha: float,
+                   beta: float, k: float) -> torch.Tensor:
+    _check_nchw(x, "input")
+    torch._check(grad.shape == x.shape and scale.shape == x.shape,
+                 lambda: "LRN backward: grad, input and scale shapes differ")
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, size, alpha, beta, k, save_scale = inputs
+    if not save_scale:
+        raise RuntimeError("convnet::lrn_forward was called with save_scale=False on an input that needs a "
+                           "gradient; the backward needs the saved scale")
+    scale = output[1]
+    ctx.mark_non_differentiable(scale)
+    ctx.set_materialize_grads(False)  # else autograd writes a zero gradient for the scale, as big as x
+    ctx.save_for_backward(x, scale)
+    ctx.args = (size, alpha, beta, k)
+
+
+def _backward(ctx: Any, grad: torch.Tensor, _grad_scale: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    if grad is None:
+        return None, None, None, None, None, None
+    x, scale = ctx.saved_tensors
+    dx = torch.ops.convnet.lrn_backward(grad, x, scale, *ctx.args)
+    return dx, None, None, None, None, None
+
+
+torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+
+
+def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """The fused LRN on whichever device's kernel is loaded; differentiable through the op's backward.
+
+    The scale is saved only when a backward can follow (autograd on and ``x`` requiring grad);
+    under ``torch.compile`` and ``torch.export`` that choice is made once, at trace time.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"LRN expects an NCHW tensor, got {x.dim()} dimensions")
+    save_scale = torch.is_grad_enabled() and x.requires_grad
+    return torch.ops.convnet.lrn_forward(x, int(size), float(alpha), float(beta), float(k), save_scale)[0]

@@ -1,0 +1,127 @@
+"""The LRN kernels as custom operators: opcheck, torch.compile(fullgraph=True), torch.export.
+
+``torch.library.opcheck`` runs the op through its schema, fake rule, autograd registration and
+AOT dispatch and compares each with the real kernel, so a fake rule that lies about a stride
+or a dtype, or a backward that is not registered properly, fails here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convnet.core.model import build_model
+from convnet.core.recipe import load_recipe
+from convnet.plugins.lrn import kernels, local_response_norm, ops
+from convnet.plugins.lrn.reference import lrn_reference
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PAPER = (5, 1e-4, 0.75, 2.0)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    fn = kernels.get("cpu")
+    assert fn is not None, f"the cpu LRN kernel did not build: {kernels.failure('cpu')}"
+    return fn
+
+
+def _input(shape, dtype=torch.float32, seed=0, channels_last=False, requires_grad=False):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
+
+
+def _opcheck_cases(device: str):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for channels_last in (False, True):
+            for save_scale in (True, False):
+                x = _input((2, 7, 5, 6), dtype, 1, channels_last, requires_grad=save_scale).to(device)
+                yield (x, 5, 1e-2, 0.75, 2.0, save_scale)
+    yield (_input((0, 6, 3, 3), requires_grad=True).to(device), 5, 1e-4, 0.75, 2.0, True)
+    yield (_input((1, 3, 4, 4), torch.float64, 2, requires_grad=True).to(device), 4, 0.3, 0.6, 1.0, True)
+
+
+def test_opcheck_cpu(cpu_kernel):
+    for args in _opcheck_cases("cpu"):
+        torch.library.opcheck(torch.ops.convnet.lrn_forward.default, args)
+    x = _input((2, 7, 5, 6), torch.float64)
+    _, scale = torch.ops.convnet.lrn_forward(x, 5, 1e-2, 0.75, 2.0, True)
+    torch.library.opcheck(torch.ops.convnet.lrn_backward.default, (torch.ones_like(x), x, scale, 5, 1e-2, 0.75, 2.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_opcheck_cuda():
+    assert kernels.get("cuda") is not None, kernels.failure("cuda")
+    for args in _opcheck_cases("cuda"):
+        torch.library.opcheck(torch.ops.convnet.lrn_forward.default, args)
+
+
+def test_fake_rule_keeps_the_layout_and_the_accumulation_dtype(cpu_kernel):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for dtype, acc in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        real = _input((2, 8, 4, 3), dtype, channels_last=True)
+        with FakeTensorMode() as mode:
+            fake_y, fake_scale = torch.ops.convnet.lrn_forward(mode.from_tensor(real), *PAPER, True)
+        y, scale = torch.ops.convnet.lrn_forward(real, *PAPER, True)
+        assert (fake_y.stride(), fake_y.dtype, fake_scale.dtype) == (y.stride(), y.dtype, acc)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert scale.shape == real.shape and scale.dtype == acc
+
+
+def test_save_scale_false_writes_no_scale_and_refuses_a_backward(cpu_kernel):
+    x = _input((1, 4, 2, 2))
+    _, scale = torch.ops.convnet.lrn_forward(x, *PAPER, False)
+    assert scale.numel() == 0
+    with torch.no_grad():  # the public path saves nothing when no backward can follow
+        torch.testing.assert_close(cpu_kernel(x, *PAPER), lrn_reference(x, *PAPER))
+    with pytest.raises(RuntimeError, match="save_scale=False"):
+        torch.ops.convnet.lrn_forward(x.requires_grad_(True), *PAPER, False)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "auto"])
+def test_compile_fullgraph_forward_and_backward_match_eager(cpu_kernel, impl):
+    """One graph (fullgraph=True fails on any break), and the compiled backward is the kernel's."""
+    def f(t):
+        return local_response_norm(t, 5, 1e-2, 0.75, 2.0, impl=impl).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    xa, xb = _input((2, 8, 5, 5), requires_grad=True), _input((2, 8, 5, 5), requires_grad=True)
+    compiled(xa).backward()
+    f(xb).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_aot_graphs_hold_the_ops_not_their_decomposition(cpu_kernel):
+    from torch._functorch.aot_autograd import aot_function, make_boxed_func
+
+    seen: list[str] = []
+
+    def collect(gm, _inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm)
+
+    f = aot_function(lambda t: local_response_norm(t, *PAPER, impl="cpu"), fw_compiler=collect, bw_compiler=collect)
+    f(_input((2, 6, 3, 3), requires_grad=True)).sum().backward()
+    assert "convnet.lrn_forward.default" in seen and "convnet.lrn_backward.default" in seen
+
+
+def test_export_traces_the_papers_network_with_the_op(cpu_kernel, registries):
+    recipe = load_recipe("alexnet-imagenet", [], registries)
+    torch.manual_seed(0)
+    model = build_model(recipe, "cpu", registries).eval()
+    x = torch.randn(2, 3, 227, 227)
+    program = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("convnet.lrn_forward.default") == 2, "conv1's and conv2's LRN, tower-local"
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_accumulation_dtype_is_the_kernels_opmath():
+    assert ops.accumulation_dtype(torch.bfloat16) == torch.float32
+    assert ops.accumulation_dtype(torch.float16) == torch.float32
+    assert ops.accumulation_dtype(torch.float64) == torch.float64
