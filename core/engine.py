@@ -19,6 +19,7 @@ from torch import nn
 
 from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
+from convnet.core import keyed
 from convnet.core import plugins, schema
 from convnet.core.errors import CheckpointError, ConvnetError, NonFiniteLossError, RecipeError
 from convnet.core.evaluation import EvalContext, Evaluator, run_evaluators
@@ -104,6 +105,7 @@ class Run:
         # cudnn.benchmark picks kernels by timing them, so it is only honoured when not deterministic.
         torch.backends.cudnn.benchmark = r.train.cudnn_benchmark and not r.train.deterministic
         torch.manual_seed(r.seed)
+        cdata.seed_global_generators(r.seed)
         if self.strategy.is_main:  # before anything is allocated or read: a full disk costs nothing
             check_writable(self.out, needed_bytes=checkpoint_room(r, self.registries))
         model = build_model(r, "cpu", self.registries)
@@ -393,24 +395,28 @@ class Run:
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         r = self.recipe
         next_step = self.step + 1
-        if len(labels):
+        # Readable samples and data shards over all processes, so that a process whose whole
+        # share is unreadable still takes part in the step's collectives (ddp's all-reduce).
+        count, shards = self.strategy.all_reduce_sum(torch.tensor([len(labels), 1.0], dtype=torch.float64)).tolist()
+        if count:
+            if not len(labels):
+                images = torch.zeros((0, *r.model.input))
             x = images.to(self.strategy.input_device, non_blocking=True)
-            if r.data.augment_on == "device" and self.train_aug:
+            if r.data.augment_on == "device" and self.train_aug and len(labels):
                 x = _device_augment(self.train_aug, x, r.seed, self.epoch, indices)
             x = x.to(self.dtype)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=self.memory_format)
             y = labels.to(self.strategy.input_device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=r.train.autocast == "bfloat16"):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=r.train.autocast == "bfloat16"), \
+                    keyed.keyed_draws(r.seed, next_step, indices):
                 logits = self.module(x)
-            loss = nn.functional.cross_entropy(logits.float(), y)
+            # The mean over the readable samples of the GLOBAL batch (data shards average their
+            # gradients); every process then takes the same finite/non-finite branch below.
+            loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum") * (shards / count)
             loss.backward()
-            # The mean over the GLOBAL batch when processes hold shards of it (ddp); every
-            # process then takes the same finite/non-finite branch below.
-            total = self.strategy.all_reduce_sum(
-                torch.tensor([float(loss.detach()) * len(labels), len(labels)], dtype=torch.float64))
-            value = float(total[0] / total[1])
+            value = float(self.strategy.all_reduce_sum(loss.detach().double().reshape(1)) / shards)
             # Under tower-parallel each process holds only its tower's gradients: agree over all.
             bad_grads = self.strategy.any_rank(_has_nonfinite(p.grad for p in self.named_params.values()))
             if not math.isfinite(value) or bad_grads:
