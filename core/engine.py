@@ -345,6 +345,7 @@ class Run:
                     path = self.save_checkpoint("last")
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {path}\n"
                                       f"resume with: {self.resume_command()}")
+            skipped_epoch = int(self.strategy.all_reduce_sum(torch.tensor([float(skipped_epoch)])).item())  # ddp shards
             self.skipped += skipped_epoch
             epoch_done = self.batch_in_epoch >= self.steps_per_epoch
             if not epoch_done:  # stopped by max_steps inside the epoch

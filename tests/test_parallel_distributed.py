@@ -107,7 +107,7 @@ weight_init = "kaiming"
 name = "relu"
 [[model.layers]]
 name = "dropout"
-p = 0.0
+p = 0.5
 [[model.layers]]
 name = "fc"
 id = "fc8"
