@@ -15,7 +15,7 @@ The small stable Python API::
 
 from __future__ import annotations
 
-from convnet.core import schema
+from convnet.core import keyed, schema
 from convnet.core.checkpoint import check_compatible, model_tensors
 from convnet.core.checkpoint import load as load_checkpoint
 from convnet.core.checkpoint import save as save_checkpoint
@@ -68,6 +68,8 @@ from convnet.core.strategy import Strategy, resolve_device, valid_device
 __all__ = [
     # using convnet
     "load_recipe", "build_model", "train", "Run", "to_toml", "Recipe", "schema", "layer_ids",
+    # random layers: masks keyed by (seed, step, layer, global sample, global feature)
+    "keyed",
     # writing a plugin: hooks and registries
     "hookimpl", "hookspec", "load_plugins", "KINDS", "Registries", "Registry", "Entry", "PluginWarning", "RunView",
     # the contract of each kind: factory protocols and the contexts factories receive

@@ -8,6 +8,7 @@ in the workers or batched on the device (both use the train stream's keys).
 from __future__ import annotations
 
 import os
+import random
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import attrs
@@ -82,6 +83,19 @@ def sample_keys(seed: int, stream: int, epoch: int, indices: Sequence[int] | np.
     return z & np.uint64(_MASK63)
 
 
+# The stage key the global generators are seeded with for a sample, before its chain runs.
+GLOBALS_STAGE = -1
+
+
+def seed_global_generators(key: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch's CPU generator from a
+    key: third-party code that draws from them (many augmentation libraries do) is then as
+    reproducible as the rest, with any number of workers and across a resume."""
+    random.seed(key)
+    np.random.seed(key & 0xFFFFFFFF)
+    torch.random.default_generator.manual_seed(key)
+
+
 @attrs.define
 class DatasetSplits:
     """What a dataset plugin returns: map-style datasets of ``(image, label)``.
@@ -139,7 +153,8 @@ def build_augmenters(components: Sequence[schema.Augmenter], registries: Registr
 
 class Augmented(Dataset):
     """A dataset whose samples pass through an augmentation chain, each stage with a generator
-    seeded from (seed, stream, epoch, index, stage): no state carries from sample to sample."""
+    seeded from (seed, stream, epoch, index, stage): no state carries from sample to sample.
+    Before the sample is read, the global generators are seeded from (seed, stream, epoch, index)."""
 
     def __init__(self, base: Dataset, augmenters: Sequence[Augment], seed: int, stream: int) -> None:
         self.base, self.augmenters, self.seed, self.stream = base, list(augmenters), seed, stream
@@ -149,6 +164,7 @@ class Augmented(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
+        seed_global_generators(sample_key(self.seed, self.stream, self.epoch, index, GLOBALS_STAGE))
         sample = self.base[index]
         if sample is None:
             return None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from convnet.core import data as cdata
+from convnet.core import keyed
 from convnet.core import plugins, run_folder, schema
 from convnet.core.components import Components, build_components, build_strategy, checkpoint_room
 from convnet.core.data import augment_batch
@@ -78,6 +79,7 @@ class Run:
         # cudnn.benchmark picks kernels by timing them, so it is only honoured when not deterministic.
         torch.backends.cudnn.benchmark = r.train.cudnn_benchmark and not r.train.deterministic
         torch.manual_seed(r.seed)
+        cdata.seed_global_generators(r.seed)
         self._claim_folder()
         self.parts: Components = build_components(r, self.registries, self.strategy)
         self.dtype = next(iter(self.parts.module.parameters())).dtype
@@ -237,6 +239,7 @@ class Run:
             if self._interrupt:
                 self.save_checkpoint()
                 self._stop_if_interrupted()
+        self._skipped_epoch = int(self.strategy.all_reduce_sum(torch.tensor([float(self._skipped_epoch)])).item())
         state.skipped_samples += self._skipped_epoch
 
     def _end_epoch(self) -> dict[str, Any]:
@@ -302,8 +305,11 @@ class Run:
     # ------------------------------------------------------------------ step
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         state = self.state
-        if len(labels):
-            value = self._forward_backward(images, labels, indices)
+        # Readable samples and data shards over all processes, so that a process whose whole
+        # share is unreadable still takes part in the step's collectives (ddp's all-reduce).
+        count, shards = self.strategy.all_reduce_sum(torch.tensor([len(labels), 1.0], dtype=torch.float64)).tolist()
+        if count:
+            value = self._forward_backward(images, labels, indices, count, shards)
             self._apply_update(value)
         else:
             value = float("nan")
@@ -315,25 +321,29 @@ class Run:
             self.metrics.append({"kind": "train", "step": state.step, **metrics}, self._kept())
         self.hooks.convnet_step_end(run=self.view, step=state.step, metrics=metrics)
 
-    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> float:
-        """Loss and gradients of this process's share; returns the GLOBAL batch's mean loss
-        (every process then takes the same finite/non-finite branch)."""
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                          count: float, shards: float) -> float:
+        """Loss and gradients of this process's share; returns the GLOBAL batch's mean loss over
+        its ``count`` readable samples (every process then takes the same finite/non-finite branch).
+        Dropout masks are keyed by global sample, so every strategy drops what ``single`` drops."""
         r = self.recipe
+        if not len(labels):
+            images = torch.zeros((0, *r.model.input))
         x = images.to(self.strategy.input_device, non_blocking=True)
-        if r.data.augment_on == "device" and self.parts.train_augmenters:
+        if r.data.augment_on == "device" and self.parts.train_augmenters and len(labels):
             x = augment_batch(self.parts.train_augmenters, x, r.seed, self.state.epoch, indices)
         x = x.to(self.dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         y = labels.to(self.strategy.input_device, non_blocking=True)
         self.parts.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=r.train.autocast == "bfloat16"):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=r.train.autocast == "bfloat16"), \
+                keyed.keyed_draws(r.seed, self.state.step + 1, indices):
             logits = self.parts.module(x)
-        loss = nn.functional.cross_entropy(logits.float(), y)
+        # Data shards average their gradients: scaled so that the average is the global mean.
+        loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum") * (shards / count)
         loss.backward()
-        total = self.strategy.all_reduce_sum(
-            torch.tensor([float(loss.detach()) * len(labels), len(labels)], dtype=torch.float64))
-        return float(total[0] / total[1])
+        return float(self.strategy.all_reduce_sum(loss.detach().double().reshape(1)) / shards)
 
     def _apply_update(self, value: float) -> None:
         """The optimizer step, unless the loss or a gradient is not finite (stop, or skip the batch)."""

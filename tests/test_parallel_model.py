@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import convnet.core as cn
+from convnet.core import keyed
 from convnet.core.cli import main
 from convnet.core.engine import Run, build_strategy
 from convnet.core.errors import ConvnetError, RecipeError
@@ -59,7 +60,7 @@ def tower_networks(draw, swish: bool):
                            "padding": 1, "weight_init": "kaiming", "bias": draw(st.sampled_from([0.0, 0.1]))})
             h = h + 2 - k + 1
         elif kind == "act":
-            layers.append({"name": draw(st.sampled_from(acts)), "towers": towers_of(draw(st.booleans()))})
+            layers.append({"name": draw(st.sampled_from(acts + ["dropout"])), "towers": towers_of(draw(st.booleans()))})
         elif kind == "lrn":
             layers.append({"name": "lrn", "impl": "reference", "size": draw(st.integers(1, 5)), "alpha": 0.5,
                            "towers": towers_of(draw(st.booleans()))})
@@ -70,7 +71,7 @@ def tower_networks(draw, swish: bool):
     for _ in range(draw(st.integers(0, 2))):
         layers.append({"name": "fc", "towers": towers_of(draw(st.booleans())), "out": width(),
                        "weight_init": "kaiming", "bias": 0.1})
-        layers.append({"name": draw(st.sampled_from(acts + ["dropout"]))})
+        layers.append({"name": draw(st.sampled_from(acts + ["dropout"])), "towers": towers_of(draw(st.booleans()))})
     classes = draw(st.integers(1, 7))  # often not a multiple of the towers: the last layer runs whole
     layers.append({"name": "fc", "towers": "cross", "out": classes, "weight_init": "kaiming"})
     if draw(st.booleans()):
@@ -125,13 +126,13 @@ def test_model_parallel_splits_a_third_party_elementwise_layer(registries, net, 
 def _check_equal(registries, net, batch, seed, layout) -> None:
     towers, size, classes, layers = net
     reference, strategy, module = _single_and_parallel(registries, towers, size, classes, layers, layout)
-    reference.eval()  # dropout draws masks differently per strategy; compared in eval mode
-    module.eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
     y = torch.randint(classes, (batch,), generator=g)
 
-    out_ref, out_mp = reference(x), module(x)
+    # Training mode, dropout on: every tower piece draws its slice of single's keyed mask.
+    with keyed.keyed_draws(seed, 1 + seed % 5, torch.randperm(1000, generator=g)[:batch]):
+        out_ref, out_mp = reference(x), module(x)
     assert out_mp.shape == out_ref.shape == (batch, classes)
     assert _rel(out_ref, out_mp) <= 1e-12
     loss_ref = nn.functional.cross_entropy(out_ref, y)
@@ -185,7 +186,7 @@ TINY_LAYERS = [
     {"name": "conv", "id": "conv3", "towers": "cross", "out": 8, "kernel": 3, "padding": 1, "weight_init": "kaiming"},
     {"name": "relu"}, {"name": "maxpool", "kernel": 2, "stride": 2}, {"name": "flatten"},
     {"name": "fc", "id": "fc4", "towers": "cross", "out": 16, "weight_init": "kaiming"}, {"name": "relu"},
-    {"name": "dropout", "p": 0.0},
+    {"name": "dropout", "p": 0.5},
     {"name": "fc", "id": "fc5", "towers": "cross", "out": 5, "weight_init": "kaiming"},
 ]
 

@@ -1,6 +1,6 @@
 """Resume is bit-exact on CPU: N steps straight = k steps, stop, resume, N - k steps.
 
-The tiny recipe has dropout (the torch RNG must be restored), a plateau schedule that drops
+The tiny recipe has dropout (keyed by step and sample: nothing to restore), a plateau schedule that drops
 the lr at every epoch end (the schedule state must be restored) and 4 steps per epoch, so the
 cut can fall inside an epoch, on its last step (before the epoch's evaluation) or between
 epochs. The cut is made either by ``train.max_steps`` or by a real SIGINT sent to this
@@ -28,6 +28,10 @@ STEPS_PER_EPOCH, EPOCHS = 4, 3
 
 def model_bytes(path: Path) -> dict[str, bytes]:
     return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items() if k.startswith("model/")}
+
+
+def all_bytes(path: Path) -> dict[str, bytes]:
+    return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items()}
 
 
 def train(out: Path, *overrides: str, resume: Path | None = None) -> dict:
@@ -83,6 +87,11 @@ def test_six_straight_equals_three_resume_three(tmp_path: Path) -> None:
     wa, wb = model_bytes(a / "checkpoints" / "last.safetensors"), model_bytes(last)
     assert wa.keys() == wb.keys() and len(wa) == 6
     assert wa == wb
+    # every tensor of the checkpoint: optimizer state and the torch, numpy and python generators too
+    everything = [all_bytes(a / "checkpoints" / "last.safetensors"), all_bytes(last)]
+    assert {"rng/torch", "rng/numpy", "rng/python"} <= everything[0].keys()
+    assert everything[0].keys() == everything[1].keys()
+    assert [k for k in everything[0] if everything[0][k] != everything[1][k]] == []
     # and the weights did move: 3 steps are not 6
     assert model_bytes(last) != straight(3, tmp_path)
 

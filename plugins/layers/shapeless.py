@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Sequence
+
 import attrs
+import torch
 from attrs import validators as v
 from torch import nn
 
-from convnet.core import BuiltLayer, LayerContext
+from convnet.core import BuiltLayer, LayerContext, keyed
 
 
 @attrs.define
@@ -35,8 +38,39 @@ def build_tanh(options: NoOptions, ctx: LayerContext) -> BuiltLayer:
     return BuiltLayer(nn.Tanh(), ctx.in_shape)
 
 
+class KeyedDropout(nn.Module):
+    """Dropout whose mask is keyed by (seed, step, layer id, global sample, global feature)
+    (``convnet.core.keyed``): every strategy drops, for each element, what ``single`` drops.
+
+    Outside a training step's forward (a direct call in train mode) it is torch's dropout;
+    in eval mode the identity. A tower piece is told its towers with ``split_towers``.
+    """
+
+    def __init__(self, p: float, layer_id: str) -> None:
+        super().__init__()
+        self.p, self.layer_id = p, layer_id
+        self.group: tuple[int, ...] | None = None
+        self.towers = 1
+
+    def split_towers(self, group: Sequence[int], towers: int) -> None:
+        self.group, self.towers = tuple(group), towers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        draws = keyed.current()
+        if draws is None:
+            return nn.functional.dropout(x, self.p, True)
+        keep = draws.keep(self.p, self.layer_id, keyed.features(x, self.group, self.towers), rows=x.shape[0])
+        noise = keep.to(x.dtype).div_(1 - self.p) if self.p < 1 else keep.to(x.dtype)
+        return x * noise.view_as(x)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, layer_id={self.layer_id!r}"
+
+
 def build_dropout(options: DropoutOptions, ctx: LayerContext) -> BuiltLayer:
-    return BuiltLayer(nn.Dropout(options.p), ctx.in_shape)
+    return BuiltLayer(KeyedDropout(options.p, ctx.id), ctx.in_shape)
 
 
 def build_flatten(options: NoOptions, ctx: LayerContext) -> BuiltLayer:

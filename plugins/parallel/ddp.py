@@ -34,16 +34,13 @@ class DDPOptions(DistributedOptions):
 
 
 class _DDP(DistributedDataParallel):
-    """DDP whose training forward draws this rank's own dropout masks, and whose
-    evaluation forward skips DDP's machinery (ranks may evaluate different numbers of batches)."""
+    """DDP whose evaluation forward skips DDP's machinery (ranks may evaluate different
+    numbers of batches)."""
 
     def forward(self, *args, **kwargs):  # type: ignore[override]
-        strategy = self._convnet_strategy
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*args, **kwargs)
-        strategy.new_step_seed()
-        with strategy.rng(strategy.rank):
-            return super().forward(*args, **kwargs)
+        return super().forward(*args, **kwargs)
 
     def features(self, x: torch.Tensor, layer_id: str) -> torch.Tensor:
         return self.module.features(x, layer_id)
@@ -69,9 +66,7 @@ class DDP(DistributedStrategy):
         # must not meet in a collective on every forward.
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
         with self.collective("broadcasting the initial weights"):
-            module = _DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None, **sync)
-        module._convnet_strategy = self
-        return module
+            return _DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None, **sync)
 
     @staticmethod
     def _inner(module: nn.Module) -> nn.Module:

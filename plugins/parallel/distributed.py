@@ -1,5 +1,6 @@
 """What the multi-process strategies share: the process group from torchrun's environment,
-collectives that survive a lost peer with a clear error, and per-rank dropout streams.
+collectives that survive a lost peer with a clear error. (Dropout needs nothing from a
+strategy: its masks are keyed by global sample and feature, ``convnet.core.keyed``.)
 
 A strategy reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` (set by torchrun) when it is built, and starts the process group in
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from attrs import validators as v
 
-from convnet.core import ConvnetError, Strategy, derive_seed
+from convnet.core import ConvnetError, Strategy
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _PEER_MARKERS = ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "timed out",
@@ -67,7 +68,6 @@ class DistributedStrategy(Strategy):
         self.local_rank = env["local_rank"] if env else 0
         super().__init__(self._pick_device())
         self._started = False
-        self._step_seed = 0
 
     def _pick_device(self) -> torch.device:
         want = self.options.device
@@ -159,21 +159,6 @@ class DistributedStrategy(Strategy):
                 dist.destroy_process_group()
             except Exception:  # already broken: nothing more to release
                 pass
-
-    # ------------------------------------------------------------------ dropout streams
-    def new_step_seed(self) -> int:
-        """One draw from the global generator, the same on every rank (they stay in step)."""
-        self._step_seed = int(torch.randint(0, 2**62, (1,)))
-        return self._step_seed
-
-    @contextlib.contextmanager
-    def rng(self, *stream: int) -> Iterator[None]:
-        """The global generators seeded from (this step's seed, ``stream``), restored after."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            seed = derive_seed(self._step_seed, *stream)
-            torch.manual_seed(seed)
-            yield
 
 
 def _first_line(exc: BaseException) -> str:

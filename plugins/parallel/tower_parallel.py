@@ -128,8 +128,6 @@ class RankTower(nn.Module):
     def __init__(self, splits: list[LayerSplit], strategy: "TowerParallel", info: list) -> None:
         super().__init__()
         self.splits, self.info, self.strategy = splits, info, strategy
-        self.rank = strategy.rank
-        self._index = {s.id: i for i, s in enumerate(splits)}
         self.pieces = nn.ModuleDict()
         self.whole = nn.ModuleDict()
         dev = strategy.device
@@ -141,16 +139,9 @@ class RankTower(nn.Module):
             if s.module is not None:
                 self.whole[s.id] = s.module.to(dev)
 
-    def _rng(self, s: LayerSplit, sharded: bool):
-        """Tower blocks get their own dropout masks; replicated layers the same on every rank."""
-        return self.strategy.rng(self._index[s.id], self.rank if sharded else -1)
-
     def _run(self, x: torch.Tensor, stop_at: str | None = None) -> torch.Tensor:
-        if self.training:
-            self.strategy.new_step_seed()
         with self.strategy.collective("exchanging activations between towers"):
-            return run_towers(self.splits, self.pieces, self.whole, x, _RankExchange(), stop_at,
-                              self._rng if self.training else None)
+            return run_towers(self.splits, self.pieces, self.whole, x, _RankExchange(), stop_at)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)

@@ -9,7 +9,9 @@ layer runs under a tower split (its *mode*):
   number of towers the piece computes.
   A layer without parameters is applied to each tower's block on its own: exact for
   layers that treat channels independently (activations, pooling, dropout, flatten,
-  third-party elementwise layers such as swish) or in tower groups (LRN).
+  third-party elementwise layers such as swish) or in tower groups (LRN). A piece (or a
+  module in it) with a ``split_towers(group, towers)`` method is told which towers' blocks
+  it computes: a keyed random layer (``convnet.core.keyed``) needs its global feature indices.
 - ``cross``: tower ``t`` reads every tower's block (one exchange) and computes its own
   rows; a parameter-free cross layer is computed whole on every tower, which keeps its
   own block of the output.
@@ -24,10 +26,9 @@ process (one group per device); ``tower-parallel`` holds one single-tower group 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import attrs
 import torch
@@ -156,6 +157,15 @@ def _row_piece(module: nn.Module, info: LayerInfo, mode: str, group: Sequence[in
     return piece, tuple(sharded), tuple(replicated)
 
 
+def _tell_towers(piece: nn.Module, group: Sequence[int], towers: int) -> None:
+    """A piece that computes only its group's blocks and needs to know which (a keyed random
+    layer: its global feature indices) says so with ``split_towers(group, towers)``."""
+    for m in piece.modules():
+        split = getattr(m, "split_towers", None)
+        if callable(split):
+            split(list(group), towers)
+
+
 def split_network(model: Network, groups: Sequence[Sequence[int]] | None = None) -> list[LayerSplit]:
     """Cut ``model`` into pieces, one per tower group (copies; the model is left as it was).
 
@@ -189,6 +199,7 @@ def split_network(model: Network, groups: Sequence[Sequence[int]] | None = None)
             else:
                 piece = copy.deepcopy(module)
                 _ungroup(piece, towers, mode, info.out_shape[0], info.in_shape[0], group)
+                _tell_towers(piece, group, towers)
                 pieces.append(piece)
         splits.append(LayerSplit(info.id, mode, info, copy.deepcopy(module), pieces,
                                  replicated=tuple(_tensors(module))))
@@ -212,31 +223,26 @@ class Exchange(Protocol):
 
 
 def run_towers(splits: list[LayerSplit], pieces: nn.ModuleDict, whole: nn.ModuleDict, x: torch.Tensor,
-               exchange: Exchange, stop_at: str | None = None,
-               around: Callable[[LayerSplit, bool], object] | None = None) -> torch.Tensor:
+               exchange: Exchange, stop_at: str | None = None) -> torch.Tensor:
     """The forward pass over tower pieces: returns the whole output (or ``stop_at``'s).
 
     ``pieces[id]`` holds the held towers' modules, ``whole[id]`` the unsplit modules.
-    ``around(split, sharded)`` may return a context manager entered around each
-    parameter-free layer (tower-parallel uses it for per-tower dropout masks).
     """
     blocks: list[torch.Tensor] | None = None
     state = x
     for s in splits:
         replicated = s.mode == "whole" or (s.mode == "local" and blocks is None and not s.has_params)
-        ctx = around(s, not replicated) if around is not None and not s.has_params else None
-        with ctx if ctx is not None else contextlib.nullcontext():
-            if s.mode == "whole":
-                state = whole[s.id](exchange.to_whole(blocks) if blocks is not None else state)
-                blocks = None
-            elif replicated:
-                state = whole[s.id](state)
+        if s.mode == "whole":
+            state = whole[s.id](exchange.to_whole(blocks) if blocks is not None else state)
+            blocks = None
+        elif replicated:
+            state = whole[s.id](state)
+        else:
+            if s.mode == "local":
+                inputs = blocks if blocks is not None else exchange.scatter(state)
             else:
-                if s.mode == "local":
-                    inputs = blocks if blocks is not None else exchange.scatter(state)
-                else:
-                    inputs = exchange.cross_inputs(blocks) if blocks is not None else exchange.replicate(state)
-                blocks = [m(b) for m, b in zip(pieces[s.id], inputs)]
+                inputs = exchange.cross_inputs(blocks) if blocks is not None else exchange.replicate(state)
+            blocks = [m(b) for m, b in zip(pieces[s.id], inputs)]
         if s.id == stop_at:
             break
     return exchange.to_whole(blocks) if blocks is not None else state
