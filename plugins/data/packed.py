@@ -9,7 +9,8 @@ main process and each data-loader worker hold it once between them, whatever the
 
 Decoding (``decode``): ``auto`` is ``torchvision.io.decode_jpeg``, measured 1.3x faster
 than PIL on these 256x256 JPEGs (both are libjpeg-turbo and give the same pixels; torchvision
-skips PIL's image object and the HWC -> CHW copy). PIL's draft mode cannot help: it only
+skips PIL's image object and the HWC -> CHW copy); torchvision 0.29 deprecated its image IO
+for TorchCodec, so where ``decode_jpeg`` is gone ``auto`` falls back to PIL. PIL's draft mode cannot help: it only
 scales by 1/2, 1/4, 1/8 while decoding, and the stored images are already the size the
 network crops from. ``decode_batch(indices, device="cuda")`` decodes a batch with nvJPEG
 on a GPU. Raw (``.npy``) samples are a view of the bytes read: bitwise what was packed.
@@ -20,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,7 +62,17 @@ def _decode_pil(data: bytearray) -> torch.Tensor:
 def _decode_torchvision(data: bytearray) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    with warnings.catch_warnings():  # torchvision 0.29 warns on every call that TorchCodec supersedes it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+
+
+def _torchvision_decodes() -> bool:
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _decode_npy(data: bytearray) -> torch.Tensor:
@@ -87,11 +99,12 @@ class PackedSplit(Dataset):
             self.index = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot read the pack's index ({exc}); re-run `convnet pack`") from None
+        self._records = self.index.view(np.ndarray)  # the same mapped pages, without memmap's Python __getitem__
         self._files: dict[int, int] = {}
         self._pid = os.getpid()
         if self.format == "raw":
             self._decoder = _decode_npy
-        elif self.decode == "pil":
+        elif self.decode == "pil" or (self.decode == "auto" and not _torchvision_decodes()):
             self._decoder = _decode_pil
         else:
             self._decoder = _decode_torchvision
@@ -127,27 +140,29 @@ class PackedSplit(Dataset):
         self._files[shard] = fd  # most recently used last
         return fd
 
-    def payload(self, index: int) -> bytearray:
-        """The stored bytes of sample ``index`` (a JPEG or an .npy file), checked against the index."""
-        record = self.index[index]
-        shard, offset, size = int(record["shard"]), int(record["offset"]), int(record["size"])
+    def _read(self, index: int) -> tuple[bytearray, int, int]:
+        """(stored bytes, label, shard) of sample ``index``, the bytes checked against the index."""
+        shard, offset, size, label, crc, source = self._records[index].item()
         data = bytearray(size)
         got = os.preadv(self._fd(shard), [data], offset)
-        if got != size or zlib.crc32(data) != int(record["crc32"]):
+        if got != size or zlib.crc32(data) != crc:
             raise DataError(f"{self.folder / self.shards[shard]}: corrupt shard (sample {index}, member "
-                            f"{sample_key(int(record['source']))}, bytes {offset}-{offset + size}: "
+                            f"{sample_key(source)}, bytes {offset}-{offset + size}: "
                             f"{'truncated' if got != size else 'crc32 mismatch'}); re-run `convnet pack` into a "
                             "new folder or restore the shard")
-        return data
+        return data, label, shard
+
+    def payload(self, index: int) -> bytearray:
+        """The stored bytes of sample ``index`` (a JPEG or an .npy file)."""
+        return self._read(index)[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        data = self.payload(index)
+        data, label, shard = self._read(index)
         try:
             image = self._decoder(data)
         except (RuntimeError, ValueError, OSError, SyntaxError) as exc:
-            shard = self.shards[int(self.index[index]["shard"])]
-            raise DataError(f"{self.folder / shard}: sample {index} does not decode ({exc})") from None
-        return image, int(self.index[index]["label"])
+            raise DataError(f"{self.folder / self.shards[shard]}: sample {index} does not decode ({exc})") from None
+        return image, label
 
     def labels(self) -> np.ndarray:
         return self.index["label"]
@@ -162,7 +177,9 @@ class PackedSplit(Dataset):
             from torchvision.io import ImageReadMode, decode_jpeg
 
             data = [torch.frombuffer(self.payload(i), dtype=torch.uint8) for i in indices]
-            images = decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                images = decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device)
             return torch.stack(images), labels.to(device)
         return torch.stack([self[i][0] for i in indices]).to(device), labels.to(device)
 
