@@ -144,12 +144,17 @@ def main() -> None:
         ours = chain(registries, stats_path)
         n = len(folder)
         sizes = [os.path.getsize(folder.path(i)) for i in range(n)]
-        dims = [Image.open(folder.path(i)).size for i in range(n)]
+        dims = [sorted(Image.open(folder.path(i)).size, reverse=True) for i in range(n)]
         print(f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, load "
               f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}, 1 thread; {n} photographs, mean "
-              f"{np.mean([d[0] for d in dims]):.0f}x{np.mean([d[1] for d in dims]):.0f}, "
+              f"{np.mean([d[0] for d in dims]):.0f}x{np.mean([d[1] for d in dims]):.0f} (long x short side), "
               f"{np.mean(sizes) / 1024:.0f} KB; packed jpeg q95 {packed['jpeg'].index['size'].mean() / 1024:.0f} KB, "
               f"raw {packed['raw'].index['size'].mean() / 1024:.0f} KB")
+        errors = [(packed["jpeg"][j][0].double() - folder[int(i)][0].double()).abs()
+                  for j, i in enumerate(packed["jpeg"].index["source"])]
+        err = torch.stack(errors)
+        print(f"packed jpeg vs the folder dataset's tensors: mean |error| {float(err.mean()):.2f}, max "
+              f"{float(err.max()):.0f} grey levels, PSNR {float(10 * torch.log10(255.0**2 / (err**2).mean())):.1f} dB")
         rates = rounds(pipelines(tmp, folder, packed, ours, tensors), n, args.repeat)
         report(rates)
         breakdown(packed["jpeg"], ours, n)

@@ -166,8 +166,9 @@ def test_raw_pack_gives_the_folder_datasets_samples_bitwise_in_order(tree, tmp_p
 
 
 def test_jpeg_pack_is_within_the_measured_reencoding_error(tree, tmp_path, registries):
-    """q95 4:2:0 on these photo crops at 64x64 measured mean |error| ~1.5 and PSNR ~40 dB;
-    the bounds leave room for other libjpeg builds, and catch a wrong colour order or crop."""
+    """q95 4:2:0 on these photo crops at 64x64 measured mean |error| 2.0 and PSNR 38 dB (at
+    256x256: 0.94 and 44 dB); the bounds leave room for other libjpeg builds and still catch a
+    wrong colour order, crop or resize."""
     root, _ = tree
     recipe, out, _ = _pack(tmp_path, root, "jpeg", registries, size=64, format="jpeg", quality=95)
     folder = build_dataset(recipe, registries)
@@ -180,10 +181,30 @@ def test_jpeg_pack_is_within_the_measured_reencoding_error(tree, tmp_path, regis
         errors.append((image.double() - ref.double()).abs())
     err = torch.stack(errors)
     psnr = 10 * torch.log10(255.0**2 / (err**2).mean())
-    assert err.mean() < 2.5 and psnr > 35, (float(err.mean()), float(psnr))
+    assert err.mean() < 3.0 and psnr > 34, (float(err.mean()), float(psnr))
     pil = build_dataset(load_recipe(packed_recipe(tmp_path, out, size=64, extra='decode = "pil"'),
                                     registries=registries), registries)
     assert all(torch.equal(pil.train[j][0], packed.train[j][0]) for j in range(len(pil.train)))
+
+
+def test_shards_are_plain_tars_in_the_webdataset_layout(tree, tmp_path, registries):
+    import tarfile
+
+    root, _ = tree
+    _, out, _ = _pack(tmp_path, root, "tars", registries, shard_size=4)
+    split = build_dataset(load_recipe(packed_recipe(tmp_path, out), registries=registries), registries).train
+    j = 0
+    for shard in sorted((out / "train").glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = tar.getmembers()
+            assert [m.name.rsplit(".", 1)[1] for m in members] == ["jpg", "cls"] * (len(members) // 2)
+            for image, label in zip(members[::2], members[1::2]):
+                key = image.name.split(".")[0]
+                assert label.name == f"{key}.cls" and int(key) == int(split.index["source"][j])
+                assert tar.extractfile(image).read() == split.payload(j)
+                assert int(tar.extractfile(label).read()) == split[j][1]
+                j += 1
+    assert j == len(split)
 
 
 def test_cli_names_every_bad_file_in_its_output_and_the_report(tree, tmp_path, capsys):

@@ -327,7 +327,8 @@ def pack(recipe: schema.Recipe, registries: Registries, out: str | Path, setting
                     for source, label, payload, bad in items:
                         if payload is None:
                             writer.bad.append(bad)
-                            bar.write(f"unreadable, skipped: {bad.replace(chr(9), ': ', 1)}")
+                            if progress:  # the command lists them all at the end as well
+                                bar.write(f"unreadable, skipped: {bad.replace(chr(9), ': ', 1)}")
                         else:
                             writer.add(source, label, payload)
                     bar.update(len(items))
