@@ -6,7 +6,6 @@ processes (SIGKILL, RLIMIT_FSIZE).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -251,7 +250,9 @@ def _pack_process(recipe: Path, out: Path, *extra: str, preexec=None) -> subproc
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=preexec)
 
 
-def test_a_pack_killed_mid_way_resumes_and_equals_an_uninterrupted_pack(tmp_path, registries):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_pack_killed_mid_way_resumes_and_equals_an_uninterrupted_pack(tmp_path, registries, sig):
+    """SIGKILL may leave a temp file (the re-run removes it); Ctrl-C (SIGINT) leaves none and exits 130."""
     root = tmp_path / "imagenet"
     write_tree(root, per_class=10, val_per_class=3, sizes=(150, 400))
     recipe = folder_recipe(tmp_path, root, size=128)
@@ -264,12 +265,15 @@ def test_a_pack_killed_mid_way_resumes_and_equals_an_uninterrupted_pack(tmp_path
         child = _pack_process(recipe, out)
         while not (out / "train" / "shard-000003.json").exists() and child.poll() is None:
             time.sleep(0.002)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        if child.returncode == -signal.SIGKILL and not (out / "packed.json").exists():
+        child.send_signal(sig)
+        _, stderr = child.communicate(timeout=300)
+        if child.returncode == (-sig if sig == signal.SIGKILL else 130) and not (out / "packed.json").exists():
             break
+        assert (out / "packed.json").exists(), (child.returncode, stderr.decode())
     else:
         pytest.fail("the pack finished three times before it could be killed")
+    if sig == signal.SIGINT:
+        assert not list(out.rglob("*.tmp")) and stderr.decode().strip().splitlines()[-1] == "convnet: interrupted"
     done_before = len(list(out.glob("*/shard-*.json")))
     assert 4 <= done_before < total
     finish = _pack_process(recipe, out)

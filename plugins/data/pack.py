@@ -252,18 +252,18 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
         write_atomically(path, json.dumps(plan, indent=1).encode())
 
 
-def _pending(sizes: dict[str, int], out: Path, shard_size: int) -> list[tuple[str, int, list[int]]]:
+def _pending(sizes: dict[str, int], out: Path, shard_size: int) -> list[tuple[str, int, range]]:
     """(split, shard number, source indices) of every shard not written yet, in order."""
     todo = []
     for split in SPLITS:
         folder = out / split
         for k in range((sizes[split] + shard_size - 1) // shard_size):
             if not shard_done(folder, k):
-                todo.append((split, k, list(range(k * shard_size, min((k + 1) * shard_size, sizes[split])))))
+                todo.append((split, k, range(k * shard_size, min((k + 1) * shard_size, sizes[split]))))
     return todo
 
 
-def _encoded(datasets: dict[str, Dataset], todo: list[tuple[str, int, list[int]]], settings: PackSettings,
+def _encoded(datasets: dict[str, Dataset], todo: list[tuple[str, int, range]], settings: PackSettings,
              workers: int) -> Iterator[tuple[str, int, list]]:
     """(split, shard, encoded chunk) in order, read and encoded by ``workers`` processes."""
     for split in SPLITS:

@@ -197,6 +197,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
         raise DataError(f"{path}: pack format version {manifest.get('version') if isinstance(manifest, dict) else '?'}"
                         f", this convnet reads version {FORMAT_VERSION}; re-run `convnet pack`")
+    missing = [k for k in ("format", "splits", "num_classes") if k not in manifest]
+    if missing or manifest["format"] not in ("jpeg", "raw"):
+        raise DataError(f"{path}: not a complete pack manifest (missing {', '.join(missing) or 'a known format'}); "
+                        "re-run `convnet pack`")
     return manifest
 
 
@@ -226,10 +230,16 @@ def build_packed(options: PackedOptions, ctx: DataContext) -> DatasetSplits:
     manifest = read_manifest(root)
     splits = {}
     for split in SPLITS:
-        info = manifest["splits"][split]
+        try:
+            info = manifest["splits"][split]
+            info = {k: info[k] for k in ("shards", "bytes", "sha256", "samples")}
+        except (KeyError, TypeError):
+            raise DataError(f"{root / MANIFEST}: no complete entry for the {split} split; "
+                            "re-run `convnet pack`") from None
         check_shards(root / split, info, options.verify)
         splits[split] = PackedSplit(root / split, info["shards"], manifest["format"], options.decode)
         if len(splits[split]) != info["samples"]:
             raise DataError(f"{root / split / INDEX_FILE}: {len(splits[split])} samples, the manifest says "
                             f"{info['samples']}; re-run `convnet pack`")
-    return DatasetSplits(splits["train"], splits["val"], manifest["num_classes"], manifest.get("classes"), "packed")
+    classes = manifest.get("classes")
+    return DatasetSplits(splits["train"], splits["val"], int(manifest["num_classes"]), classes, "packed")
