@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from convnet.core import data as cdata
 from convnet.core import plugins
 from convnet.core.data import DataContext
-from convnet.core.engine import _device_augment
+from convnet.core.data import augment_batch as _device_augment
 
 SEED = 0
 

@@ -39,6 +39,7 @@ from convnet.core.data import (
     Augment,
     DataContext,
     DatasetSplits,
+    build_dataset,
     derive_seed,
     generator,
     sample_key,
@@ -74,7 +75,7 @@ __all__ = [
     "hookimpl", "hookspec", "load_plugins", "KINDS", "Registries", "Registry", "Entry", "PluginWarning", "RunView",
     # the contract of each kind: factory protocols and the contexts factories receive
     "LayerFactory", "LrnFactory", "LayerContext", "BuiltLayer", "LayerInfo", "Network",
-    "AugmenterFactory", "Augment", "DatasetFactory", "DataContext", "DatasetSplits",
+    "AugmenterFactory", "Augment", "DatasetFactory", "DataContext", "DatasetSplits", "build_dataset",
     "EvaluatorFactory", "Evaluator", "EvalContext", "Predictions", "multiview_logits",
     "StrategyFactory", "Strategy", "resolve_device", "valid_device", "build_strategy", "BuildContext",
     "OptimizerFactory", "OptimizerContext", "ScheduleFactory", "Schedule", "ScheduleContext",

@@ -243,7 +243,7 @@ def test_sample_keys_differ_by_epoch_stage_and_index():
 @given(SEED_ST, st.integers(0, 100), st.lists(st.integers(0, 10**9), min_size=1, max_size=6, unique=True))
 def test_the_chain_gives_the_same_output_in_either_placement(seed, epoch, indices):
     """What the engine's device placement computes equals what a worker computes, per sample."""
-    from convnet.core.engine import _device_augment
+    from convnet.core.data import augment_batch as _device_augment
 
     vals, vecs = random_eigen(seed % 1000, 0)
     chain = [g.RandomCrop(g.RandomCropOptions(size=6, padding=1), ctx()), g.HFlip(g.HFlipOptions(), ctx()),

@@ -99,12 +99,16 @@ class ImageFiles(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.base, os.fsdecode(bytes(self.relative[index])))
 
+    def read(self, index: int) -> tuple[torch.Tensor, int]:
+        """The sample, or the decode error that makes it unreadable (``convnet pack`` reports it
+        with the file name)."""
+        return preprocess(self.path(index), self.size), int(self.labels[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         try:
-            image = preprocess(self.path(index), self.size)
+            return self.read(index)
         except DECODE_ERRORS:
             return None
-        return image, int(self.labels[index])
 
 
 def _is_image(name: str) -> bool:
