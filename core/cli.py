@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convnet", description="Train and evaluate the 2012 ImageNet network, piece by piece.",
                      epilog=EPILOG)
     parser.add_argument("--strict", action="store_true", help="fail when any plugin fails to load")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="train a recipe", epilog=EPILOG)
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per streamed batch (memory bound)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N training images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="replace an existing statistics file that differs")
+
+    p = sub.add_parser("predict", help="the top-5 classes of image files, with a trained checkpoint", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER", help="image files, or folders of them")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint of this recipe's model")
+    p.add_argument("--json", action="store_true", help='one JSON object a line: {"file", "top5": [[name, p]...]}')
+    p.add_argument("--plot", metavar="FILE.png", help="draw the images with their top-5 bars (the paper's Fig. 4)")
 
     p = sub.add_parser("eval", help="run a recipe's evaluators on checkpoints (several = ensemble)", epilog=EPILOG)
     _recipe_args(p)
@@ -111,6 +120,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convnet: interrupted", file=sys.stderr)
         return 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("convnet")
+    except PackageNotFoundError:
+        ours = "unknown (not installed)"
+    try:
+        import torch
+
+        theirs = torch.__version__
+    except ImportError:
+        theirs = "not installed"
+    return f"convnet {ours} (torch {theirs})"
 
 
 def _registries(args: argparse.Namespace):
@@ -192,12 +217,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
     out = args.out or stats.default_out(recipe)
+    stats.check_target(out, args.force)
     tensors, summary = stats.compute(recipe, regs, args.batch_size, args.limit, progress=not args.quiet)
-    path = stats.save(out, tensors, summary, recipe.name)
+    path, outcome = stats.save_checked(out, tensors, summary, recipe.name, args.force)
     print(f"{recipe.name}: {summary['images']} images ({summary['skipped']} unreadable skipped), "
           f"RGB mean {summary['rgb_mean']}, eigenvalues {summary['eigvals']}")
-    print(f"statistics: {path}")
+    print(f"statistics: {path} ({outcome})")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from convnet.core.predict import format_text, plot, predict
+    from convnet.core.recipe import load_recipe
+
+    regs = _registries(args)
+    recipe = load_recipe(args.recipe, args.overrides, regs)
+    results = predict(recipe, args.checkpoint, args.files, regs)
+    for r in results:
+        if r.error is not None:
+            print(f"convnet: error: {r.error}", file=sys.stderr, flush=True)
+        elif args.json:
+            print(json.dumps(r.as_json()), flush=True)
+        else:
+            print(format_text(r), flush=True)
+    if args.plot and any(r.error is None for r in results):
+        print(f"plot: {plot(results, args.plot)}", file=sys.stderr if args.json else sys.stdout)
+    return 1 if any(r.error is not None for r in results) else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -239,5 +284,5 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
-            "recipes": cmd_recipes, "stats": cmd_stats,
+            "recipes": cmd_recipes, "stats": cmd_stats, "predict": cmd_predict,
             "eval": cmd_eval, "report": cmd_report, "build-kernels": cmd_build_kernels}

@@ -8,6 +8,7 @@ in the workers or batched on the device (both use the train stream's keys).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import attrs
@@ -85,6 +86,11 @@ class DatasetSplits:
 
     Images are ``[C, H, W]`` tensors (uint8 or float). A sample that cannot be read may be
     returned as ``None``: the loader skips and counts it (or fails, if the recipe says so).
+
+    ``read_file`` (optional) turns a user's image file into an image as the validation split
+    yields it (before ``data.eval_augment``), raising any exception for a file it cannot read:
+    ``convnet predict`` needs it, and names the dataset when it is missing. ``classes`` names
+    the labels in its output.
     """
 
     train: Dataset
@@ -92,6 +98,7 @@ class DatasetSplits:
     num_classes: int
     classes: list[str] | None = None
     name: str = ""
+    read_file: Callable[[Path], torch.Tensor] | None = None
 
 
 @attrs.frozen
@@ -99,6 +106,9 @@ class DataContext:
     recipe: schema.Recipe
     registries: Registries
     path: str = "data.dataset"
+    # "predict": only ``classes``, ``num_classes`` and ``read_file`` are used, so a dataset may
+    # skip scanning its files (the splits may then be empty).
+    purpose: str = "train"
 
     def error(self, message: str) -> RecipeError:
         return RecipeError(f"{self.path}: {message}")
@@ -119,9 +129,9 @@ class Augment(Protocol):
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
 
-def build_dataset(recipe: schema.Recipe, registries: Registries) -> DatasetSplits:
+def build_dataset(recipe: schema.Recipe, registries: Registries, purpose: str = "train") -> DatasetSplits:
     entry = registries.dataset.get(recipe.data.dataset.name, "data.dataset.name")
-    splits = entry.factory(recipe.data.dataset.options, DataContext(recipe, registries))
+    splits = entry.factory(recipe.data.dataset.options, DataContext(recipe, registries, purpose=purpose))
     if not isinstance(splits, DatasetSplits):
         raise RecipeError(f"data.dataset: {entry.origin} returned {type(splits).__name__}, not DatasetSplits")
     if splits.num_classes != recipe.model.num_classes:
