@@ -299,12 +299,13 @@ class Run:
         self.strategy.close()
         return summary
 
-    def _report(self) -> None:
-        """Curves and index.html in the run folder; a plotting failure never loses a run."""
+    def _report(self, live: bool = False) -> None:
+        """Curves and index.html in the run folder; a plotting failure never loses a run.
+        ``live``: after an epoch's evaluation, as often as keeps the report's cost small."""
         from convnet.core import report
 
         try:
-            report.render(self.out)
+            report.render_live(self.out) if live else report.render(self.out)
         except Exception as exc:  # the run itself is saved; the report can be redone
             print(f"convnet: warning: the report for {self.out} failed ({type(exc).__name__}: {exc}); "
                   f"the run is intact, retry with: convnet report {self.out}", file=sys.stderr)
@@ -365,6 +366,8 @@ class Run:
             self.save_checkpoint("last")
             if improved and self.strategy.is_main:
                 ckpt.copy(self.checkpoint_path("last"), self.checkpoint_path("best"))
+            if self.strategy.is_main:
+                self._report(live=True)
             self.pm.hook.convnet_epoch_end(run=self, epoch=self.epoch - 1, metrics=record)
             if self._interrupt:  # Ctrl-C during the evaluation: the epoch's checkpoint is the boundary
                 raise Interrupted(f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint_path('last')}\n"
