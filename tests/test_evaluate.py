@@ -19,7 +19,7 @@ from convnet.core.model import build_model
 from convnet.core.recipe import load_recipe
 from convnet.core.strategy import Strategy
 from convnet.plugins.evaluate.confusion import Confusion, ConfusionOptions, confused_pairs, confusion_matrix
-from convnet.plugins.evaluate.filters import Filters, FiltersOptions, colour_specificity, draw
+from convnet.plugins.evaluate.filters import Filters, FiltersOptions, colour_specificity, draw, labelled
 from convnet.plugins.evaluate.neighbours import Neighbours, NeighboursOptions, nearest, query_indices
 from convnet.plugins.evaluate.tencrop import TenCrop, TenCropOptions, ten_crops
 from convnet.plugins.evaluate.topk import Topk, TopkOptions, topk_errors
@@ -263,12 +263,19 @@ def test_filters_image_has_the_expected_pixel_size_for_the_recipe(tmp_path, digi
     # conv1: 32 kernels 5x5x3, 2 towers of 16 -> one row of 16 per tower; drawn 10x (48/5), gap 2
     width = 16 * 5 * 10 + 17 * 2
     height = 2 * (5 * 10 + 2 * 2) + 2
+    grid = draw(build_model(digits).layers["conv1"].weight, 2, 16, 10, 2)
+    assert grid.shape == (height, width, 3)
+    assert (grid[height // 2 - 1] == 0).all()  # the black band between the towers
     with Image.open(tmp_path / "filters_conv1.png") as im:
-        assert im.size == (width, height)
+        assert im.size == (width + 182, height + 62)  # the grid, a title above and tower names left
         pixels = np.asarray(im.convert("RGB"))
-    assert (pixels[height // 2 - 1] == 0).all()  # the black band between the towers
+    assert (pixels[50:50 + height, 170:170 + width] == grid).mean() > 0.9  # pixel for pixel (but its frame)
     scores = result["filters_conv1_colour_specificity"]
     assert len(scores) == 2 and all(0.5 < s < 0.8 for s in scores)  # random init: about 2/3
+    fig = labelled(grid, "conv1", (32, 3, 5, 5), 2, scores)
+    ax = fig.axes[0]
+    assert "conv1: 32 kernels of 5x5x3" in ax.get_title()
+    assert [t.get_text().split("\n")[0] for t in ax.get_yticklabels()] == ["tower 1", "tower 2"]
 
 
 @settings(max_examples=10)
@@ -324,7 +331,17 @@ def test_neighbours_of_a_training_image_include_itself_at_distance_0(tmp_path, d
     from PIL import Image
 
     with Image.open(tmp_path / "neighbours.png") as im:
-        assert im.size == (4 * 64 + 8 * 4, 5 * 64 + 6 * 4)
+        assert im.size == (4 * (64 + 40) + 60, 5 * (64 + 48) + 60)
+    from convnet.plugins.evaluate.neighbours import labelled as labelled_sheet
+
+    rows = [[train[q["query"]][0]] + [train[j][0] for j in q["neighbours"]] for q in payload["queries"]]
+    fig = labelled_sheet(rows, payload["queries"], splits.classes, "fc7", 64)
+    assert len(fig.axes) == 5 * 4 and "fc7" in fig._suptitle.get_text()
+    first = payload["queries"][0]
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["query", "1", "2", "3"]
+    assert fig.axes[0].get_xlabel() == splits.classes[first["label"]]
+    assert fig.axes[0].get_ylabel() == f"train #{first['query']}"
+    assert fig.axes[1].get_xlabel().startswith(splits.classes[first["labels"][0]] + " (0")
 
 
 def test_neighbours_without_the_layer_is_a_recipe_error_naming_the_option():
