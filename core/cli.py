@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="mean image and RGB PCA of the training set, for the recipe's augmenters",
                        epilog=EPILOG)
     _recipe_args(p)
-    p.add_argument("--out", metavar="FILE", help="safetensors file to write (default: the path the recipe's "
-                   "augmenters name in their `stats` option, else <dataset root>/stats.safetensors, "
-                   "else runs/<recipe>/stats.safetensors)")
+    p.add_argument("--out", metavar="FILE", help="safetensors file to write (default: next to the dataset, "
+                   "<data.dataset.root>/stats.safetensors; without a root, the file the recipe's augmenters "
+                   "name in their `stats` option, else runs/<recipe>/stats.safetensors)")
     p.add_argument("--batch-size", type=int, default=64, help="images per streamed batch (memory bound)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N training images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -208,6 +208,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from convnet.core import stats
     from convnet.core.errors import RecipeError
     from convnet.core.recipe import load_recipe
@@ -217,12 +219,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
     out = args.out or stats.default_out(recipe)
-    stats.check_target(out, args.force)
+    note = stats.check_target(out, args.force)
+    if note:
+        print(note, file=sys.stderr)
     tensors, summary = stats.compute(recipe, regs, args.batch_size, args.limit, progress=not args.quiet)
     path, outcome = stats.save_checked(out, tensors, summary, recipe.name, args.force)
     print(f"{recipe.name}: {summary['images']} images ({summary['skipped']} unreadable skipped), "
           f"RGB mean {summary['rgb_mean']}, eigenvalues {summary['eigvals']}")
     print(f"statistics: {path} ({outcome})")
+    elsewhere = {k: v for k, v in stats.readers(recipe).items() if Path(v).resolve() != Path(path).resolve()}
+    if elsewhere:
+        print(f"note: this recipe's augmenters read {', '.join(sorted(set(elsewhere.values())))}; to use these "
+              "statistics, run with " + " ".join(f"--set {k}={path}" for k in elsewhere))
     return 0
 
 
