@@ -262,6 +262,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(recipe, args.checkpoints, args.out, regs)
     if results:  # the main process only
         print(json.dumps(results, indent=2))
+        if len(args.checkpoints) > 1:
+            print(f"the plain metrics are of the first checkpoint, {results['metrics_from']}; the ensemble_* "
+                  f"ones of all {len(args.checkpoints)}", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,8 @@
 """``convnet eval RECIPE --checkpoint CKPT...``: a recipe's evaluators on trained weights.
 
 The first checkpoint is loaded into the recipe's model and every evaluator of the recipe
-runs on it (as at the end of a run). With several checkpoints, the others join it in an
+runs on it (as at the end of a run): the plain metrics are that checkpoint's, which the results
+say (``"metrics_from"``). With several checkpoints, the others join it in an
 ``ensemble`` evaluator (added if the recipe has none; its ``checkpoints`` option is replaced
 by them), which reports each member and the averaged softmax. Results go to
 ``OUT/eval.json``, and the evaluators' images and JSON files to OUT.
@@ -85,7 +86,8 @@ def evaluate(recipe: schema.Recipe, checkpoints: Sequence[str | Path], out: str 
     ctx = EvalContext(recipe, module, strategy, splits, eval_aug, out_dir if strategy.is_main else None, 0, True)
     with torch.random.fork_rng(devices=[]):
         results = run_evaluators(evaluators, ctx)
-    results = {"checkpoints": [str(p) for p in checkpoints], **results}
+    # The evaluators' plain keys (top1_error, ...) are of the first checkpoint; ensemble_* of all.
+    results = {"checkpoints": [str(p) for p in checkpoints], "metrics_from": str(first), **results}
     if strategy.is_main:
         (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     is_main = strategy.is_main

@@ -225,6 +225,25 @@ def test_ensemble_of_two_averages_softmax(tmp_path):
     assert members == [pytest.approx(topk_errors(p, y, [1])[1][0] / len(y), abs=1.5 / len(y)) for p in probs]
 
 
+def test_cli_eval_says_which_checkpoint_the_plain_metrics_come_from(tmp_path, capsys):
+    import json
+
+    from convnet.core.cli import main
+
+    recipe = load_recipe("alexnet-digits", SMALL)
+    a, b = (save_model(tmp_path / f"{n}.safetensors", build_model(recipe, seed=s)) for n, s in (("a", 1), ("b", 2)))
+    argv = ["eval", "alexnet-digits", "--checkpoint", b, a, "--out", str(tmp_path / "out")]
+    for s in SMALL:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert printed["metrics_from"] == saved["metrics_from"] == b
+    assert printed["top1_error"] == printed["ensemble_members"][0]["top1_error"]  # b's, indeed
+    assert f"the plain metrics are of the first checkpoint, {b}" in captured.err
+
+
 def test_checkpoint_of_another_recipe_names_the_first_mismatched_tensor(tmp_path):
     other = load_recipe("alexnet-digits", ["model.layers[0].out=16"])
     path = save_model(tmp_path / "other.safetensors", build_model(other))
