@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 import torch
-
 from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
 from convnet.core import schema
@@ -85,26 +84,25 @@ class Predictor:
                 report(0)
 
 
-def image_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Prediction]]:
-    """Files to classify: each file argument, and a folder's image files (sorted, not hidden,
-    not recursive). Returns (files, failures) where a failure names a missing path or a folder
+def image_files(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]:
+    """What to classify, in argument order: each file, and a folder's image files (sorted, not
+    hidden, not recursive); a ``Prediction`` with ``error`` for a missing path or a folder
     without images."""
-    files: list[Path] = []
-    failures: list[Prediction] = []
+    out: list[Path | Prediction] = []
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
                            and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                failures.append(Prediction(str(path), error=f"{path}: a folder with no image files "
-                                                             f"({', '.join(IMAGE_EXTENSIONS)})"))
-            files += found
+                out.append(Prediction(str(path), error=f"{path}: a folder with no image files "
+                                                       f"({', '.join(IMAGE_EXTENSIONS)})"))
+            out += found
         elif path.exists():
-            files.append(path)
+            out.append(path)
         else:
-            failures.append(Prediction(str(path), error=f"{path}: no such file or folder"))
-    return files, failures
+            out.append(Prediction(str(path), error=f"{path}: no such file or folder"))
+    return out
 
 
 def _views_of(recipe: schema.Recipe, registries: Registries) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -160,37 +158,37 @@ def predict(recipe: schema.Recipe | str, checkpoint: str | Path, files: Sequence
     if not isinstance(recipe, schema.Recipe):
         recipe = load_recipe(str(recipe), registries=regs)
     predictor = load_predictor(recipe, checkpoint, regs, device)
-    paths, failures = image_files(files)
-    results: list[Prediction] = list(failures)
+    entries = image_files(files)
+    results: list[Prediction | None] = [e if isinstance(e, Prediction) else None for e in entries]
     k = min(top, len(predictor.classes))
-    pending: list[tuple[Path, torch.Tensor]] = []
+    pending: list[tuple[int, torch.Tensor]] = []
 
     def flush() -> None:
         if not pending:
             return
         probs = predictor.probabilities(torch.stack([x for _, x in pending]))
         values, indices = probs.topk(k, dim=1)
-        for (path, _), p, i in zip(pending, values.tolist(), indices.tolist()):
-            results.append(Prediction(str(path), [(predictor.classes[c], float(q)) for c, q in zip(i, p)]))
+        for (at, _), p, i in zip(pending, values.tolist(), indices.tolist()):
+            results[at] = Prediction(str(entries[at]), [(predictor.classes[c], float(q)) for c, q in zip(i, p)])
         pending.clear()
 
-    for index, path in enumerate(paths):
+    for at, path in enumerate(entries):
+        if isinstance(path, Prediction):
+            continue
         try:
-            image = predictor.prepare(path, index)
+            image = predictor.prepare(path, at)
         except Exception as exc:  # noqa: BLE001  (any decoder's failure: name the file, go on)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            results.append(Prediction(str(path), error=f"{path}: cannot read this image ({reason})"))
+            results[at] = Prediction(str(path), error=f"{path}: cannot read this image ({reason})")
             continue
         if pending and image.shape != pending[0][1].shape:
             flush()
-        pending.append((path, image))
+        pending.append((at, image))
         if len(pending) >= batch_size:
             flush()
     flush()
     predictor.end_pass()
-    order = {str(p): i for i, p in enumerate(paths)}
-    results.sort(key=lambda r: order.get(r.file, -1))
-    return results
+    return [r for r in results if r is not None]
 
 
 def format_text(prediction: Prediction) -> str:

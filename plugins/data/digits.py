@@ -3,7 +3,7 @@
 The bundled digits are white ink on black: each of the 8x8 pixels counts the ink (0..16) in a
 4x4 block of a 32x32 bitmap. ``read_file`` makes a user's image look the same: grey (colour and
 transparency flattened onto white), area-averaged down to 8x8, inverted when its border is
-brighter than the middle (dark ink on light paper), stretched to the full 0..1 range, then
+brighter than the whole (dark ink on light paper), stretched to the full 0..1 range, then
 upsampled and normalised as the bundled images are. The digit should fill the picture, as the
 bundled ones fill their box.
 """
@@ -60,9 +60,7 @@ def as_digit(grey: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(grey)[None, None]
     small = F.interpolate(x, size=(8, 8), mode="area")[0]
     border = torch.cat([x[0, 0, 0], x[0, 0, -1], x[0, 0, :, 0], x[0, 0, :, -1]]).mean()
-    h, w = grey.shape
-    middle = x[0, 0, h // 4: h - h // 4 or None, w // 4: w - w // 4 or None].mean()
-    if border > middle:  # dark ink on light paper
+    if border > x.mean():  # dark ink on light paper (right for every bundled digit, either way round)
         small = 1.0 - small
     lo, hi = small.min(), small.max()
     return (small - lo) / (hi - lo) if hi > lo else torch.zeros_like(small)

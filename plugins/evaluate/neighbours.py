@@ -4,8 +4,8 @@
 Features are the output of the layer ``layer`` (default ``fc7``; in the bundled recipes that is
 the fully connected layer before its ReLU: name the ReLU's id, e.g. ``relu7``, to use the
 rectified activations). Queries are ``queries`` images spread evenly over ``query_split``
-(the validation set by default; with ``"train"``, over the training images searched). The training database is the whole training split, or its
-first ``train_limit`` images when that is set (ImageNet's 1.2 M x 4096 features need 20 GB).
+(the validation set by default; with ``"train"``, over the training images searched). The
+training database is the whole training split, or its first ``train_limit`` images when that is set (ImageNet's 1.2 M x 4096 features need 20 GB).
 Distances are computed by differences (not the ``|a|^2 + |b|^2 - 2ab`` shortcut), so an
 image's distance to itself is exactly 0. Ties are broken by the lower training index.
 
@@ -96,7 +96,8 @@ class Neighbours(Evaluator):
         self.path = evaluator_path(recipe, options, "neighbours")
         require_layer(recipe, options, "neighbours", "layer", options.layer)
 
-    def features(self, ctx: EvalContext, split: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(self, ctx: EvalContext, split: str, indices: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, labels, indices) of those samples, gathered from all processes, sorted by index."""
         net = feature_network(ctx)
         feats, labels, idx = [], [], []
