@@ -305,7 +305,7 @@ class Run:
         from convnet.core import report
 
         try:
-            report.render_live(self.out) if live else report.render(self.out)
+            (report.render_live if live else report.render)(self.out)
         except Exception as exc:  # the run itself is saved; the report can be redone
             print(f"convnet: warning: the report for {self.out} failed ({type(exc).__name__}: {exc}); "
                   f"the run is intact, retry with: convnet report {self.out}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
 from convnet.core import schema
-from convnet.core.errors import DataError
+from convnet.core.errors import ConvnetError, DataError
 from convnet.core.evaluation import multiview_logits
 from convnet.core.model import build_model
 from convnet.core.registry import Registries
@@ -239,6 +239,9 @@ def plot(predictions: Sequence[Prediction], path: str | Path, columns: int = 4, 
     more = len([p for p in predictions if p.error is None]) - len(shown)
     fig.suptitle("top-5 predictions" + (f" (first {len(shown)}; {more} more not shown)" if more > 0 else ""))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as exc:
+        raise ConvnetError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
     return path
