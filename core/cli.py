@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convnet", description="Train and evaluate the 2012 ImageNet network, piece by piece.",
                      epilog=EPILOG)
     parser.add_argument("--strict", action="store_true", help="fail when any plugin fails to load")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="train a recipe", epilog=EPILOG)
@@ -57,12 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="mean image and RGB PCA of the training set, for the recipe's augmenters",
                        epilog=EPILOG)
     _recipe_args(p)
-    p.add_argument("--out", metavar="FILE", help="safetensors file to write (default: the path the recipe's "
-                   "augmenters name in their `stats` option, else <dataset root>/stats.safetensors, "
-                   "else runs/<recipe>/stats.safetensors)")
+    p.add_argument("--out", metavar="FILE", help="safetensors file to write (default: next to the dataset, "
+                   "<data.dataset.root>/stats.safetensors; without a root, the file the recipe's augmenters "
+                   "name in their `stats` option, else runs/<recipe>/stats.safetensors)")
     p.add_argument("--batch-size", type=int, default=64, help="images per streamed batch (memory bound)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N training images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="replace an existing statistics file that differs")
+
+    p = sub.add_parser("predict", help="the top-5 classes of image files, with a trained checkpoint", epilog=EPILOG)
+    _recipe_args(p)
+    p.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER", help="image files, or folders of them")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint of this recipe's model")
+    p.add_argument("--json", action="store_true", help='one JSON object a line: {"file", "top5": [[name, p]...]}')
+    p.add_argument("--plot", metavar="FILE.png", help="draw the images with their top-5 bars (the paper's Fig. 4)")
 
     p = sub.add_parser("eval", help="run a recipe's evaluators on checkpoints (several = ensemble)", epilog=EPILOG)
     _recipe_args(p)
@@ -124,6 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convnet: interrupted", file=sys.stderr)
         return 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("convnet")
+    except PackageNotFoundError:
+        ours = "unknown (not installed)"
+    try:
+        import torch
+
+        theirs = torch.__version__
+    except ImportError:
+        theirs = "not installed"
+    return f"convnet {ours} (torch {theirs})"
 
 
 def _registries(args: argparse.Namespace):
@@ -231,6 +256,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from convnet.core import stats
     from convnet.core.recipe import load_recipe
 
@@ -239,12 +266,38 @@ def cmd_stats(args: argparse.Namespace) -> int:
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
     out = args.out or stats.default_out(recipe)
+    note = stats.check_target(out, args.force)
+    if note:
+        print(note, file=sys.stderr)
     tensors, summary = stats.compute(recipe, regs, args.batch_size, args.limit, progress=not args.quiet)
-    path = stats.save(out, tensors, summary, recipe.name)
+    path, outcome = stats.save_checked(out, tensors, summary, recipe.name, args.force)
     print(f"{recipe.name}: {summary['images']} images ({summary['skipped']} unreadable skipped), "
           f"RGB mean {summary['rgb_mean']}, eigenvalues {summary['eigvals']}")
-    print(f"statistics: {path}")
+    print(f"statistics: {path} ({outcome})")
+    elsewhere = {k: v for k, v in stats.readers(recipe).items() if Path(v).resolve() != Path(path).resolve()}
+    if elsewhere:
+        print(f"note: this recipe's augmenters read {', '.join(sorted(set(elsewhere.values())))}; to use these "
+              "statistics, run with " + " ".join(f"--set {k}={path}" for k in elsewhere))
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from convnet.core.predict import format_text, plot, predict
+    from convnet.core.recipe import load_recipe
+
+    regs = _registries(args)
+    recipe = load_recipe(args.recipe, args.overrides, regs)
+    results = predict(recipe, args.checkpoint, args.files, regs)
+    for r in results:
+        if r.error is not None:
+            print(f"convnet: error: {r.error}", file=sys.stderr, flush=True)
+        elif args.json:
+            print(json.dumps(r.as_json()), flush=True)
+        else:
+            print(format_text(r), flush=True)
+    if args.plot and any(r.error is None for r in results):
+        print(f"plot: {plot(results, args.plot)}", file=sys.stderr if args.json else sys.stdout)
+    return 1 if any(r.error is not None for r in results) else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -256,6 +309,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(recipe, args.checkpoints, args.out, regs)
     if results:  # the main process only
         print(json.dumps(results, indent=2))
+        if len(args.checkpoints) > 1:
+            print(f"the plain metrics are of the first checkpoint, {results['metrics_from']}; the ensemble_* "
+                  f"ones of all {len(args.checkpoints)}", file=sys.stderr)
     return 0
 
 
@@ -299,5 +355,5 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
-            "recipes": cmd_recipes, "stats": cmd_stats,
+            "recipes": cmd_recipes, "stats": cmd_stats, "predict": cmd_predict,
             "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "build-kernels": cmd_build_kernels}

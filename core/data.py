@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import attrs
@@ -102,6 +103,11 @@ class DatasetSplits:
 
     Images are ``[C, H, W]`` tensors (uint8 or float). A sample that cannot be read may be
     returned as ``None``: the loader skips and counts it (or fails, if the recipe says so).
+
+    ``read_file`` (optional) turns a user's image file into an image as the validation split
+    yields it (before ``data.eval_augment``), raising any exception for a file it cannot read:
+    ``convnet predict`` needs it, and names the dataset when it is missing. ``classes`` names
+    the labels in its output.
     """
 
     train: Dataset
@@ -109,6 +115,7 @@ class DatasetSplits:
     num_classes: int
     classes: list[str] | None = None
     name: str = ""
+    read_file: Callable[[Path], torch.Tensor] | None = None
 
 
 @attrs.frozen
@@ -116,6 +123,9 @@ class DataContext:
     recipe: schema.Recipe
     registries: Registries
     path: str = "data.dataset"
+    # "predict": only ``classes``, ``num_classes`` and ``read_file`` are used, so a dataset may
+    # skip scanning its files (the splits may then be empty).
+    purpose: str = "train"
 
     def error(self, message: str) -> RecipeError:
         return RecipeError(f"{self.path}: {message}")
@@ -136,9 +146,10 @@ class Augment(Protocol):
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
 
-def build_dataset(recipe: schema.Recipe, registries: Registries) -> DatasetSplits:
-    splits = registries.dataset.build(recipe.data.dataset, "data.dataset", DataContext(recipe, registries),
-                                      returns=DatasetSplits)
+def build_dataset(recipe: schema.Recipe, registries: Registries, purpose: str = "train") -> DatasetSplits:
+    """The recipe's dataset; ``purpose="predict"`` lets a dataset skip scanning its files."""
+    splits = registries.dataset.build(recipe.data.dataset, "data.dataset",
+                                      DataContext(recipe, registries, purpose=purpose), returns=DatasetSplits)
     if splits.num_classes != recipe.model.num_classes:
         raise RecipeError(f"model.num_classes = {recipe.model.num_classes}, but dataset "
                           f"{recipe.data.dataset.name!r} has {splits.num_classes} classes")

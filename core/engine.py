@@ -36,9 +36,6 @@ from convnet.core.train_state import TrainState
 
 __all__ = ["Interrupted", "Run", "train", "build_strategy"]
 
-# The live report (plots, index.html) is redrawn after an evaluation at most this often.
-REPORT_EVERY_S = 60.0
-
 
 class Interrupted(ConvnetError):
     """Ctrl-C: a checkpoint was saved at a step boundary; exit code 130."""
@@ -69,7 +66,6 @@ class Run:
         self.view = RunView(self)
         self._interrupt = False
         self._lock: run_folder.FolderLock | None = None
-        self._reported_at = -math.inf
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -183,17 +179,15 @@ class Run:
             raise Interrupted(f"interrupted at step {self.state.step}; checkpoint saved to {self.checkpoint_path()}\n"
                               f"resume with: {self.resume_command()}")
 
-    def _report(self, every_s: float = 0.0) -> None:
-        """Curves and index.html in the run folder, at most once per ``every_s`` seconds (the
-        report is live during long runs without slowing short ones); a plotting failure never
-        loses a run."""
-        if not self.strategy.is_main or time.monotonic() - self._reported_at < every_s:
+    def _report(self, live: bool = False) -> None:
+        """Curves and index.html in the run folder; ``live``: after an epoch's evaluation, as
+        often as keeps the report's cost small. A plotting failure never loses a run."""
+        if not self.strategy.is_main:
             return
-        self._reported_at = time.monotonic()
         from convnet.core import report
 
         try:
-            report.render(self.out)
+            (report.render_live if live else report.render)(self.out)
         except Exception as exc:  # the run itself is saved; the report can be redone
             print(f"convnet: warning: the report for {self.out} failed ({type(exc).__name__}: {exc}); "
                   f"the run is intact, retry with: convnet report {self.out}", file=sys.stderr)
@@ -262,7 +256,7 @@ class Run:
         self.save_checkpoint()
         if improved:
             self.checkpoints.copy("last", "best")
-        self._report(every_s=REPORT_EVERY_S)
+        self._report(live=True)
         self.hooks.convnet_epoch_end(run=self.view, epoch=state.epoch - 1, metrics=record)
         self._stop_if_interrupted()  # Ctrl-C during the evaluation: the epoch's checkpoint is the boundary
         return record

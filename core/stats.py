@@ -81,16 +81,70 @@ class PixelStats:
 
 
 def default_out(recipe: schema.Recipe) -> Path:
-    """Where the recipe expects its statistics: an augmenter's ``stats`` option if one names a
-    file, else ``<dataset root>/stats.safetensors``, else ``runs/<recipe>/stats.safetensors``."""
+    """Where ``convnet stats`` writes without ``--out``: next to the dataset,
+    ``<data.dataset.root>/stats.safetensors``; for a dataset without a root, the file an
+    augmenter's ``stats`` option names, else ``runs/<recipe>/stats.safetensors``."""
+    root = getattr(recipe.data.dataset.options, "root", None)
+    if isinstance(root, str) and root:
+        return Path(root).expanduser() / "stats.safetensors"
     for comp in [*recipe.data.train_augment, *recipe.data.eval_augment]:
         path = getattr(comp.options, "stats", None)
         if isinstance(path, str) and path:
             return Path(path)
-    root = getattr(recipe.data.dataset.options, "root", None)
-    if isinstance(root, str) and root:
-        return Path(root) / "stats.safetensors"
     return Path("runs") / (recipe.name or "recipe") / "stats.safetensors"
+
+
+def readers(recipe: schema.Recipe) -> dict[str, str]:
+    """Recipe path -> the stats file each augmenter reads (``data.train_augment[0].stats``)."""
+    out = {}
+    for split in ("train_augment", "eval_augment"):
+        for i, comp in enumerate(getattr(recipe.data, split)):
+            path = getattr(comp.options, "stats", None)
+            if isinstance(path, str) and path:
+                out[f"data.{split}[{i}].stats"] = path
+    return out
+
+
+def check_target(path: str | Path, force: bool) -> str | None:
+    """Before the (long) pass: an error for a target that can never be written; a note when a
+    file is there already (kept unless the new statistics are the same, or ``force``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConvnetError(f"{path}: is a folder; give --out a file name (e.g. {path / 'stats.safetensors'})")
+    if path.exists() and not force:
+        return (f"note: {path} exists; it is replaced only with --force (statistics that come out the same "
+                "leave it as it is)")
+    return None
+
+
+def _same(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        old = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return set(old) == set(tensors) and all(
+        old[k].shape == tensors[k].shape and torch.allclose(old[k].double(), tensors[k].double(), rtol=1e-6, atol=1e-6)
+        for k in tensors)
+
+
+def save_checked(path: str | Path, tensors: dict[str, torch.Tensor], summary: dict[str, Any], recipe_name: str,
+                 force: bool = False) -> tuple[Path, str]:
+    """``save``, but a different existing file is replaced only with ``force``: without it the new
+    statistics go beside it (``stats.new.safetensors``, so hours of streaming are not lost) and a
+    ``ConvnetError`` says so. Returns the path and what happened."""
+    path = Path(path)
+    if path.exists():
+        if _same(path, tensors):
+            return path, "unchanged: it already held these statistics"
+        if not force:
+            aside = save(path.with_name(f"{path.stem}.new{path.suffix}"), tensors, summary, recipe_name)
+            raise ConvnetError(f"{path}: exists and holds different statistics; not replaced without --force "
+                               f"(the new ones are in {aside})")
+        return save(path, tensors, summary, recipe_name), "replaced the different statistics it held (--force)"
+    return save(path, tensors, summary, recipe_name), "written"
 
 
 def compute(recipe: schema.Recipe, registries: Registries, batch_size: int = 64, limit: int = 0,

@@ -114,6 +114,17 @@ def test_bad_command_lines_exit_2(capsys) -> None:
         assert code == 2 and "usage:" in err, argv
 
 
+def test_version_names_convnet_and_torch(capsys) -> None:
+    from importlib.metadata import version
+
+    import torch
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"convnet {version('convnet')} (torch {torch.__version__})"
+
+
 def test_run_with_a_bad_recipe_exits_2_before_anything(capsys, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "run", str(TINY), "--set", "train.on_nonfinite=ignore", "--out", str(tmp_path / "r"))
     assert code == 2 and "train.on_nonfinite" in one_error_line(err)

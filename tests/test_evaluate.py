@@ -20,7 +20,7 @@ from convnet.core.model import build_model
 from convnet.core.recipe import load_recipe
 from convnet.core.strategy import Strategy
 from convnet.plugins.evaluate.confusion import Confusion, ConfusionOptions, confused_pairs, confusion_matrix
-from convnet.plugins.evaluate.filters import Filters, FiltersOptions, colour_specificity, draw
+from convnet.plugins.evaluate.filters import Filters, FiltersOptions, colour_specificity, draw, labelled
 from convnet.plugins.evaluate.neighbours import Neighbours, NeighboursOptions, nearest, query_indices
 from convnet.plugins.evaluate.tencrop import TenCrop, TenCropOptions, ten_crops
 from convnet.plugins.evaluate.topk import Topk, TopkOptions, topk_errors
@@ -232,6 +232,25 @@ def test_ensemble_of_two_averages_softmax(tmp_path):
     assert members == [pytest.approx(topk_errors(p, y, [1])[1][0] / len(y), abs=1.5 / len(y)) for p in probs]
 
 
+def test_cli_eval_says_which_checkpoint_the_plain_metrics_come_from(tmp_path, capsys):
+    import json
+
+    from convnet.core.cli import main
+
+    recipe = load_recipe("alexnet-digits", SMALL)
+    a, b = (save_model(tmp_path / f"{n}.safetensors", build_model(recipe, seed=s)) for n, s in (("a", 1), ("b", 2)))
+    argv = ["eval", "alexnet-digits", "--checkpoint", b, a, "--out", str(tmp_path / "out")]
+    for s in SMALL:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert printed["metrics_from"] == saved["metrics_from"] == b
+    assert printed["top1_error"] == printed["ensemble_members"][0]["top1_error"]  # b's, indeed
+    assert f"the plain metrics are of the first checkpoint, {b}" in captured.err
+
+
 def test_checkpoint_of_another_recipe_names_the_first_mismatched_tensor(tmp_path):
     other = load_recipe("alexnet-digits", ["model.layers[0].out=16"])
     path = save_model(tmp_path / "other.safetensors", build_model(other))
@@ -270,12 +289,19 @@ def test_filters_image_has_the_expected_pixel_size_for_the_recipe(tmp_path, digi
     # conv1: 32 kernels 5x5x3, 2 towers of 16 -> one row of 16 per tower; drawn 10x (48/5), gap 2
     width = 16 * 5 * 10 + 17 * 2
     height = 2 * (5 * 10 + 2 * 2) + 2
+    grid = draw(build_model(digits).layers["conv1"].weight, 2, 16, 10, 2)
+    assert grid.shape == (height, width, 3)
+    assert (grid[height // 2 - 1] == 0).all()  # the black band between the towers
     with Image.open(tmp_path / "filters_conv1.png") as im:
-        assert im.size == (width, height)
+        assert im.size == (width + 182, height + 62)  # the grid, a title above and tower names left
         pixels = np.asarray(im.convert("RGB"))
-    assert (pixels[height // 2 - 1] == 0).all()  # the black band between the towers
+    assert (pixels[50:50 + height, 170:170 + width] == grid).mean() > 0.9  # pixel for pixel (but its frame)
     scores = result["filters_conv1_colour_specificity"]
     assert len(scores) == 2 and all(0.5 < s < 0.8 for s in scores)  # random init: about 2/3
+    fig = labelled(grid, "conv1", (32, 3, 5, 5), 2, scores)
+    ax = fig.axes[0]
+    assert "conv1: 32 kernels of 5x5x3" in ax.get_title()
+    assert [t.get_text().split("\n")[0] for t in ax.get_yticklabels()] == ["tower 1", "tower 2"]
 
 
 @settings(max_examples=10)
@@ -332,7 +358,17 @@ def test_neighbours_of_a_training_image_include_itself_at_distance_0(tmp_path, d
     from PIL import Image
 
     with Image.open(tmp_path / "neighbours.png") as im:
-        assert im.size == (4 * 64 + 8 * 4, 5 * 64 + 6 * 4)
+        assert im.size == (4 * (64 + 40) + 60, 5 * (64 + 48) + 60)
+    from convnet.plugins.evaluate.neighbours import labelled as labelled_sheet
+
+    rows = [[train[q["query"]][0]] + [train[j][0] for j in q["neighbours"]] for q in payload["queries"]]
+    fig = labelled_sheet(rows, payload["queries"], splits.classes, "fc7", 64)
+    assert len(fig.axes) == 5 * 4 and "fc7" in fig._suptitle.get_text()
+    first = payload["queries"][0]
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["query", "1", "2", "3"]
+    assert fig.axes[0].get_xlabel() == splits.classes[first["label"]]
+    assert fig.axes[0].get_ylabel() == f"train #{first['query']}"
+    assert fig.axes[1].get_xlabel().startswith(splits.classes[first["labels"][0]] + " (0")
 
 
 def test_neighbours_without_the_layer_is_a_recipe_error_naming_the_option():

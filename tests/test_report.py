@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+
+from convnet.core.hookspecs import hookimpl
 
 from convnet.core.cli import main
 from convnet.core.report import ReportError, curves, render
@@ -120,3 +123,93 @@ def test_a_failing_report_does_not_lose_the_run(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
     assert (tmp_path / "run" / "eval.json").is_file()
     assert "the report for" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue 17: a live, complete report
+
+TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
+
+
+def test_every_scalar_of_every_evaluator_is_plotted(tmp_path):
+    from convnet.core.report import figure, plot_curves
+
+    records = [
+        {"kind": "train", "step": 5, "epoch": 0, "loss": 2.0, "lr": 0.1},
+        {"kind": "eval", "epoch": 0, "step": 10, "lr": 0.1, "skipped_samples": 0, "samples": 50,
+         "top1_error": 0.5, "my_plugin_score": 0.25, "my_list": [1, 2]},
+        {"kind": "eval", "epoch": 1, "step": 20, "lr": 0.1, "skipped_samples": 2, "samples": 48,
+         "top1_error": 0.4, "my_plugin_score": 0.5},
+        {"kind": "final", "epoch": 2, "step": 20, "top1_error": 0.4, "tencrop_top1_error": 0.35,
+         "neighbours_label_agreement": 0.75, "skipped_nonfinite": 0},
+    ]
+    c = curves(records)
+    assert c["metrics"]["error"] == {"top1_error": [(1.0, 0.5), (2.0, 0.4)], "tencrop_top1_error": [(2.0, 0.35)]}
+    assert c["metrics"]["my_plugin_score"] == {"my_plugin_score": [(1.0, 0.25), (2.0, 0.5)]}
+    assert c["metrics"]["neighbours_label_agreement"] == {"neighbours_label_agreement": [(2.0, 0.75)]}
+    assert set(c["metrics"]["samples"]) == {"samples", "skipped_samples", "skipped_nonfinite"}
+    assert "my_list" not in str(c["metrics"])
+    made = {p.name for p in plot_curves(records, tmp_path / "plots")}
+    assert made == {"loss.png", "lr.png", "error.png", "samples.png", "my_plugin_score.png",
+                    "neighbours_label_agreement.png"}
+    fig = figure("validation error", "epoch", "error (%)", {"top1_error": [(1.0, 0.5)]}, percent=True)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["top1_error"]  # a legend for one series
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("epoch", "error (%)", "validation error")
+    assert not list((tmp_path / "plots").glob(".*"))  # written through temp files, none left behind
+
+
+def test_index_shows_the_run_its_versions_and_skip_counts(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run, RECORDS[:3] + [{**RECORDS[4], "skipped_samples": 3}])
+    page = render(run) and (run / "index.html").read_text(encoding="utf-8")
+    assert "<tr><th>command</th><td>unknown</td></tr>" in page and "Latest evaluation (epoch 2)" in page
+    assert "skipped_samples (sum over epochs)</th><td>3</td>" in page and "running" in page
+    (run / "run.json").write_text(json.dumps({
+        "command": "convnet run alexnet-digits --set train.epochs=2", "started": "2026-11-29T10:00:00+00:00",
+        "convnet_version": "0.1.0", "plugins": [{"distribution": "convnet-swish", "version": "1.2"}]}))
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(RECORDS[5]) + "\n")
+    (run / "eval.json").write_text(json.dumps({"top1_error": 0.3}))
+    render(run)
+    page = (run / "index.html").read_text(encoding="utf-8")
+    for shown in ("convnet run alexnet-digits --set train.epochs=2", "2026-11-29", "0.1.0", "convnet-swish 1.2",
+                  "Final metrics", "finished", '<a href="metrics.jsonl">', '<a href="eval.json">',
+                  '<a href="run.json">'):
+        assert shown in page, shown
+
+
+class _ReadsTheReport:
+    """At each epoch's end, what the run folder's report says (a hook plugin)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, str]] = []
+
+    @hookimpl
+    def convnet_epoch_end(self, run, epoch, metrics) -> None:
+        index = run.out / "index.html"
+        page = index.read_text(encoding="utf-8") if index.is_file() else ""
+        self.seen.append((epoch, (run.out / "plots" / "error.png").is_file(), page))
+
+
+def test_the_report_is_written_during_the_run(tmp_path):
+    from convnet.core import plugins
+    from convnet.core.engine import Run
+    from convnet.core.recipe import load_recipe
+
+    pm, regs = plugins.create_manager()
+    reader = _ReadsTheReport()
+    pm.register(reader)
+    recipe = load_recipe(str(TINY), ["train.epochs=2", "evaluate=[{name = \"topk\", k = [1]}]"], regs)
+    Run(recipe, out=tmp_path / "run", registries=regs, pm=pm, quiet=True).train()
+    epoch, has_plot, page = reader.seen[0]
+    assert epoch == 0 and has_plot and "Latest evaluation (epoch 1)" in page and "top1_error" in page
+    final = (tmp_path / "run" / "index.html").read_text(encoding="utf-8")
+    assert "Final metrics" in final
+
+
+def test_the_epoch_line_shows_every_number_of_the_evaluation():
+    from convnet.plugins.log import _fmt
+
+    line = _fmt({"kind": "eval", "epoch": 0, "step": 10, "lr": 0.01, "skipped_samples": 0, "top1_error": 0.5,
+                 "my_plugin_score": 0.125, "confusion": ["4->6"], "flag": True})
+    assert line == "skipped_samples=0 top1_error=0.5 my_plugin_score=0.125 lr=0.01"

@@ -87,12 +87,41 @@ def test_default_output_is_next_to_the_data_root(tree_recipe, registries):
     assert set(cstats.STATS_KEYS) <= set(saved)
 
 
-def test_default_output_prefers_the_path_an_augmenter_names(tree_recipe, registries):
+def test_default_output_is_the_dataset_root_even_when_an_augmenter_names_another(tree_recipe, registries, capsys):
+    """Issue 17: stats go next to the dataset, not to a path relative to the current folder; the
+    command then says which --set points the recipe's augmenters at them."""
     root, recipe_path = tree_recipe
     recipe = load_recipe(recipe_path, registries=registries)
-    assert cstats.default_out(recipe) == root / "stats.safetensors"
     recipe.data.train_augment.append(schema.Augmenter("mean-image", types.SimpleNamespace(stats="elsewhere/s.st")))
-    assert str(cstats.default_out(recipe)) == "elsewhere/s.st"
+    assert cstats.default_out(recipe) == root / "stats.safetensors"
+    assert cstats.readers(recipe) == {f"data.train_augment[{len(recipe.data.train_augment) - 1}].stats":
+                                      "elsewhere/s.st"}
+    rootless = load_recipe("alexnet-digits", registries=registries)
+    assert cstats.default_out(rootless) == cstats.Path("runs/alexnet-digits/stats.safetensors")
+    rootless.data.eval_augment.append(schema.Augmenter("mean-image", types.SimpleNamespace(stats="elsewhere/s.st")))
+    assert str(cstats.default_out(rootless)) == "elsewhere/s.st"
+
+
+def test_an_existing_different_file_is_replaced_only_with_force(tree_recipe, tmp_path, capsys):
+    root, recipe_path = tree_recipe
+    out = tmp_path / "st" / "stats.safetensors"
+    base = ["stats", str(recipe_path), "--out", str(out), "--quiet"]
+    assert cli.main(base + ["--limit", "4"]) == 0
+    assert "(written)" in capsys.readouterr().out
+    first = out.read_bytes()
+    assert cli.main(base + ["--limit", "4"]) == 0  # the same statistics again: fine, and said so
+    captured = capsys.readouterr()
+    assert "unchanged" in captured.out and "exists" in captured.err and out.read_bytes() == first
+    assert cli.main(base + ["--limit", "6"]) == 1  # different: refused, the new ones kept aside
+    err = capsys.readouterr().err.strip().splitlines()
+    aside = out.with_name("stats.new.safetensors")
+    assert err[-1] == (f"convnet: error: {out}: exists and holds different statistics; not replaced without "
+                       f"--force (the new ones are in {aside})")
+    assert out.read_bytes() == first and set(cstats.STATS_KEYS) <= set(load_file(str(aside)))
+    assert cli.main(base + ["--limit", "6", "--force"]) == 0
+    assert "replaced" in capsys.readouterr().out and out.read_bytes() != first
+    assert cli.main(["stats", str(recipe_path), "--out", str(tmp_path), "--quiet"]) == 1
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_unreadable_images_are_skipped_and_counted(tree_recipe, tmp_path, registries, capsys):
@@ -123,7 +152,7 @@ def test_a_recipe_trains_with_the_paper_augmenters_on_the_stats_it_points_to(tmp
 
     root = tmp_path / "imagenet"
     write_tree(root)
-    stats_file = tmp_path / "stats.safetensors"
+    stats_file = root / "stats.safetensors"  # where `convnet stats` writes by default: next to the data
     augment = f"""
 [[data.train_augment]]
 name = "mean-image"
@@ -148,7 +177,7 @@ size = 32
     recipe_path = tiny_recipe(tmp_path, root, extra=augment)
     text = recipe_path.read_text().replace("size = 32\n[train]", "size = 40\n[train]")
     recipe_path.write_text(text)
-    assert cli.main(["stats", str(recipe_path), "--quiet"]) == 0  # default: the path the augmenters name
+    assert cli.main(["stats", str(recipe_path), "--quiet"]) == 0
     assert load_file(str(stats_file))["mean"].shape == (3, 40, 40)
     summary = train(load_recipe(recipe_path, registries=registries), out=tmp_path / "run", registries=registries)
     assert summary["step"] == 4 and 0.0 <= summary["top1_error"] <= 1.0

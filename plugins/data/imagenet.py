@@ -182,6 +182,19 @@ def build_imagenet(options: ImageNetOptions, ctx: DataContext) -> DatasetSplits:
         raise DataError(f"{train_root}: no class folders; {LAYOUT_HELP}")
     class_to_idx = {name: i for i, name in enumerate(wnids)}
     names = list(wnids)
+    size = options.size
+
+    def read_file(path: Path) -> torch.Tensor:  # the validation transform
+        return preprocess(path, size)
+
+    words = synset_words(root)
+    if ctx.purpose == "predict":  # classes and the transform only: no scan of 1.3 M files
+        if words is None and layout == "devkit":
+            wnid_to_classes, _ = read_meta(root)
+            names = [f"{w} {wnid_to_classes[w][0]}" if w in wnid_to_classes else w for w in wnids]
+        empty = ImageFiles([], [], size)
+        return DatasetSplits(empty, empty, len(wnids), class_names(wnids, words) if words else names,
+                             "imagenet", read_file=read_file)
     train_paths, train_labels = _scan_classes(train_root, class_to_idx, options.per_class_limit)
     if layout == "devkit":
         wnid_to_classes, val_wnids = read_meta(root)
@@ -197,8 +210,46 @@ def build_imagenet(options: ImageNetOptions, ctx: DataContext) -> DatasetSplits:
         raise DataError(f"{train_root}: no images ({', '.join(EXTENSIONS)}); {LAYOUT_HELP}")
     if not val_paths:
         raise DataError(f"{val_root}: no images ({', '.join(EXTENSIONS)}); {LAYOUT_HELP}")
-    return DatasetSplits(ImageFiles(train_paths, train_labels, options.size),
-                         ImageFiles(val_paths, val_labels, options.size), len(wnids), names, "imagenet")
+    if words:
+        names = class_names(wnids, words)
+    return DatasetSplits(ImageFiles(train_paths, train_labels, size),
+                         ImageFiles(val_paths, val_labels, size), len(wnids), names, "imagenet",
+                         read_file=read_file)
+
+
+SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
+
+
+def synset_words(root: Path) -> dict[str, str] | None:
+    """wnid -> words from ``LOC_synset_mapping.txt`` (Kaggle) or ``synset_words.txt`` (Caffe's
+    devkit copy), lines ``n01440764 tench, Tinca tinca``, looked for in ``root`` and the three
+    folders above it (Kaggle's root is ``ILSVRC/Data/CLS-LOC`` below the mapping file)."""
+    for folder in [root, *list(root.resolve().parents)[:3]]:
+        for name in SYNSET_FILES:
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"{path}: cannot read the synset words ({exc})") from None
+            words = {}
+            for line in lines:
+                wnid, _, text = line.strip().partition(" ")
+                if wnid and text.strip():
+                    words[wnid] = text.strip()
+            return words
+    return None
+
+
+def class_names(wnids: list[str], words: dict[str, str]) -> list[str]:
+    """The first synonym of each class ("tench"); a name two classes share gets its wnid
+    ("crane (n02012849)"). A folder without words keeps its own name."""
+    short = [words[w].split(",")[0].strip() if w in words else w for w in wnids]
+    counts: dict[str, int] = {}
+    for name in short:
+        counts[name] = counts.get(name, 0) + 1
+    return [f"{name} ({w})" if counts[name] > 1 and name != w else name for name, w in zip(short, wnids)]
 
 
 def _flat_val(val_root: Path, files: list[str], val_wnids: list[str], class_to_idx: dict[str, int],

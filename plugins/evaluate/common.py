@@ -95,6 +95,25 @@ def write_png(out: Path | None, name: str, pixels: np.ndarray) -> Path | None:
     return path
 
 
+def write_figure(out: Path | None, name: str, fig: Any) -> Path | None:
+    """Save a matplotlib Figure (made on an Agg canvas, no pyplot) as a PNG under ``out``."""
+    if out is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    fig.savefig(path, format="png")
+    return path
+
+
+def new_figure(width_px: float, height_px: float, dpi: int = 100) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def count_errors(ctx_strategy: Any, wrong: list[int], total: int) -> tuple[list[float], int]:
     """Error rates from this process's counts, summed over processes."""
     t = ctx_strategy.all_reduce_sum(torch.tensor(list(wrong) + [total], dtype=torch.float64))

@@ -13,7 +13,9 @@ colour-agnostic, the other's colour-specific) shows as two clearly different tow
 
 Drawing: each kernel is min-max scaled on its own to [0, 255] and magnified ``scale`` times;
 kernels sit ``columns`` to a row with ``gap`` white pixels around each; tower blocks are
-stacked top to bottom (tower 0 on top) with a black band of ``gap`` pixels between them.
+stacked top to bottom (tower 0 on top) with a black band of ``gap`` pixels between them. The
+PNG shows that grid pixel for pixel under a title, each tower's block labelled on the left
+with its colour specificity.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from attrs import validators as v
 
 from convnet.core import BuildContext, EvalContext, Evaluator, RecipeError
-from convnet.plugins.evaluate.common import require_layer, write_json, write_png
+from convnet.plugins.evaluate.common import new_figure, require_layer, write_figure, write_json
 
 
 @attrs.define
@@ -89,6 +91,24 @@ def draw(kernels: torch.Tensor, towers: int, columns: int, scale: int, gap: int)
     return image
 
 
+def labelled(grid: np.ndarray, layer: str, shape: tuple[int, ...], towers: int,
+             specificity: list[float] | None) -> Any:
+    """The grid at one figure pixel per grid pixel, titled, tower blocks named on the left."""
+    height, width = grid.shape[:2]
+    left, top, bottom, right = 170, 50, 12, 12
+    fig = new_figure(width + left + right, height + top + bottom)
+    fw, fh = width + left + right, height + top + bottom
+    ax = fig.add_axes((left / fw, bottom / fh, width / fw, height / fh))
+    ax.imshow(grid, interpolation="nearest", aspect="auto")
+    k, c, kh, kw = shape
+    centres = [(t + 0.5) * height / towers for t in range(towers)]
+    names = [f"tower {t + 1}" + (f"\ncolour spec. {specificity[t]:.2f}" if specificity else "") for t in range(towers)]
+    ax.set_yticks(centres, names, fontsize=9)
+    ax.set_xticks([])
+    ax.set_title(f"{layer}: {k} kernels of {kh}x{kw}x{c}, each scaled to its own range", fontsize=10)
+    return fig
+
+
 class Filters(Evaluator):
     when = "end"
 
@@ -118,6 +138,7 @@ class Filters(Evaluator):
         scale = self.options.scale or auto_scale(kh, kw)
         name = f"filters_{self.options.layer}"
         out: dict[str, Any] = {}
+        per_tower = None
         if c == 3:
             scores = colour_specificity(weight)
             per_tower = [float(s) for s in scores.reshape(towers, -1).mean(1)]
@@ -131,6 +152,7 @@ class Filters(Evaluator):
             payload = {"layer": self.options.layer, "shape": [k, c, kh, kw], "towers": towers,
                        "tower_colour_specificity": None, "note": "grey kernels: no colour to measure"}
         if ctx.out is not None:
-            write_png(ctx.out, f"{name}.png", draw(weight, towers, self.options.columns, scale, self.options.gap))
+            grid = draw(weight, towers, self.options.columns, scale, self.options.gap)
+            write_figure(ctx.out, f"{name}.png", labelled(grid, self.options.layer, (k, c, kh, kw), towers, per_tower))
             write_json(ctx.out, f"{name}.json", payload)
         return out

@@ -4,13 +4,14 @@
 Features are the output of the layer ``layer`` (default ``fc7``; in the bundled recipes that is
 the fully connected layer before its ReLU: name the ReLU's id, e.g. ``relu7``, to use the
 rectified activations). Queries are ``queries`` images spread evenly over ``query_split``
-(the validation set by default; with ``"train"``, over the training images searched). The training database is the whole training split, or its
-first ``train_limit`` images when that is set (ImageNet's 1.2 M x 4096 features need 20 GB).
+(the validation set by default; with ``"train"``, over the training images searched). The
+training database is the whole training split, or its first ``train_limit`` images when that is set (ImageNet's 1.2 M x 4096 features need 20 GB).
 Distances are computed by differences (not the ``|a|^2 + |b|^2 - 2ab`` shortcut), so an
 image's distance to itself is exactly 0. Ties are broken by the lower training index.
 
-Writes ``neighbours.png`` (one row per query: the query, a gap, then its ``k`` neighbours,
-nearest first) and ``neighbours.json`` (indices into the splits, labels and distances).
+Writes ``neighbours.png`` (one row per query: the query, then its ``k`` neighbours, nearest
+first; each image under its class name, neighbours with their distance) and ``neighbours.json``
+(indices into the splits, labels and distances).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import torch
 from attrs import validators as v
 
 from convnet.core import BuildContext, EvalContext, Evaluator, RecipeError
-from convnet.plugins.evaluate.common import (feature_network, require_layer, to_display,
-                                             write_json, write_png)
+from convnet.plugins.evaluate.common import (feature_network, new_figure, require_layer, to_display,
+                                             write_figure, write_json)
 
 
 @attrs.define
@@ -55,22 +56,34 @@ def nearest(queries: torch.Tensor, database: torch.Tensor, k: int, chunk: int = 
     return dist.gather(1, order), order
 
 
-def sheet(rows: list[list[torch.Tensor]], cell: int, gap: int = 4) -> np.ndarray:
-    """Images as a grid of ``cell``-pixel squares; an extra gap after the first column."""
-    from PIL import Image
-
+def labelled(rows: list[list[torch.Tensor]], results: list[dict[str, Any]], names: list[str], layer: str,
+             cell: int) -> Any:
+    """One row per query: the query, then its neighbours; every image under its class name,
+    neighbours with their distance, the columns headed (query, 1, 2, ...)."""
     cols = max(len(r) for r in rows)
-    height = len(rows) * cell + (len(rows) + 1) * gap
-    width = cols * cell + (cols + 4) * gap
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    for r, images in enumerate(rows):
-        y = gap + r * (cell + gap)
+    fig = new_figure(cols * (cell + 40) + 60, len(rows) * (cell + 48) + 60)
+    height = fig.bbox.height
+    grid = fig.add_gridspec(len(rows), cols, left=0.06, right=0.99, top=1 - 45 / height, bottom=28 / height,
+                            hspace=0.55, wspace=0.15)
+    for r, (images, res) in enumerate(zip(rows, results)):
         for c, image in enumerate(images):
-            x = gap + c * (cell + gap) + (3 * gap if c else 0)
-            tile = Image.fromarray(to_display(image)).resize((cell, cell), Image.Resampling.NEAREST
-                                                           if image.shape[-1] < cell else Image.Resampling.BILINEAR)
-            canvas[y:y + cell, x:x + cell] = np.asarray(tile)
-    return canvas
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(to_display(image), interpolation="nearest" if image.shape[-1] < cell else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = res["label"] if c == 0 else res["labels"][c - 1]
+            name = names[label] if 0 <= label < len(names) else str(label)
+            ax.set_xlabel(name if c == 0 else f"{name} ({res['distances'][c - 1]:.3g})", fontsize=7)
+            if r == 0:
+                ax.set_title("query" if c == 0 else f"{c}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{res['split']} #{res['query']}", fontsize=7)
+                for side in ax.spines.values():
+                    side.set_color("#d62728")
+                    side.set_linewidth(2)
+    fig.suptitle(f"nearest training images in {layer} space (Euclidean; label and distance under each)",
+                 fontsize=10)
+    return fig
 
 
 class Neighbours(Evaluator):
@@ -81,7 +94,8 @@ class Neighbours(Evaluator):
         self.path = ctx.path
         require_layer(ctx, "neighbours", "layer", options.layer)
 
-    def features(self, ctx: EvalContext, split: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(self, ctx: EvalContext, split: str, indices: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, labels, indices) of those samples, gathered from all processes, sorted by index."""
         net = feature_network(ctx)
         feats, labels, idx = [], [], []
@@ -125,7 +139,8 @@ class Neighbours(Evaluator):
             qsplit, tsplit = getattr(ctx.splits, o.query_split), ctx.splits.train
             rows = [[_image(qsplit, res["query"])] + [_image(tsplit, j) for j in res["neighbours"]]
                     for res in results]
-            write_png(ctx.out, "neighbours.png", sheet(rows, o.cell))
+            names = ctx.splits.classes or [str(i) for i in range(ctx.recipe.model.num_classes)]
+            write_figure(ctx.out, "neighbours.png", labelled(rows, results, names, o.layer, o.cell))
         return {"neighbours_label_agreement": float(np.mean(agree)) if agree else float("nan")}
 
 

@@ -16,8 +16,15 @@ def _interactive(run: Any) -> bool:
     return run.strategy.is_main and not run.quiet and sys.stderr.isatty()
 
 
+NOT_SHOWN = {"kind", "epoch", "step"}
+
+
 def _fmt(metrics: dict[str, Any]) -> str:
-    keys = [k for k in ("loss", "top1_error", "top5_error", "lr") if k in metrics]
+    """Every scalar number of the record (plugins' evaluators' too); lr last."""
+    keys = [k for k, v in metrics.items() if k not in NOT_SHOWN and k != "lr"
+            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if "lr" in metrics:
+        keys.append("lr")
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
 
 
