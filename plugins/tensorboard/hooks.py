@@ -1,0 +1,111 @@
+"""The hook implementations behind the tensorboard plugin (imported only when tensorboard is)."""
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from convnet.core import Run, hookimpl
+
+# Per run (by id): its writer on the main process, and the evaluation heard but not yet placed.
+_writers: dict[int, Any] = {}
+_pending: dict[int, dict[str, float]] = {}
+
+
+def event_dir(out: Path) -> Path:
+    return Path(out) / "tensorboard"
+
+
+def scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The real numbers of an evaluation's results, nested dicts flattened to ``a/b`` names."""
+    out: dict[str, float] = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{name}/"))
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def first_conv_weight(state: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+    """(layer name, weight) of the model's first convolution: its first 4-D weight in state order."""
+    for key, value in state.items():
+        if key.endswith(".weight") and value.dim() == 4:
+            return key.removeprefix("layers.").removesuffix(".weight"), value
+    return None
+
+
+def filter_grid(weight: torch.Tensor, columns: int = 16, pixels: int = 24) -> torch.Tensor:
+    """``[K, C, kh, kw]`` kernels -> a ``[3, H, W]`` image in [0, 1], each kernel scaled on its own."""
+    w = weight.detach().float().cpu()
+    if w.shape[1] not in (1, 3):  # not an image's channels: show the mean over them
+        w = w.mean(1, keepdim=True)
+    scale = max(1, math.ceil(pixels / max(w.shape[2:])))
+    w = torch.nn.functional.interpolate(w, scale_factor=scale, mode="nearest")
+    return torchvision.utils.make_grid(w, nrow=columns, normalize=True, scale_each=True, padding=2, pad_value=1.0)
+
+
+def _logged(run: Run, step: int) -> bool:
+    """The steps metrics.jsonl holds a train record for."""
+    return step % run.recipe.train.log_every == 0 or step == 1
+
+
+@hookimpl
+def convnet_train_start(run: Run) -> None:
+    if not run.strategy.is_main:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    # After a resume, hide what a killed run logged past the checkpoint: it is logged again.
+    _writers[id(run)] = SummaryWriter(log_dir=str(event_dir(run.out)), purge_step=run.step + 1 if run.step else None)
+
+
+@hookimpl
+def convnet_step_end(run: Run, step: int, metrics: dict[str, Any]) -> None:
+    writer = _writers.get(id(run))
+    if writer is not None and _logged(run, step):
+        writer.add_scalar("train/loss", metrics["loss"], step)
+        writer.add_scalar("train/lr", metrics["lr"], step)
+
+
+@hookimpl
+def convnet_evaluation_done(run: Run, epoch: int, results: dict[str, Any]) -> None:
+    # Every rank: a sharded strategy gathers the weights collectively.
+    conv = first_conv_weight(run.strategy.state_dict(run.module))
+    writer = _writers.get(id(run))
+    if writer is None:
+        return
+    _pending[id(run)] = scalars(results)
+    if conv is not None:
+        writer.add_image(f"filters/{conv[0]}", filter_grid(conv[1]), run.step)
+
+
+def _place(run: Run, prefix: str) -> None:
+    """Write the evaluation heard last: after an epoch it ends that epoch, else it is the final one."""
+    writer = _writers.get(id(run))
+    values = _pending.pop(id(run), None)
+    if writer is None or values is None:
+        return
+    for name, value in values.items():
+        writer.add_scalar(f"{prefix}/{name}", value, run.step)
+    writer.flush()
+
+
+@hookimpl
+def convnet_epoch_end(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
+    _place(run, "eval")
+
+
+@hookimpl
+def convnet_train_end(run: Run, summary: dict[str, Any]) -> None:
+    if "error" not in summary:
+        _place(run, "final")
+    _pending.pop(id(run), None)
+    writer = _writers.pop(id(run), None)
+    if writer is not None:
+        writer.close()
