@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -50,6 +51,24 @@ def filter_grid(weight: torch.Tensor, columns: int = 16, pixels: int = 24) -> to
     return torchvision.utils.make_grid(w, nrow=columns, normalize=True, scale_each=True, padding=2, pad_value=1.0)
 
 
+def _write(run: Run, what: Callable[[Any], None]) -> None:
+    """Call ``what(writer)`` for this run; a failure (a full disk) stops TensorBoard logging for
+    the run with one line, and never the run itself: the event files are a view, not the record."""
+    writer = _writers.get(id(run))
+    if writer is None:
+        return
+    try:
+        what(writer)
+    except Exception as exc:
+        _writers.pop(id(run), None)
+        print(f"convnet: warning: tensorboard: cannot write to {event_dir(run.out)} ({type(exc).__name__}: {exc}); "
+              "no more TensorBoard events for this run (metrics.jsonl is unaffected)", file=sys.stderr)
+        try:
+            writer.close()
+        except Exception:  # the same failure again, already reported
+            pass
+
+
 def _logged(run: Run, step: int) -> bool:
     """The steps metrics.jsonl holds a train record for."""
     return step % run.recipe.train.log_every == 0 or step == 1
@@ -61,39 +80,45 @@ def convnet_train_start(run: Run) -> None:
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    # After a resume, hide what a killed run logged past the checkpoint: it is logged again.
-    _writers[id(run)] = SummaryWriter(log_dir=str(event_dir(run.out)), purge_step=run.step + 1 if run.step else None)
+    try:
+        # After a resume, hide what a killed run logged past the checkpoint: it is logged again.
+        _writers[id(run)] = SummaryWriter(log_dir=str(event_dir(run.out)),
+                                          purge_step=run.step + 1 if run.step else None)
+    except Exception as exc:
+        print(f"convnet: warning: tensorboard: cannot write to {event_dir(run.out)} ({type(exc).__name__}: {exc}); "
+              "no TensorBoard events for this run", file=sys.stderr)
 
 
 @hookimpl
 def convnet_step_end(run: Run, step: int, metrics: dict[str, Any]) -> None:
-    writer = _writers.get(id(run))
-    if writer is not None and _logged(run, step):
-        writer.add_scalar("train/loss", metrics["loss"], step)
-        writer.add_scalar("train/lr", metrics["lr"], step)
+    if _logged(run, step):
+        _write(run, lambda w: (w.add_scalar("train/loss", metrics["loss"], step),
+                               w.add_scalar("train/lr", metrics["lr"], step)))
 
 
 @hookimpl
 def convnet_evaluation_done(run: Run, epoch: int, results: dict[str, Any]) -> None:
     # Every rank: a sharded strategy gathers the weights collectively.
     conv = first_conv_weight(run.strategy.state_dict(run.module))
-    writer = _writers.get(id(run))
-    if writer is None:
+    if id(run) not in _writers:
         return
     _pending[id(run)] = scalars(results)
     if conv is not None:
-        writer.add_image(f"filters/{conv[0]}", filter_grid(conv[1]), run.step)
+        _write(run, lambda w: w.add_image(f"filters/{conv[0]}", filter_grid(conv[1]), run.step))
 
 
 def _place(run: Run, prefix: str) -> None:
     """Write the evaluation heard last: after an epoch it ends that epoch, else it is the final one."""
-    writer = _writers.get(id(run))
     values = _pending.pop(id(run), None)
-    if writer is None or values is None:
+    if values is None:
         return
-    for name, value in values.items():
-        writer.add_scalar(f"{prefix}/{name}", value, run.step)
-    writer.flush()
+
+    def add(writer: Any) -> None:
+        for name, value in values.items():
+            writer.add_scalar(f"{prefix}/{name}", value, run.step)
+        writer.flush()
+
+    _write(run, add)
 
 
 @hookimpl
@@ -106,6 +131,5 @@ def convnet_train_end(run: Run, summary: dict[str, Any]) -> None:
     if "error" not in summary:
         _place(run, "final")
     _pending.pop(id(run), None)
-    writer = _writers.pop(id(run), None)
-    if writer is not None:
-        writer.close()
+    _write(run, lambda w: w.close())
+    _writers.pop(id(run), None)
