@@ -3,16 +3,20 @@
 Prints, per shape and pass (forward alone under no_grad; forward + backward), the median time,
 the bandwidth counted from the minimal bytes (each input read once, each output written once:
 forward reads x and writes y; forward + backward also reads the output gradient and x and writes
-the input gradient) and the speed-up over ``torch`` (F.local_response_norm) measured in the
-same run; and the cost of the custom-operator wrapping (``local_response_norm`` through
-``convnet::lrn_forward`` and its registered backward) against calling the two kernel ops directly.
-Usage: ``python benchmarks/lrn.py [--batch 128 32] [--repeat 5] [--dtype float32] [--only-overhead]``.
+the input gradient), that bandwidth as a share of a plain device copy of the same tensor timed
+in the same run (``copy``: read once, write once: the most an elementwise pass can move), and
+the speed-up over ``torch`` (F.local_response_norm) measured in the same run; and the cost of the
+custom-operator wrapping (``local_response_norm`` through ``convnet::lrn_forward`` and its
+registered backward) against calling the two kernel ops directly.
+Usage: ``python benchmarks/lrn.py [--batch 128 32] [--repeat 5] [--dtype float32] [--only-overhead] [--json OUT]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -52,11 +56,16 @@ def _impls(device: str) -> list[str]:
     return names
 
 
-def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, warmup: int) -> None:
+def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, warmup: int) -> list[dict]:
+    """Time every implementation on one shape; print a line each and return them as dicts."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     grad = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     nbytes = x.numel() * x.element_size()
+    copy_target = torch.empty_like(x)
+    copy_s = _time(lambda: copy_target.copy_(x), device, repeat, warmup)
+    copy_gbs = 2 * nbytes / copy_s / 1e9
+    del copy_target
     rows = []
     for impl in _impls(device):
         def forward(impl: str = impl) -> None:
@@ -69,11 +78,23 @@ def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, 
 
         rows.append((impl, _time(forward, device, repeat, warmup), _time(forward_backward, device, repeat, warmup)))
     base = {r[0]: r for r in rows}["torch"]
-    label = f"{device} {list(shape)} {str(dtype).replace('torch.', '')}"
+    dtype_name = str(dtype).replace("torch.", "")
+    label = f"{device} {list(shape)} {dtype_name}"
+    print(f"{label:<34} {'copy':<10} {copy_s * 1e3:9.2f} ms {copy_gbs:7.2f} GB/s (read + write, the bandwidth ceiling)")
+    out = []
     for impl, fwd, both in rows:
-        print(f"{label:<34} {impl:<10} fwd {fwd * 1e3:9.2f} ms {2 * nbytes / fwd / 1e9:7.2f} GB/s x{base[1] / fwd:6.2f}"
-              f"   fwd+bwd {both * 1e3:9.2f} ms {5 * nbytes / both / 1e9:7.2f} GB/s x{base[2] / both:6.2f}",
-              flush=True)
+        fwd_gbs, both_gbs = 2 * nbytes / fwd / 1e9, 5 * nbytes / both / 1e9
+        print(f"{label:<34} {impl:<10} fwd {fwd * 1e3:9.2f} ms {fwd_gbs:7.2f} GB/s ({fwd_gbs / copy_gbs:4.0%} of copy) "
+              f"x{base[1] / fwd:6.2f}   fwd+bwd {both * 1e3:9.2f} ms {both_gbs:7.2f} GB/s "
+              f"({both_gbs / copy_gbs:4.0%}) x{base[2] / both:6.2f}", flush=True)
+        out.append({"device": device, "shape": list(shape), "dtype": dtype_name, "impl": impl,
+                    "copy_ms": copy_s * 1e3, "copy_gb_s": copy_gbs,
+                    "forward_ms": fwd * 1e3, "forward_gb_s": fwd_gbs, "forward_share_of_copy": fwd_gbs / copy_gbs,
+                    "forward_speedup_vs_torch": base[1] / fwd,
+                    "forward_backward_ms": both * 1e3, "forward_backward_gb_s": both_gbs,
+                    "forward_backward_share_of_copy": both_gbs / copy_gbs,
+                    "forward_backward_speedup_vs_torch": base[2] / both})
+    return out
 
 
 OVERHEAD_SHAPES = ((32, 96, 55, 55), (32, 256, 27, 27), (64, 16, 32, 32), (8, 16, 8, 8))
@@ -126,7 +147,7 @@ def op_overhead(device: str, dtype: torch.dtype, rounds: int, repeat: int) -> No
             for k in extra), flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 32], help="batch sizes (default 128 32)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median)")
@@ -136,22 +157,32 @@ def main() -> None:
                         help="interleaved rounds of the op-wrapping overhead measurement (0: skip it)")
     parser.add_argument("--only-overhead", action="store_true", help="measure only the op-wrapping overhead")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args()
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
+                        help="default: the CPU, and cuda where there is one")
+    parser.add_argument("--json", metavar="OUT", help="also write the measurements to this JSON file")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--devices cuda: no CUDA device here")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices: {', '.join(devices)}"
           f"{'' if 'cuda' in devices else ' (no GPU here: no cuda numbers)'}")
     print("# ratio x = torch's time / this time (higher is faster); GB/s over the minimal bytes")
+    rows = []
     for device in devices:
         if args.overhead_rounds:
             op_overhead(device, dtype, args.overhead_rounds, args.repeat)
         if args.only_overhead:
             continue
-        for batch in args.batch:
-            for channels, hw in CHANNELS_HW:
-                bench(device, (batch, channels, hw, hw), dtype, args.repeat, args.warmup)
+        rows += [row for batch in args.batch for channels, hw in CHANNELS_HW
+                 for row in bench(device, (batch, channels, hw, hw), dtype, args.repeat, args.warmup)]
+    if args.json:
+        meta = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                "gpu": torch.cuda.get_device_name() if "cuda" in devices else None}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    return rows
 
 
 if __name__ == "__main__":

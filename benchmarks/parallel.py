@@ -17,6 +17,7 @@ bytes the strategy exchanges between towers per step (forward and backward, from
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -30,8 +31,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import convnet.core as cn
-from convnet.core import plugins
-from convnet.core.engine import build_strategy
+from convnet.core import build_strategy, plugins
+from convnet.core.components import build_optimizer
 
 
 def _sync(device: torch.device) -> None:
@@ -69,8 +70,7 @@ class Stepper:
         model = cn.build_model(recipe, "cpu", regs)
         self.described = self.strategy.describe(model)
         self.module = self.strategy.prepare(model)
-        opt = regs.optimizer.get(recipe.train.optimizer.name)
-        self.optimizer = opt.factory(recipe.train.optimizer.options, list(self.strategy.named_parameters(self.module)))
+        self.optimizer = build_optimizer(recipe, regs, list(self.strategy.named_parameters(self.module)))
         self.device = self.strategy.input_device
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(args.batch, *recipe.model.input, generator=g).to(self.device)
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads per tower-parallel process (default: threads / towers)")
     p.add_argument("--skip", default="", help="comma-separated strategies not to run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,11 +175,18 @@ def main(argv: list[str] | None = None) -> int:
 
     base = statistics.median(results["single"][0]) if "single" in results else None
     print(f"\n{'strategy':<26}{'median ms':>11}{'min ms':>10}{'vs single':>11}{'exchanged MB/step':>19}")
+    rows = []
     for name, (times, described) in results.items():
         median = statistics.median(times)
         ratio = f"{median / base:.3f}" if base else "-"
         exchanged = sum(d.get("exchanged_bytes_per_step", 0) for d in described) / 2**20
         print(f"{name:<26}{median * 1000:>11.1f}{min(times) * 1000:>10.1f}{ratio:>11}{exchanged:>19.2f}")
+        rows.append({"strategy": name, "median_ms": median * 1000, "min_ms": min(times) * 1000,
+                     "time_vs_single": median / base if base else None, "exchanged_mb_per_step": exchanged,
+                     "timed_steps": len(times)})
+    if args.json:
+        meta = {"recipe": args.recipe, "batch": args.batch, "devices": devices, "torch": torch.__version__}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -2,31 +2,38 @@
 torchvision's ``alexnet()`` trained the usual way (torch.optim.SGD), in one run.
 
     python benchmarks/train_throughput.py                        # CPU here: batch 32
-    python benchmarks/train_throughput.py --compile              # also both compiled (torch.compile)
+    python benchmarks/train_throughput.py --compile              # eager and compiled (train.compile's options)
     python benchmarks/train_throughput.py --device cuda --batch 128 --channels-last --autocast bfloat16
+    python benchmarks/train_throughput.py --device cuda --variants eager channels_last bf16 compiled --json OUT
 
 Synthetic data already on the device, so this measures the model and optimizer only. Prints
 images/s for each and the ratio ours / torchvision (above 1 = ours faster): the median over the
-interleaved rounds of the per-round ratio. ``--compile`` adds a compiled copy of both networks
-(``nn.Module.compile`` with the options ``train.compile`` uses; the optimizer step stays eager
-for both) and prints compiled against compiled, and each network compiled against eager. With
+interleaved rounds of the per-round ratio (a slow spell of a shared machine hits both alike). With
 ``--strategies`` it also times other registered strategies (e.g. model-parallel with both
-towers on the one device) against ``single``.
+towers on the one device) against ``single``. ``--variants`` times several set-ups in one
+interleaved run, each for both networks: eager (float32, contiguous), channels_last,
+bf16 (channels_last + bfloat16 autocast), compiled (bf16 under torch.compile; a network that
+does not compile here is reported as such, not timed), compiled_f32 (float32, contiguous, compiled).
+``--compile`` is ``--variants eager compiled_f32``. Compiling uses ``nn.Module.compile`` with the
+options ``train.compile`` uses; the optimizer step stays eager for both networks.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
 import convnet.core as cn
-from convnet.core import plugins
+from convnet.core import build_strategy, load_plugins
 from convnet.core.compiling import compile_in_place
-from convnet.core.engine import build_strategy
+from convnet.core.components import build_optimizer
 
 
 def _sync(device: torch.device) -> None:
@@ -52,8 +59,21 @@ def time_steps(module: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return times
 
 
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    channels_last: bool
+    autocast: bool
+    compiled: bool = False
+
+
+VARIANTS = {v.name: v for v in (Variant("eager", False, False), Variant("channels_last", True, False),
+                                 Variant("bf16", True, True), Variant("compiled", True, True, True),
+                                 Variant("compiled_f32", False, False, True))}
+
+
 def ours(strategy_name: str, args: argparse.Namespace, device: torch.device):
-    regs = plugins.registries()
+    regs = load_plugins()
     sets = [f"data.batch_size={args.batch}", f"parallel.strategy={strategy_name}"]
     if strategy_name == "single":
         sets.append(f"parallel.device={device}")
@@ -62,41 +82,49 @@ def ours(strategy_name: str, args: argparse.Namespace, device: torch.device):
     recipe = cn.load_recipe(args.recipe, sets, regs)
     strategy = build_strategy(recipe, regs)
     module = strategy.prepare(cn.build_model(recipe, "cpu", regs))
-    if args.channels_last:
-        module.to(memory_format=torch.channels_last)
-    opt_entry = regs.optimizer.get(recipe.train.optimizer.name)
-    optimizer = opt_entry.factory(recipe.train.optimizer.options, list(strategy.named_parameters(module)))
+    optimizer = build_optimizer(recipe, regs, list(strategy.named_parameters(module)))
     return module, optimizer, tuple(recipe.model.input), recipe.model.num_classes
 
 
 def torchvision_alexnet(args: argparse.Namespace, device: torch.device):
     module = torchvision.models.alexnet(num_classes=1000).to(device)
-    if args.channels_last:
-        module.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     return module, optimizer, (3, 224, 224), 1000
 
 
 class Contender:
-    """A model, its optimizer and a fixed synthetic batch on the device."""
+    """A model, its optimizer and a fixed synthetic batch on the device, set up as ``variant`` says."""
 
     def __init__(self, name: str, built, args: argparse.Namespace, device: torch.device,
-                 compiled: bool = False) -> None:
+                 variant: Variant | None = None) -> None:
         self.name = name
+        self.variant = variant or Variant("custom", args.channels_last, args.autocast == "bfloat16")
         self.module, self.optimizer, shape, classes = built
-        if compiled:
-            compile_in_place(self.module)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(args.batch, *shape, generator=g).to(device)
-        if args.channels_last:
+        if self.variant.channels_last:
+            self.module.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(classes, (args.batch,), generator=g).to(device)
         self.module.train()
+        if self.variant.compiled:
+            compile_in_place(self.module)
         self.times: list[float] = []
-        self.rounds: list[float] = []  # median step time of each round
+        self.rounds: list[float] = []  # the median step time of each round
+        self.unavailable: str | None = None
 
-    def run(self, steps: int, warmup: int, autocast: bool) -> None:
-        times = time_steps(self.module, self.optimizer, self.x, self.y, steps, warmup, autocast)
+    def run(self, steps: int, warmup: int, autocast: bool | None = None) -> None:
+        if self.unavailable:
+            return
+        autocast = self.variant.autocast if autocast is None else autocast
+        try:
+            times = time_steps(self.module, self.optimizer, self.x, self.y, steps, warmup, autocast)
+        except Exception as exc:  # torch.compile without a working backend here: say so, time the rest
+            if not self.variant.compiled:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            self.unavailable = f"{type(exc).__name__}: {first[:200]}"
+            return
         self.times += times
         if times:
             self.rounds.append(statistics.median(times))
@@ -105,7 +133,65 @@ class Contender:
         return batch / statistics.median(self.times)
 
 
-def main() -> None:
+def ratio(base: Contender, other: Contender) -> float:
+    """images/s of ``other`` over ``base``: the median of the per-round ratios."""
+    return statistics.median(b / o for b, o in zip(base.rounds, other.rounds))
+
+
+def contenders_for(args: argparse.Namespace, device: torch.device) -> list[Contender]:
+    """torchvision's alexnet() and ours (then any --strategies) for each variant, in that order."""
+    variants = [VARIANTS[v] for v in args.variants] if args.variants else [None]
+    out = []
+    for variant in variants:
+        tag = f" [{variant.name}]" if variant else ""
+        out.append(Contender(f"torchvision alexnet() + SGD{tag}", torchvision_alexnet(args, device), args, device,
+                             variant))
+        out.append(Contender(f"{args.recipe} single{tag}", ours("single", args, device), args, device, variant))
+        out += [Contender(f"{args.recipe} {s}{tag}", ours(s, args, device), args, device, variant)
+                for s in args.strategies]
+    return out
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
+    """Build every contender, run them in interleaved rounds, print and return the results."""
+    contenders = contenders_for(args, device)
+    # Interleaved rounds: a slow spell of a shared machine hits every contender alike.
+    for c in contenders:
+        c.run(0, args.warmup)
+    for _ in range(args.rounds):
+        for c in contenders:
+            c.run(args.steps, 0)
+    rows = []
+    per_variant = 2 + len(args.strategies)
+    for i in range(0, len(contenders), per_variant):
+        tv, single, *others = contenders[i:i + per_variant]
+        for c in (tv, single, *others):
+            if c.unavailable:
+                print(f"{c.name:<48} not timed: {c.unavailable}")
+                rows.append({"name": c.name, "variant": c.variant.name, "unavailable": c.unavailable})
+                continue
+            print(f"{c.name:<48} {1000 * statistics.median(c.times):9.1f} ms/step  {c.rate(args.batch):9.1f} images/s "
+                  f"(median of {len(c.times)})")
+            row = {"name": c.name, "variant": c.variant.name, "ms_per_step": 1000 * statistics.median(c.times),
+                   "images_per_s": c.rate(args.batch), "timed_steps": len(c.times)}
+            if c is single and not tv.unavailable:
+                row["ratio_vs_torchvision"] = ratio(tv, c)
+                print(f"ratio {args.recipe} / torchvision{' [' + c.variant.name + ']' if args.variants else ''}: "
+                      f"{row['ratio_vs_torchvision']:.2f}x images/s")
+            if c in others and not single.unavailable:
+                row["ratio_vs_single"] = ratio(single, c)
+                print(f"ratio {c.name} / single: {row['ratio_vs_single']:.2f}x images/s "
+                      f"(overhead {100 * (1 / row['ratio_vs_single'] - 1):+.1f}%)")
+            rows.append(row)
+    return {"device": device_name(device), "batch": args.batch, "recipe": args.recipe, "torch": torch.__version__,
+            "rows": rows}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="alexnet-imagenet")
     p.add_argument("--device", default="auto")
@@ -115,56 +201,28 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--autocast", choices=("none", "bfloat16"), default="none")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=[],
+                   help="time these set-ups instead of the one --channels-last/--autocast describe")
     p.add_argument("--strategies", nargs="*", default=[], help="also time these strategies against single")
-    p.add_argument("--compile", action="store_true", help="also time both networks compiled")
-    args = p.parse_args()
+    p.add_argument("--compile", action="store_true", help="the same as --variants eager compiled_f32")
+    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.compile:
+        args.variants = list(dict.fromkeys([*args.variants, "eager", "compiled_f32"]))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     args.batch = args.batch or (128 if device.type == "cuda" else 32)
     args.steps = args.steps or (10 if device.type == "cuda" else 2)
     args.rounds = args.rounds or (5 if device.type == "cuda" else 4)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}, batch {args.batch}, channels_last={args.channels_last}, autocast={args.autocast}, "
-          f"torch {torch.__version__}")
-    contenders = [Contender("torchvision alexnet() + SGD", torchvision_alexnet(args, device), args, device),
-                  Contender(f"{args.recipe} single", ours("single", args, device), args, device)]
-    if args.compile:
-        contenders += [Contender("torchvision alexnet() compiled", torchvision_alexnet(args, device), args, device,
-                                 compiled=True),
-                       Contender(f"{args.recipe} single compiled", ours("single", args, device), args, device,
-                                 compiled=True)]
-    contenders += [Contender(f"{args.recipe} {s}", ours(s, args, device), args, device) for s in args.strategies]
-    # Interleaved rounds: a slow spell of a shared machine hits every contender alike.
-    for c in contenders:
-        start = time.perf_counter()
-        c.run(0, args.warmup, args.autocast == "bfloat16")
-        print(f"warm-up {c.name}: {time.perf_counter() - start:.1f} s", flush=True)
-    for _ in range(args.rounds):
-        for c in contenders:
-            c.run(args.steps, 0, args.autocast == "bfloat16")
-    for c in contenders:
-        print(f"{c.name:<36} {1000 * statistics.median(c.times):9.1f} ms/step  {c.rate(args.batch):9.1f} images/s "
-              f"(median of {len(c.times)})")
-    by_name = {c.name: c for c in contenders}
-    pairs = [("torchvision alexnet() + SGD", f"{args.recipe} single", "eager vs eager")]
-    if args.compile:
-        pairs += [("torchvision alexnet() compiled", f"{args.recipe} single compiled", "compiled vs compiled"),
-                  (f"{args.recipe} single", f"{args.recipe} single compiled", "ours compiled vs ours eager"),
-                  ("torchvision alexnet() + SGD", "torchvision alexnet() compiled", "torchvision compiled vs eager")]
-    for base, other, what in pairs:
-        print(f"ratio {what}: {_ratio(by_name[base], by_name[other], args.batch)}")
-    single = contenders[1].rate(args.batch)
-    for c in contenders[4 if args.compile else 2:]:
-        rate = c.rate(args.batch)
-        print(f"ratio {c.name} / single: {rate / single:.2f}x images/s (overhead {100 * (single / rate - 1):+.1f}%)")
+    setup = (f"variants {' '.join(args.variants)}" if args.variants else
+             f"channels_last={args.channels_last}, autocast={args.autocast}")
+    print(f"device {device_name(device)}, batch {args.batch}, {setup}, torch {torch.__version__}")
+    result = measure(args, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
 
-
-def _ratio(base: Contender, other: Contender, batch: int) -> str:
-    """images/s of ``other`` over ``base``: median of the per-round ratios, their range, and of the medians."""
-    per_round = [b / o for b, o in zip(base.rounds, other.rounds)]
-    return (f"{statistics.median(per_round):.2f}x images/s (rounds {min(per_round):.2f}-{max(per_round):.2f}; "
-            f"ratio of overall medians {other.rate(batch) / base.rate(batch):.2f}x)")
 
 if __name__ == "__main__":
     main()

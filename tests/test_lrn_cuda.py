@@ -11,6 +11,7 @@ from convnet.plugins.lrn import kernels, local_response_norm
 from convnet.plugins.lrn.reference import lrn_reference
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+# Every test that needs a device is also marked `cuda`: `pytest -m cuda` runs them (benchmarks/gpu_check.py does).
 
 
 @pytest.mark.slow  # about 30 s of nvcc on 2 cores (torch's headers); CI still runs it
@@ -40,6 +41,7 @@ TOLERANCE = {torch.float64: (1e-10, 0.0), torch.float32: (1e-5, 1e-6), torch.flo
              torch.bfloat16: (1.6e-2, 1e-5)}
 
 
+@pytest.mark.cuda
 @needs_gpu
 @settings(max_examples=40)
 @given(shape=st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 9), st.integers(1, 9)),
@@ -53,6 +55,7 @@ def test_cuda_kernel_agrees_with_reference(cuda_kernel, shape, size, alpha, beta
     torch.testing.assert_close(cuda_kernel(x.cuda(), size, alpha, beta, k).cpu(), expected, rtol=rtol, atol=atol)
 
 
+@pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("size", [5, 4, 7, 1])
 def test_cuda_gradcheck_float64(cuda_kernel, size):
@@ -60,6 +63,7 @@ def test_cuda_gradcheck_float64(cuda_kernel, size):
     assert torch.autograd.gradcheck(lambda t: cuda_kernel(t, size, 0.1, 0.75, 2.0), (x,), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.cuda
 @needs_gpu
 def test_cuda_outputs_written_everywhere_and_layouts(cuda_kernel):
     old = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
@@ -82,6 +86,7 @@ def test_cuda_outputs_written_everywhere_and_layouts(cuda_kernel):
         torch.utils.deterministic.fill_uninitialized_memory = old[1]
 
 
+@pytest.mark.cuda
 @needs_gpu
 def test_auto_picks_cuda_on_cuda_tensors(cuda_kernel):
     x = torch.randn(0, 6, 5, 5, device="cuda")
@@ -190,3 +195,45 @@ def test_cuda_column_code_on_the_host_agrees_with_reference(host_harness, tmp_pa
     expected.backward(grad)
     torch.testing.assert_close(y, expected.detach(), rtol=1e-10, atol=0.0)
     torch.testing.assert_close(dx, xr.grad, rtol=1e-9, atol=1e-12)
+
+
+PAPER_SHAPES = [(128, 96, 55, 55), (128, 256, 27, 27)]  # conv1 and conv2 outputs, whole network
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other image: not contiguous in any format
+        return x[::2]
+    return x
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("shape", PAPER_SHAPES, ids=["conv1", "conv2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("size", [5, 4], ids=["odd5", "even4"])
+def test_cuda_kernel_at_the_papers_shapes(cuda_kernel, shape, dtype, layout, size):
+    """Forward and backward against the float64 reference on the same device."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32) * 3
+    x = _layout(base.to(dtype), layout).requires_grad_(True)
+    xr = _layout(base.to(dtype), layout).double().requires_grad_(True)
+    grad = torch.randn(x.shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+    rtol, atol = TOLERANCE[dtype]
+    y = cuda_kernel(x, size, 1e-4, 0.75, 2.0)
+    yr = lrn_reference(xr, size, 1e-4, 0.75, 2.0)
+    torch.testing.assert_close(y.double(), yr, rtol=rtol, atol=atol)
+    y.backward(grad)
+    yr.backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_op_schema_opcheck(cuda_kernel):
+    """torch.library.opcheck's schema test on the raw CUDA op (its autograd lives in kernels._Lrn)."""
+    x = torch.randn(2, 6, 5, 5, device="cuda")
+    torch.library.opcheck(torch.ops.convnet_lrn_cuda.forward.default, (x, 5, 1e-4, 0.75, 2.0, True),
+                          test_utils=("test_schema",))

@@ -8,7 +8,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
+
+from convnet.core import checkpoint as ckpt
 
 TINY = Path(__file__).parents[1] / "fixtures" / "recipes" / "tiny.toml"
 CONVNET = [sys.executable, "-m", "convnet.core"]
@@ -62,3 +65,16 @@ def last_step(metrics: Path) -> int:
         return 0
     steps = [json.loads(line)["step"] for line in lines if line.endswith("}") and '"train"' in line]
     return max(steps, default=0)
+
+
+def save_checkpoints_until_killed(path: str, ready) -> None:
+    """Child process: save ~4 MB checkpoints in a loop, each tagged with its number; set ``ready``
+    (a multiprocessing Event) once the first is whole."""
+    torch.set_num_threads(1)
+    i = 0
+    base = [torch.full((16384,), float(k)) for k in range(64)]
+    while True:
+        i += 1
+        ckpt.save(path, {f"model/t{k}": t + i for k, t in enumerate(base)}, {"convnet.state": f"{{\"step\": {i}}}"})
+        if i == 1:
+            ready.set()

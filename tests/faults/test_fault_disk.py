@@ -110,7 +110,8 @@ class _FillDiskAfter:
     @hookimpl
     def convnet_step_end(self, run, step, metrics) -> None:
         if step == self.k:
-            with open(self.filler, "wb") as f:
+            # Unbuffered: a partial last write must not sit in a buffer that close() then fails to flush.
+            with open(self.filler, "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
