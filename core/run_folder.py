@@ -90,7 +90,7 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> FolderLock:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConvnetError(f"{folder}: cannot create the run folder: {exc.strerror or exc}") from None
+        raise ConvnetError(f"{folder}: run folder is not writable (cannot create it: {exc.strerror or exc})") from None
     lock = FolderLock(folder)
     try:
         lock.acquire()

@@ -46,10 +46,12 @@ def sets(*overrides: str) -> list[str]:
 
 
 def convnet_run(out: Path, *overrides: str, resume: Path | None = None, recipe: Path = TINY,
-                **popen) -> subprocess.Popen:
+                overwrite: bool = False, **popen) -> subprocess.Popen:
     args = [*CONVNET, "run", str(recipe), *sets(*overrides), "--out", str(out), "--quiet"]
     if resume is not None:
         args += ["--resume", str(resume)]
+    if overwrite:  # a run killed before its first checkpoint starts again from scratch in its folder
+        args += ["--overwrite"]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), **popen)
 
 

@@ -63,7 +63,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path_f
     last = out / "checkpoints" / "last.safetensors"
     seen = 0
     for step, moment in points:
-        proc = convnet_run(out, *KILL_SETS, resume=last if last.exists() else None)
+        proc = convnet_run(out, *KILL_SETS, resume=last if last.exists() else None, overwrite=not last.exists())
         where = _kill_at(out, proc, max(step, seen + 1), moment)
         seen = last_step(out / "metrics.jsonl")
         lost = False
@@ -82,7 +82,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path_f
         else:
             ledger.record("SIGKILL of `convnet run` (hypothesis-chosen step/moment)",
                           "killed before the first checkpoint (restarted from scratch)")
-    proc = convnet_run(out, *KILL_SETS, resume=last if last.exists() else None)
+    proc = convnet_run(out, *KILL_SETS, resume=last if last.exists() else None, overwrite=not last.exists())
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert model_bytes(last) == uninterrupted
