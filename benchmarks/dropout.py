@@ -9,6 +9,7 @@
 Variants take turns within each round, so load from other processes hits them alike; the
 median per variant is reported with the ratio keyed / torch measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,8 +65,11 @@ def layer(rounds: int) -> None:
         with keyed.keyed_draws(0, next(step), samples):
             keyed_drop(x).backward(grad)
 
-    _report("dropout p=0.5 on [128, 4096], forward + backward:",
-            _interleaved({"torch nn.Dropout": run_torch, "keyed": run_keyed}, rounds, 3), "torch nn.Dropout")
+    _report(
+        "dropout p=0.5 on [128, 4096], forward + backward:",
+        _interleaved({"torch nn.Dropout": run_torch, "keyed": run_keyed}, rounds, 3),
+        "torch nn.Dropout",
+    )
 
 
 def train_step(rounds: int, batch: int) -> None:
@@ -98,11 +102,14 @@ def train_step(rounds: int, batch: int) -> None:
                 logits = model(x)
             nn.functional.cross_entropy(logits, y).backward()
             opt.step()
+
         return run
 
-    _report(f"alexnet-imagenet train step, batch {batch}:",
-            _interleaved({"torch nn.Dropout": one(torch_model, False), "keyed": one(keyed_model, True)}, rounds, 1),
-            "torch nn.Dropout")
+    _report(
+        f"alexnet-imagenet train step, batch {batch}:",
+        _interleaved({"torch nn.Dropout": one(torch_model, False), "keyed": one(keyed_model, True)}, rounds, 1),
+        "torch nn.Dropout",
+    )
 
 
 def main() -> None:
@@ -113,8 +120,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} threads"
+    )
     layer(args.rounds)
     if args.step_rounds:
         train_step(args.step_rounds, args.batch)

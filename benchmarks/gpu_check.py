@@ -19,6 +19,7 @@ Steps (each reuses the benchmark script that owns it; see docs/gpu.md):
 Without a CUDA device every step that needs one says "skipped" and why, and runs its CPU part
 (at quick sizes) under "cpu"; no GPU figure is ever written that was not measured in this run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -82,60 +84,109 @@ def step_kernels(c: Check) -> dict:
 
     start = time.perf_counter()
     cpu = kernels.get("cpu")
-    cpu_part = {"cpu_kernel": "built" if cpu else f"not built: {kernels.failure('cpu')}",
-                "build_s": round(time.perf_counter() - start, 1)}
+    cpu_part = {
+        "cpu_kernel": "built" if cpu else f"not built: {kernels.failure('cpu')}",
+        "build_s": round(time.perf_counter() - start, 1),
+    }
     if not c.cuda:
         return skipped(f"{NO_GPU}: the CUDA kernel's tests need one (CI compiles its source with nvcc)", cpu=cpu_part)
     start = time.perf_counter()
     cuda = kernels.get("cuda")
-    gpu: dict[str, Any] = {"cuda_kernel": "built" if cuda else f"not built: {kernels.failure('cuda')}",
-                           "build_s": round(time.perf_counter() - start, 1)}
+    gpu: dict[str, Any] = {
+        "cuda_kernel": "built" if cuda else f"not built: {kernels.failure('cuda')}",
+        "build_s": round(time.perf_counter() - start, 1),
+    }
     xml = c.path("cuda_tests.xml")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-                           f"--junitxml={xml}", str(ROOT / "tests" / "test_lrn_cuda.py")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "cuda",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={xml}",
+            str(ROOT / "tests" / "test_lrn_cuda.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n", flush=True)
     suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{case.get('name')}: {(case.find('failure') or case.find('error')).get('message', '')[:200]}"
-              for case in suite.iter("testcase") if case.find("failure") is not None or case.find("error") is not None]
+    failed = [
+        f"{case.get('name')}: {(case.find('failure') or case.find('error')).get('message', '')[:200]}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
     gpu.update(pytest_exit_code=proc.returncode, **counts, failed_tests=failed[:20])
     ok = proc.returncode == 0 and counts["skipped"] == 0 and counts["tests"] > 0
     return {"status": "passed" if ok else "failed", "cpu": cpu_part, "gpu": gpu}
 
 
 def _lrn_summary(rows: list[dict], impl: str) -> list[dict]:
-    return [{k: r[k] for k in ("shape", "dtype", "forward_ms", "forward_backward_ms", "forward_backward_gb_s",
-                               "copy_gb_s", "forward_backward_share_of_copy", "forward_speedup_vs_torch",
-                               "forward_backward_speedup_vs_torch")} for r in rows if r["impl"] == impl]
+    return [
+        {
+            k: r[k]
+            for k in (
+                "shape",
+                "dtype",
+                "forward_ms",
+                "forward_backward_ms",
+                "forward_backward_gb_s",
+                "copy_gb_s",
+                "forward_backward_share_of_copy",
+                "forward_speedup_vs_torch",
+                "forward_backward_speedup_vs_torch",
+            )
+        }
+        for r in rows
+        if r["impl"] == impl
+    ]
 
 
 def step_lrn(c: Check) -> dict:
-    cpu_rows = c.bench_json(lrn_bench.main, ["--devices", "cpu", "--batch", "2", "--repeat", "2", "--warmup", "1",
-                                             "--overhead-rounds", "0"])
+    cpu_rows = c.bench_json(
+        lrn_bench.main, ["--devices", "cpu", "--batch", "2", "--repeat", "2", "--warmup", "1", "--overhead-rounds", "0"]
+    )
     cpu_part = {"batch": 2, "rows": _lrn_summary(cpu_rows["rows"], "cpu")}
     if not c.cuda:
         return skipped(f"{NO_GPU}: CUDA timings need one", cpu=cpu_part)
     batch, repeat = ("8", "3") if c.quick else ("128", "20")
     rows = []
     for dtype in ("float32", "bfloat16"):
-        rows += c.bench_json(lrn_bench.main, ["--devices", "cuda", "--batch", batch, "--repeat", repeat,
-                                              "--warmup", "3", "--dtype", dtype])["rows"]
+        rows += c.bench_json(
+            lrn_bench.main,
+            ["--devices", "cuda", "--batch", batch, "--repeat", repeat, "--warmup", "3", "--dtype", dtype],
+        )["rows"]
     cuda_rows = _lrn_summary(rows, "cuda")
     if not cuda_rows:
         return {"status": "failed", "reason": "the cuda kernel is unavailable (see the kernels step)", "cpu": cpu_part}
-    goals = {"speedup_fwd_bwd_at_least_5x": all(r["forward_backward_speedup_vs_torch"] >= GOALS["lrn_speedup_vs_torch"]
-                                                for r in cuda_rows),
-             "share_of_copy_at_least_70pct": all(r["forward_backward_share_of_copy"] >= GOALS["lrn_share_of_copy"]
-                                                 for r in cuda_rows)}
-    return {"status": "measured", "cpu": cpu_part, "gpu": {"batch": int(batch), "rows": cuda_rows, "goals": goals,
-                                                           "all_rows": rows}}
+    goals = {
+        "speedup_fwd_bwd_at_least_5x": all(
+            r["forward_backward_speedup_vs_torch"] >= GOALS["lrn_speedup_vs_torch"] for r in cuda_rows
+        ),
+        "share_of_copy_at_least_70pct": all(
+            r["forward_backward_share_of_copy"] >= GOALS["lrn_share_of_copy"] for r in cuda_rows
+        ),
+    }
+    return {
+        "status": "measured",
+        "cpu": cpu_part,
+        "gpu": {"batch": int(batch), "rows": cuda_rows, "goals": goals, "all_rows": rows},
+    }
 
 
 def step_throughput(c: Check) -> dict:
-    cpu = c.bench_json(train_throughput.main, ["--device", "cpu", "--batch", "2", "--variants", "eager",
-                                               "--steps", "1", "--rounds", "1", "--warmup", "0"])
+    cpu = c.bench_json(
+        train_throughput.main,
+        ["--device", "cpu", "--batch", "2", "--variants", "eager", "--steps", "1", "--rounds", "1", "--warmup", "0"],
+    )
     cpu_part = {"batch": 2, "rows": cpu["rows"], "note": "quick sizes: a smoke run of the code path, not a speed"}
     if not c.cuda:
         return skipped(f"{NO_GPU}: the batch-128 GPU comparison needs one", cpu=cpu_part)
@@ -150,8 +201,23 @@ def step_throughput(c: Check) -> dict:
 
 
 def step_model_parallel(c: Check) -> dict:
-    cpu = c.bench_json(parallel_bench.main, ["--recipe", "alexnet-digits", "--device", "cpu", "--batch", "4",
-                                             "--steps", "1", "--warmup", "0", "--skip", "tower-parallel"])
+    cpu = c.bench_json(
+        parallel_bench.main,
+        [
+            "--recipe",
+            "alexnet-digits",
+            "--device",
+            "cpu",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--skip",
+            "tower-parallel",
+        ],
+    )
     cpu_part = {**cpu, "note": "alexnet-digits, quick sizes: a smoke run of the code path, not a speed"}
     if not c.cuda:
         return skipped(f"{NO_GPU}: both towers on one GPU needs one", cpu=cpu_part)
@@ -162,8 +228,9 @@ def step_model_parallel(c: Check) -> dict:
 
 def _digits_resume(c: Check, device: str, sets: list[str], stop_at: int) -> dict:
     """Straight run vs. the same run stopped at ``stop_at`` and resumed: the final weights compared."""
-    import convnet.core as cn
     from safetensors.torch import load_file
+
+    import convnet.core as cn
 
     base = [f"parallel.device={device}", "train.deterministic=true", *sets]
     straight, resumed = c.path(f"digits-{device}-straight"), c.path(f"digits-{device}-resumed")
@@ -171,16 +238,25 @@ def _digits_resume(c: Check, device: str, sets: list[str], stop_at: int) -> dict
     summary = cn.train(cn.load_recipe("alexnet-digits", base), out=straight)
     wall = time.perf_counter() - start
     cn.train(cn.load_recipe("alexnet-digits", [*base, f"train.max_steps={stop_at}"]), out=resumed)
-    final = cn.train(cn.load_recipe("alexnet-digits", base), out=resumed,
-                     resume=resumed / "checkpoints" / "last.safetensors")
+    final = cn.train(
+        cn.load_recipe("alexnet-digits", base), out=resumed, resume=resumed / "checkpoints" / "last.safetensors"
+    )
     a, b = (load_file(str(p / "checkpoints" / "last.safetensors")) for p in (straight, resumed))
     model = [k for k in a if k.startswith("model/")]
     differing = [k for k in model if not torch.equal(a[k], b[k])]
     max_diff = max((float((a[k].double() - b[k].double()).abs().max()) for k in differing), default=0.0)
-    return {"steps": summary["step"], "stopped_at": stop_at, "wall_s": round(wall, 1),
-            "top1_error": summary.get("top1_error"), "top5_error": summary.get("top5_error"),
-            "resumed_top1_error": final.get("top1_error"), "bit_exact": not differing,
-            "tensors_differing": len(differing), "of_tensors": len(model), "max_abs_difference": max_diff}
+    return {
+        "steps": summary["step"],
+        "stopped_at": stop_at,
+        "wall_s": round(wall, 1),
+        "top1_error": summary.get("top1_error"),
+        "top5_error": summary.get("top5_error"),
+        "resumed_top1_error": final.get("top1_error"),
+        "bit_exact": not differing,
+        "tensors_differing": len(differing),
+        "of_tensors": len(model),
+        "max_abs_difference": max_diff,
+    }
 
 
 def step_digits(c: Check) -> dict:
@@ -198,8 +274,10 @@ def step_decode(c: Check) -> dict:
 
     gpu_decode = getattr(input_pipeline, "gpu_decode", None)
     if gpu_decode is None:
-        return skipped("the input pipeline has no GPU decode path yet (benchmarks/input_pipeline.py defines no "
-                       "gpu_decode); nothing to measure")
+        return skipped(
+            "the input pipeline has no GPU decode path yet (benchmarks/input_pipeline.py defines no "
+            "gpu_decode); nothing to measure"
+        )
     if not c.cuda:
         return skipped(f"{NO_GPU}: GPU decoding needs one")
     return {"status": "measured", "gpu": gpu_decode(images=64 if c.quick else 2048, batch=128, device="cuda")}
@@ -211,17 +289,31 @@ def step_projection(c: Check) -> dict:
     if not best:
         return skipped("no GPU images/s was measured in this run (the throughput step did not run on a GPU)")
     days = PAPER_EPOCHS * IMAGENET_TRAIN_IMAGES / best["images_per_s"] / 86400
-    return {"status": "measured",
-            "gpu": {"images_per_s": best["images_per_s"], "from": best["name"], "epochs": PAPER_EPOCHS,
-                    "images_per_epoch": IMAGENET_TRAIN_IMAGES, "projected_days": days, "projected_hours": days * 24,
-                    "paper_days": list(PAPER_DAYS), "paper_hardware": "two NVIDIA GTX 580 3GB",
-                    "note": "model and optimizer only, synthetic batches on the device: the data pipeline, "
-                            "evaluation and checkpoints add to this"}}
+    return {
+        "status": "measured",
+        "gpu": {
+            "images_per_s": best["images_per_s"],
+            "from": best["name"],
+            "epochs": PAPER_EPOCHS,
+            "images_per_epoch": IMAGENET_TRAIN_IMAGES,
+            "projected_days": days,
+            "projected_hours": days * 24,
+            "paper_days": list(PAPER_DAYS),
+            "paper_hardware": "two NVIDIA GTX 580 3GB",
+            "note": "model and optimizer only, synthetic batches on the device: the data pipeline, "
+            "evaluation and checkpoints add to this",
+        },
+    }
 
 
 STEPS: dict[str, Callable[[Check], dict]] = {
-    "kernels": step_kernels, "lrn": step_lrn, "throughput": step_throughput, "model_parallel": step_model_parallel,
-    "digits": step_digits, "decode": step_decode, "projection": step_projection,
+    "kernels": step_kernels,
+    "lrn": step_lrn,
+    "throughput": step_throughput,
+    "model_parallel": step_model_parallel,
+    "digits": step_digits,
+    "decode": step_decode,
+    "projection": step_projection,
 }
 
 
@@ -229,41 +321,75 @@ STEPS: dict[str, Callable[[Check], dict]] = {
 def environment() -> dict:
     """The machine, and which of pyproject's dependencies are installed at which version."""
     deps = {}
-    for name in ("torch", "torchvision", "pluggy", "attrs", "cattrs", "safetensors", "tqdm", "numpy", "pillow",
-                 "scikit-learn", "matplotlib", "ninja", "tomli-w", "pytest", "hypothesis"):
+    for name in (
+        "torch",
+        "torchvision",
+        "pluggy",
+        "attrs",
+        "cattrs",
+        "safetensors",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "scikit-learn",
+        "matplotlib",
+        "ninja",
+        "tomli-w",
+        "pytest",
+        "hypothesis",
+    ):
         try:
             deps[name] = md.version(name)
         except md.PackageNotFoundError:
             deps[name] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch_cuda": torch.version.cuda, "packages": deps}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch_cuda": torch.version.cuda,
+        "packages": deps,
+    }
 
 
 def _figures(name: str, res: dict) -> str:
     gpu = res.get("gpu") or {}
     if name == "kernels" and gpu:
-        return (f"{gpu.get('tests', 0)} cuda tests: {gpu.get('failures', 0)} failed, {gpu.get('errors', 0)} errors, "
-                f"{gpu.get('skipped', 0)} skipped; kernel {gpu.get('cuda_kernel')}")
+        return (
+            f"{gpu.get('tests', 0)} cuda tests: {gpu.get('failures', 0)} failed, {gpu.get('errors', 0)} errors, "
+            f"{gpu.get('skipped', 0)} skipped; kernel {gpu.get('cuda_kernel')}"
+        )
     if name == "lrn" and gpu.get("rows"):
-        return "; ".join(f"{r['dtype']} {r['shape']}: fwd+bwd {r['forward_backward_ms']:.3f} ms, "
-                         f"{r['forward_backward_share_of_copy']:.0%} of copy, x{r['forward_backward_speedup_vs_torch']:.1f} torch"
-                         for r in gpu["rows"])
+        return "; ".join(
+            f"{r['dtype']} {r['shape']}: fwd+bwd {r['forward_backward_ms']:.3f} ms, "
+            f"{r['forward_backward_share_of_copy']:.0%} of copy, x{r['forward_backward_speedup_vs_torch']:.1f} torch"
+            for r in gpu["rows"]
+        )
     if name == "throughput" and gpu.get("rows"):
-        return "; ".join(f"{r['name']}: {r['images_per_s']:.0f} img/s" + (f" (x{r['ratio_vs_torchvision']:.2f})"
-                                                                           if "ratio_vs_torchvision" in r else "")
-                         if "images_per_s" in r else f"{r['name']}: {r['unavailable']}" for r in gpu["rows"])
+        return "; ".join(
+            f"{r['name']}: {r['images_per_s']:.0f} img/s"
+            + (f" (x{r['ratio_vs_torchvision']:.2f})" if "ratio_vs_torchvision" in r else "")
+            if "images_per_s" in r
+            else f"{r['name']}: {r['unavailable']}"
+            for r in gpu["rows"]
+        )
     if name == "model_parallel" and gpu.get("rows"):
-        return "; ".join(f"{r['strategy']} {r['median_ms']:.1f} ms ({r['time_vs_single']:.2f}x single's time)"
-                         for r in gpu["rows"])
+        return "; ".join(
+            f"{r['strategy']} {r['median_ms']:.1f} ms ({r['time_vs_single']:.2f}x single's time)" for r in gpu["rows"]
+        )
     if name == "digits" and gpu:
-        return (f"{gpu['steps']} steps in {gpu['wall_s']} s, top-1 {gpu['top1_error']:.2%}; resumed at step "
-                f"{gpu['stopped_at']}: {'bit-exact' if gpu['bit_exact'] else 'NOT bit-exact'} "
-                f"({gpu['tensors_differing']}/{gpu['of_tensors']} tensors differ, max {gpu['max_abs_difference']:.3g})")
+        return (
+            f"{gpu['steps']} steps in {gpu['wall_s']} s, top-1 {gpu['top1_error']:.2%}; resumed at step "
+            f"{gpu['stopped_at']}: {'bit-exact' if gpu['bit_exact'] else 'NOT bit-exact'} "
+            f"({gpu['tensors_differing']}/{gpu['of_tensors']} tensors differ, max {gpu['max_abs_difference']:.3g})"
+        )
     if name == "projection" and gpu:
-        return (f"{gpu['projected_days']:.2f} days ({gpu['projected_hours']:.1f} h) at {gpu['images_per_s']:.0f} img/s "
-                f"vs the paper's {gpu['paper_days'][0]}-{gpu['paper_days'][1]} days on {gpu['paper_hardware']}")
+        return (
+            f"{gpu['projected_days']:.2f} days ({gpu['projected_hours']:.1f} h) at {gpu['images_per_s']:.0f} img/s "
+            f"vs the paper's {gpu['paper_days'][0]}-{gpu['paper_days'][1]} days on {gpu['paper_hardware']}"
+        )
     if name == "decode" and gpu:
         return json.dumps(gpu)
     return ""
@@ -271,10 +397,15 @@ def _figures(name: str, res: dict) -> str:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"# gpu_check: {env['gpu'] or 'no GPU (CPU parts only)'}", "",
-             f"torch {env['torch']} (CUDA {env['torch_cuda']}), Python {env['python']}, {env['cpu_count']} CPUs; "
-             f"{'quick sizes' if report['quick'] else 'full sizes'}; {report['wall_s']:.0f} s in all.", "",
-             "| step | status | GPU figures (measured in this run) | note |", "|---|---|---|---|"]
+    lines = [
+        f"# gpu_check: {env['gpu'] or 'no GPU (CPU parts only)'}",
+        "",
+        f"torch {env['torch']} (CUDA {env['torch_cuda']}), Python {env['python']}, {env['cpu_count']} CPUs; "
+        f"{'quick sizes' if report['quick'] else 'full sizes'}; {report['wall_s']:.0f} s in all.",
+        "",
+        "| step | status | GPU figures (measured in this run) | note |",
+        "|---|---|---|---|",
+    ]
     for name, res in report["steps"].items():
         note = res.get("reason") or res.get("error") or ""
         lines.append(f"| {name} | {res['status']} | {_figures(name, res) or '-'} | {note} |")

@@ -19,6 +19,7 @@ torchvision measured in the same run.
 
 Usage: ``python benchmarks/input_pipeline.py [--images 512] [--batch 128] [--workers 2] [--repeat 5]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,19 +62,27 @@ def write_jpegs(root: Path, n: int, classes: int = 4) -> None:
 
 def write_stats(path: Path) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(SEED)
-    cov = torch.tensor([[4200.0, 3900.0, 3500.0], [3900.0, 4000.0, 3700.0], [3500.0, 3700.0, 4300.0]],
-                       dtype=torch.float64)
+    cov = torch.tensor(
+        [[4200.0, 3900.0, 3500.0], [3900.0, 4000.0, 3700.0], [3500.0, 3700.0, 4300.0]], dtype=torch.float64
+    )
     vals, vecs = torch.linalg.eigh(cov)
     order = torch.argsort(vals, descending=True)
-    stats = {"mean": 110 + 20 * torch.rand(3, 256, 256, generator=g), "eigvals": vals[order].float(),
-             "eigvecs": vecs[:, order].float().contiguous()}
+    stats = {
+        "mean": 110 + 20 * torch.rand(3, 256, 256, generator=g),
+        "eigvals": vals[order].float(),
+        "eigvecs": vecs[:, order].float().contiguous(),
+    }
     save_file(stats, str(path))
     return stats
 
 
 def our_chain(registries: Any, stats: Path, mean_first: bool = False) -> list:
-    spec = [("random-crop", {"size": 227}), ("hflip", {"p": 0.5}),
-            ("pca-lighting", {"std": 0.1, "stats": str(stats)}), ("mean-image", {"stats": str(stats)})]
+    spec = [
+        ("random-crop", {"size": 227}),
+        ("hflip", {"p": 0.5}),
+        ("pca-lighting", {"std": 0.1, "stats": str(stats)}),
+        ("mean-image", {"stats": str(stats)}),
+    ]
     if mean_first:
         spec = spec[-1:] + spec[:-1]
     chain = []
@@ -86,15 +96,22 @@ def torchvision_chain(stats: dict[str, torch.Tensor]) -> Callable[[torch.Tensor]
     from torchvision.transforms import v2
 
     top = (stats["mean"].shape[-1] - 227) // 2
-    mean = stats["mean"][:, top:top + 227, top:top + 227].contiguous()
+    mean = stats["mean"][:, top : top + 227, top : top + 227].contiguous()
     vecs, vals = stats["eigvecs"], stats["eigvals"] / 255.0  # the paper's alpha * lambda on [0, 1] pixels
 
     def lighting(img: torch.Tensor) -> torch.Tensor:
         alpha = torch.randn(3) * 0.1
         return img + (vecs @ (alpha * vals)).view(3, 1, 1)
 
-    return v2.Compose([v2.RandomCrop(227), v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float32),
-                       v2.Lambda(lighting), v2.Lambda(lambda img: img - mean)])
+    return v2.Compose(
+        [
+            v2.RandomCrop(227),
+            v2.RandomHorizontalFlip(0.5),
+            v2.ToDtype(torch.float32),
+            v2.Lambda(lighting),
+            v2.Lambda(lambda img: img - mean),
+        ]
+    )
 
 
 class PerImage(Dataset):
@@ -121,8 +138,9 @@ def rounds(pipelines: dict[str, Callable[[], int]], repeat: int) -> dict[str, li
     return rates
 
 
-def end_to_end(train: Dataset, chain: list, tv: Callable, n: int, batch: int, workers: int,
-               repeat: int) -> dict[str, list[float]]:
+def end_to_end(
+    train: Dataset, chain: list, tv: Callable, n: int, batch: int, workers: int, repeat: int
+) -> dict[str, list[float]]:
     batches = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
     worker_set = cdata.Augmented(train, chain, SEED, cdata.STREAM_TRAIN_AUGMENT)
     raw_set = cdata.Augmented(train, [], SEED, cdata.STREAM_TRAIN_AUGMENT)
@@ -151,12 +169,14 @@ def end_to_end(train: Dataset, chain: list, tv: Callable, n: int, batch: int, wo
             count += len(images)
         return count
 
-    return rounds({"decode only": run_decode, "worker": run_worker, "device": run_device,
-                   "torchvision": run_torchvision}, repeat)
+    return rounds(
+        {"decode only": run_decode, "worker": run_worker, "device": run_device, "torchvision": run_torchvision}, repeat
+    )
 
 
-def augmentation_only(images: torch.Tensor, chain: list, tv: Callable, batch: int, repeat: int,
-                      mean_first_chain: list) -> dict[str, list[float]]:
+def augmentation_only(
+    images: torch.Tensor, chain: list, tv: Callable, batch: int, repeat: int, mean_first_chain: list
+) -> dict[str, list[float]]:
     """Per-image pipelines go through ``Augmented`` (a generator per sample and stage, as in a
     worker) and stack each batch; the batched ones get a fresh uint8 batch, as after transfer."""
     n = len(images)
@@ -182,6 +202,7 @@ def augmentation_only(images: torch.Tensor, chain: list, tv: Callable, batch: in
                 stop = min(start + batch, n)
                 _device_augment(which, images[start:stop].clone(), SEED, 0, torch.arange(start, stop))
             return n
+
         return run
 
     def torchvision_per_image() -> int:
@@ -189,8 +210,15 @@ def augmentation_only(images: torch.Tensor, chain: list, tv: Callable, batch: in
             torch.stack([tv(images[i]) for i in range(start, min(start + batch, n))])
         return n
 
-    return rounds({"worker": per_image, "device": batched(chain), "torchvision": torchvision_per_image,
-                   "device, mean 1st": batched(mean_first_chain)}, repeat)
+    return rounds(
+        {
+            "worker": per_image,
+            "device": batched(chain),
+            "torchvision": torchvision_per_image,
+            "device, mean 1st": batched(mean_first_chain),
+        },
+        repeat,
+    )
 
 
 def report(title: str, rates: dict[str, list[float]]) -> None:
@@ -200,8 +228,10 @@ def report(title: str, rates: dict[str, list[float]]) -> None:
     print(f"  {'pipeline':<18}{'images/s':>10}{'vs torchvision':>16}   (ratio range over rounds)")
     for name, values in rates.items():
         ratios = [v / b for v, b in zip(values, base)]
-        print(f"  {name:<18}{statistics.median(values):>10.0f}{statistics.median(ratios):>15.2f}x"
-              f"   ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(
+            f"  {name:<18}{statistics.median(values):>10.0f}{statistics.median(ratios):>15.2f}x"
+            f"   ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
 
 
 def main() -> None:
@@ -215,9 +245,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     registries = plugins.registries()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
-          f"{args.images} JPEGs, batch {args.batch}, {args.workers} worker(s), {args.threads} main thread(s), "
-          f"{args.repeat} rounds, medians")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+        f"{args.images} JPEGs, batch {args.batch}, {args.workers} worker(s), {args.threads} main thread(s), "
+        f"{args.repeat} rounds, medians"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_jpegs(root / "jpegs", args.images)
@@ -229,9 +261,17 @@ def main() -> None:
         rates = end_to_end(splits.train, chain, tv, args.images, args.batch, args.workers, args.repeat)
         report(f"decode + augmentation, {args.workers} worker(s)", rates)
         images = torch.stack([splits.train[i][0] for i in range(args.images)])
-        report("augmentation alone (decoded uint8 3x256x256 in memory, one process, batches stacked)",
-               augmentation_only(images, chain, tv, args.batch, args.repeat,
-                                 our_chain(registries, root / "stats.safetensors", mean_first=True)))
+        report(
+            "augmentation alone (decoded uint8 3x256x256 in memory, one process, batches stacked)",
+            augmentation_only(
+                images,
+                chain,
+                tv,
+                args.batch,
+                args.repeat,
+                our_chain(registries, root / "stats.safetensors", mean_first=True),
+            ),
+        )
 
 
 if __name__ == "__main__":

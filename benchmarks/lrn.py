@@ -10,14 +10,15 @@ custom-operator wrapping (``local_response_norm`` through ``convnet::lrn_forward
 registered backward) against calling the two kernel ops directly.
 Usage: ``python benchmarks/lrn.py [--batch 128 32] [--repeat 5] [--dtype float32] [--only-overhead] [--json OUT]``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -65,9 +66,9 @@ def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, 
     copy_target = torch.empty_like(x)
     copy_s = _time(lambda: copy_target.copy_(x), device, repeat, warmup)
     copy_gbs = 2 * nbytes / copy_s / 1e9
-    del copy_target
     rows = []
     for impl in _impls(device):
+
         def forward(impl: str = impl) -> None:
             with torch.no_grad():
                 local_response_norm(x, impl=impl, **PAPER)
@@ -84,16 +85,30 @@ def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, 
     out = []
     for impl, fwd, both in rows:
         fwd_gbs, both_gbs = 2 * nbytes / fwd / 1e9, 5 * nbytes / both / 1e9
-        print(f"{label:<34} {impl:<10} fwd {fwd * 1e3:9.2f} ms {fwd_gbs:7.2f} GB/s ({fwd_gbs / copy_gbs:4.0%} of copy) "
-              f"x{base[1] / fwd:6.2f}   fwd+bwd {both * 1e3:9.2f} ms {both_gbs:7.2f} GB/s "
-              f"({both_gbs / copy_gbs:4.0%}) x{base[2] / both:6.2f}", flush=True)
-        out.append({"device": device, "shape": list(shape), "dtype": dtype_name, "impl": impl,
-                    "copy_ms": copy_s * 1e3, "copy_gb_s": copy_gbs,
-                    "forward_ms": fwd * 1e3, "forward_gb_s": fwd_gbs, "forward_share_of_copy": fwd_gbs / copy_gbs,
-                    "forward_speedup_vs_torch": base[1] / fwd,
-                    "forward_backward_ms": both * 1e3, "forward_backward_gb_s": both_gbs,
-                    "forward_backward_share_of_copy": both_gbs / copy_gbs,
-                    "forward_backward_speedup_vs_torch": base[2] / both})
+        print(
+            f"{label:<34} {impl:<10} fwd {fwd * 1e3:9.2f} ms {fwd_gbs:7.2f} GB/s ({fwd_gbs / copy_gbs:4.0%} of copy) "
+            f"x{base[1] / fwd:6.2f}   fwd+bwd {both * 1e3:9.2f} ms {both_gbs:7.2f} GB/s "
+            f"({both_gbs / copy_gbs:4.0%}) x{base[2] / both:6.2f}",
+            flush=True,
+        )
+        out.append(
+            {
+                "device": device,
+                "shape": list(shape),
+                "dtype": dtype_name,
+                "impl": impl,
+                "copy_ms": copy_s * 1e3,
+                "copy_gb_s": copy_gbs,
+                "forward_ms": fwd * 1e3,
+                "forward_gb_s": fwd_gbs,
+                "forward_share_of_copy": fwd_gbs / copy_gbs,
+                "forward_speedup_vs_torch": base[1] / fwd,
+                "forward_backward_ms": both * 1e3,
+                "forward_backward_gb_s": both_gbs,
+                "forward_backward_share_of_copy": both_gbs / copy_gbs,
+                "forward_backward_speedup_vs_torch": base[2] / both,
+            }
+        )
     return out
 
 
@@ -142,9 +157,14 @@ def op_overhead(device: str, dtype: torch.dtype, rounds: int, repeat: int) -> No
                     w, d = _time(wrapped, device, repeat, 1, best=True), _time(direct, device, repeat, 1, best=True)
                 extra[key].append(w - d)
                 ratio[key].append(w / d - 1)
-        print(f"{device} {str(list(shape)):<18} {str(dtype).replace('torch.', ''):<8} op overhead: " + "   ".join(
-            f"{k} {1e6 * statistics.median(extra[k]):+8.1f} us = {100 * statistics.median(ratio[k]):+6.2f}%"
-            for k in extra), flush=True)
+        print(
+            f"{device} {list(shape)!s:<18} {str(dtype).replace('torch.', ''):<8} op overhead: "
+            + "   ".join(
+                f"{k} {1e6 * statistics.median(extra[k]):+8.1f} us = {100 * statistics.median(ratio[k]):+6.2f}%"
+                for k in extra
+            ),
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -153,12 +173,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--overhead-rounds", type=int, default=5,
-                        help="interleaved rounds of the op-wrapping overhead measurement (0: skip it)")
+    parser.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds of the op-wrapping overhead measurement (0: skip it)",
+    )
     parser.add_argument("--only-overhead", action="store_true", help="measure only the op-wrapping overhead")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
-                        help="default: the CPU, and cuda where there is one")
+    parser.add_argument(
+        "--devices",
+        nargs="+",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: the CPU, and cuda where there is one",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -167,8 +196,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--devices cuda: no CUDA device here")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices: {', '.join(devices)}"
-          f"{'' if 'cuda' in devices else ' (no GPU here: no cuda numbers)'}")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices: {', '.join(devices)}"
+        f"{'' if 'cuda' in devices else ' (no GPU here: no cuda numbers)'}"
+    )
     print("# ratio x = torch's time / this time (higher is faster); GB/s over the minimal bytes")
     rows = []
     for device in devices:
@@ -176,11 +207,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             op_overhead(device, dtype, args.overhead_rounds, args.repeat)
         if args.only_overhead:
             continue
-        rows += [row for batch in args.batch for channels, hw in CHANNELS_HW
-                 for row in bench(device, (batch, channels, hw, hw), dtype, args.repeat, args.warmup)]
+        rows += [
+            row
+            for batch in args.batch
+            for channels, hw in CHANNELS_HW
+            for row in bench(device, (batch, channels, hw, hw), dtype, args.repeat, args.warmup)
+        ]
     if args.json:
-        meta = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-                "gpu": torch.cuda.get_device_name() if "cuda" in devices else None}
+        meta = {
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
+        }
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return rows
 

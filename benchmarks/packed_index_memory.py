@@ -10,6 +10,7 @@ processes mapping the file; anonymous ones (RssAnon) would be a private copy.
 
 Usage: ``python benchmarks/packed_index_memory.py [--samples 1281167]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ class Probe(Dataset):
 
 def show(where: str, before: dict[str, float], after: dict[str, float]) -> None:
     delta = {k: after[k] - before[k] for k in after}
-    print(f"  {where:<34} VmRSS +{delta['VmRSS']:5.1f} MB (process total {after['VmRSS']:6.1f}), "
-          f"RssAnon +{delta['RssAnon']:5.1f}, RssFile +{delta['RssFile']:5.1f}")
+    print(
+        f"  {where:<34} VmRSS +{delta['VmRSS']:5.1f} MB (process total {after['VmRSS']:6.1f}), "
+        f"RssAnon +{delta['RssAnon']:5.1f}, RssFile +{delta['RssFile']:5.1f}"
+    )
 
 
 def main() -> None:
@@ -75,8 +78,10 @@ def main() -> None:
         np.save(folder / "index.npy", index)
         del index
         size = (folder / "index.npy").stat().st_size / MB
-        print(f"{platform.machine()}, {os.cpu_count()} CPUs; index of {args.samples:,} records, "
-              f"{INDEX_DTYPE.itemsize} bytes each: {size:.1f} MB on disk")
+        print(
+            f"{platform.machine()}, {os.cpu_count()} CPUs; index of {args.samples:,} records, "
+            f"{INDEX_DTYPE.itemsize} bytes each: {size:.1f} MB on disk"
+        )
         _torchvision_decodes()  # the decoder's import is not the index's memory
         start = status()
         split = PackedSplit(folder, [f"shard-{k:06d}.tar" for k in range(args.samples // 1000 + 1)], "jpeg")
@@ -85,8 +90,14 @@ def main() -> None:
         touch(split, 0)
         show("main: after touching every record", start, status())
         for context, workers in (("fork", 2), ("spawn", 1)):
-            loader = DataLoader(Probe(split), batch_size=None, num_workers=workers, multiprocessing_context=context,
-                                sampler=range(workers), persistent_workers=False)
+            loader = DataLoader(
+                Probe(split),
+                batch_size=None,
+                num_workers=workers,
+                multiprocessing_context=context,
+                sampler=range(workers),
+                persistent_workers=False,
+            )
             for pid, kind, before, after in loader:
                 show(f"{context} worker {pid} ({kind})", before, after)
 

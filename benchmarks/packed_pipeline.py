@@ -22,6 +22,7 @@ Ratios are against (1) in the same round. Then the packed-jpeg time is split int
 
 Usage: ``python benchmarks/packed_pipeline.py [--images 384] [--repeat 3]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -45,8 +46,16 @@ from convnet.core.data import augment_batch as _device_augment
 from convnet.core.recipe import load_recipe
 
 SEED, BATCH = 0, 128
-SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                  "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+)
 
 
 def photographs() -> list[Image.Image]:
@@ -105,8 +114,12 @@ root = "{root}"
 
 
 def chain(registries, stats_path: Path) -> list:
-    spec = [("random-crop", {"size": 227}), ("hflip", {"p": 0.5}),
-            ("pca-lighting", {"std": 0.1, "stats": str(stats_path)}), ("mean-image", {"stats": str(stats_path)})]
+    spec = [
+        ("random-crop", {"size": 227}),
+        ("hflip", {"p": 0.5}),
+        ("pca-lighting", {"std": 0.1, "stats": str(stats_path)}),
+        ("mean-image", {"stats": str(stats_path)}),
+    ]
     out = []
     for i, (name, options) in enumerate(spec):
         entry = registries.augmenter.get(name)
@@ -139,22 +152,30 @@ def main() -> None:
         for fmt in ("jpeg", "raw"):
             pack(recipe, registries, tmp / fmt, PackSettings(fmt), workers=0, progress=False)
         folder = cdata.build_dataset(recipe, registries).train
-        packed = {fmt: build_packed(PackedOptions(str(tmp / fmt)), DataContext(recipe, registries)).train
-                  for fmt in ("jpeg", "raw")}
+        packed = {
+            fmt: build_packed(PackedOptions(str(tmp / fmt)), DataContext(recipe, registries)).train
+            for fmt in ("jpeg", "raw")
+        }
         ours = chain(registries, stats_path)
         n = len(folder)
         sizes = [os.path.getsize(folder.path(i)) for i in range(n)]
         dims = [sorted(Image.open(folder.path(i)).size, reverse=True) for i in range(n)]
-        print(f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, load "
-              f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}, 1 thread; {n} photographs, mean "
-              f"{np.mean([d[0] for d in dims]):.0f}x{np.mean([d[1] for d in dims]):.0f} (long x short side), "
-              f"{np.mean(sizes) / 1024:.0f} KB; packed jpeg q95 {packed['jpeg'].index['size'].mean() / 1024:.0f} KB, "
-              f"raw {packed['raw'].index['size'].mean() / 1024:.0f} KB")
-        errors = [(packed["jpeg"][j][0].double() - folder[int(i)][0].double()).abs()
-                  for j, i in enumerate(packed["jpeg"].index["source"])]
+        print(
+            f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, load "
+            f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}, 1 thread; {n} photographs, mean "
+            f"{np.mean([d[0] for d in dims]):.0f}x{np.mean([d[1] for d in dims]):.0f} (long x short side), "
+            f"{np.mean(sizes) / 1024:.0f} KB; packed jpeg q95 {packed['jpeg'].index['size'].mean() / 1024:.0f} KB, "
+            f"raw {packed['raw'].index['size'].mean() / 1024:.0f} KB"
+        )
+        errors = [
+            (packed["jpeg"][j][0].double() - folder[int(i)][0].double()).abs()
+            for j, i in enumerate(packed["jpeg"].index["source"])
+        ]
         err = torch.stack(errors)
-        print(f"packed jpeg vs the folder dataset's tensors: mean |error| {float(err.mean()):.2f}, max "
-              f"{float(err.max()):.0f} grey levels, PSNR {float(10 * torch.log10(255.0**2 / (err**2).mean())):.1f} dB")
+        print(
+            f"packed jpeg vs the folder dataset's tensors: mean |error| {float(err.mean()):.2f}, max "
+            f"{float(err.max()):.0f} grey levels, PSNR {float(10 * torch.log10(255.0**2 / (err**2).mean())):.1f} dB"
+        )
         rates = rounds(pipelines(tmp, folder, packed, ours, tensors), n, args.repeat)
         report(rates)
         breakdown(packed["jpeg"], ours, n)
@@ -167,9 +188,18 @@ def pipelines(tmp: Path, folder, packed: dict, ours: list, tensors: dict) -> dic
     from torch.utils.data import DataLoader
 
     rgb = tensors["rgb_mean"] / 255.0
-    reference = tvd.ImageFolder(str(tmp / "imagenet" / "train"), transform=T.Compose([
-        T.Resize(256), T.RandomCrop(227), T.RandomHorizontalFlip(), T.ToTensor(),
-        T.Normalize(rgb.tolist(), [0.229, 0.224, 0.225])]))
+    reference = tvd.ImageFolder(
+        str(tmp / "imagenet" / "train"),
+        transform=T.Compose(
+            [
+                T.Resize(256),
+                T.RandomCrop(227),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(rgb.tolist(), [0.229, 0.224, 0.225]),
+            ]
+        ),
+    )
 
     def torchvision_way(epoch: int) -> int:
         torch.manual_seed(epoch)
@@ -185,6 +215,7 @@ def pipelines(tmp: Path, folder, packed: dict, ours: list, tensors: dict) -> dic
             for images, _, indices, _ in cdata.loader(plain, batches, 0):
                 count += len(_device_augment(ours, images, SEED, epoch, indices))
             return count
+
         return run
 
     def collated(dataset) -> Callable[[int], int]:
@@ -194,6 +225,7 @@ def pipelines(tmp: Path, folder, packed: dict, ours: list, tensors: dict) -> dic
         def run(epoch: int) -> int:
             batches = cdata.train_batches(len(dataset), BATCH, SEED, epoch)
             return sum(len(images) for images, _, _, _ in cdata.loader(plain, batches, 0))
+
         return run
 
     def floor(dataset) -> Callable[[int], int]:
@@ -203,12 +235,18 @@ def pipelines(tmp: Path, folder, packed: dict, ours: list, tensors: dict) -> dic
                 for i in batch:
                     dataset[i]
             return sum(len(b) for b in batches)
+
         return run
 
-    return {"torchvision": torchvision_way, "imagenet (folder)": convnet(folder),
-            "packed jpeg": convnet(packed["jpeg"]), "packed raw": convnet(packed["raw"]),
-            "packed jpeg, CPU share*": collated(packed["jpeg"]),
-            "floor jpeg (read+decode)": floor(packed["jpeg"]), "floor raw (read)": floor(packed["raw"])}
+    return {
+        "torchvision": torchvision_way,
+        "imagenet (folder)": convnet(folder),
+        "packed jpeg": convnet(packed["jpeg"]),
+        "packed raw": convnet(packed["raw"]),
+        "packed jpeg, CPU share*": collated(packed["jpeg"]),
+        "floor jpeg (read+decode)": floor(packed["jpeg"]),
+        "floor raw (read)": floor(packed["raw"]),
+    }
 
 
 def rounds(pipes: dict[str, Callable[[int], int]], n: int, repeat: int) -> dict[str, list[float]]:
@@ -228,16 +266,22 @@ def report(rates: dict[str, list[float]]) -> None:
     print(f"\n{'pipeline (batch 128, 1 core)':<30}{'images/s':>10}{'vs torchvision':>16}   (ratio range over rounds)")
     for name, values in rates.items():
         ratios = [v / b for v, b in zip(values, base)]
-        print(f"  {name:<28}{statistics.median(values):>10.1f}{statistics.median(ratios):>15.2f}x   "
-              f"({min(ratios):.2f}-{max(ratios):.2f})")
+        print(
+            f"  {name:<28}{statistics.median(values):>10.1f}{statistics.median(ratios):>15.2f}x   "
+            f"({min(ratios):.2f}-{max(ratios):.2f})"
+        )
     for fmt in ("jpeg", "raw"):
         floor = next(v for k, v in rates.items() if k.startswith(f"floor {fmt}"))
         slow = [f / p for f, p in zip(floor, rates[f"packed {fmt}"])]
-        print(f"  packed {fmt} takes {statistics.median(slow):.2f}x the time of its floor "
-              f"({min(slow):.2f}-{max(slow):.2f})")
+        print(
+            f"  packed {fmt} takes {statistics.median(slow):.2f}x the time of its floor "
+            f"({min(slow):.2f}-{max(slow):.2f})"
+        )
     slow = [f / p for f, p in zip(rates["floor jpeg (read+decode)"], rates["packed jpeg, CPU share*"])]
-    print(f"  packed jpeg's CPU share* takes {statistics.median(slow):.2f}x the time of its floor "
-          f"({min(slow):.2f}-{max(slow):.2f})")
+    print(
+        f"  packed jpeg's CPU share* takes {statistics.median(slow):.2f}x the time of its floor "
+        f"({min(slow):.2f}-{max(slow):.2f})"
+    )
     print("  * read + decode + collate: what stays on the CPU when the chain runs batched on a GPU")
 
 
@@ -259,9 +303,11 @@ def breakdown(split, ours: list, n: int) -> None:
     payloads = [split.payload(i) for i in idx]
     images = [_decode_torchvision(p) for p in payloads]
     keys = torch.from_numpy(cdata.sample_keys(SEED, cdata.STREAM_TRAIN_AUGMENT, 0, idx, 0).astype("int64"))
-    parts = {"read + crc32": _time(lambda: [split.payload(i) for i in idx]),
-             "decode (torchvision.io)": _time(lambda: [_decode_torchvision(p) for p in payloads]),
-             "collate (stack uint8)": _time(lambda: torch.stack(images))}
+    parts = {
+        "read + crc32": _time(lambda: [split.payload(i) for i in idx]),
+        "decode (torchvision.io)": _time(lambda: [_decode_torchvision(p) for p in payloads]),
+        "collate (stack uint8)": _time(lambda: torch.stack(images)),
+    }
     x = torch.stack(images)
     for aug in ours:
         copy = _time(lambda: x.clone())
@@ -294,9 +340,12 @@ def decoders(folder, split, n: int) -> None:
                 img.load()
 
     print(f"\ndecoders (ms per image, best of 3, {len(idx)} images)")
-    for name, fn in (("packed 256x256: PIL", lambda: [_decode_pil(p) for p in payloads]),
-                     ("packed 256x256: torchvision.io", lambda: [_decode_torchvision(p) for p in payloads]),
-                     ("original ~500x375: PIL", pil_full), ("original ~500x375: PIL draft", pil_draft)):
+    for name, fn in (
+        ("packed 256x256: PIL", lambda: [_decode_pil(p) for p in payloads]),
+        ("packed 256x256: torchvision.io", lambda: [_decode_torchvision(p) for p in payloads]),
+        ("original ~500x375: PIL", pil_full),
+        ("original ~500x375: PIL draft", pil_draft),
+    ):
         print(f"  {name:<34}{_time(fn) / len(idx) * 1e3:>8.3f} ms")
 
 

@@ -14,6 +14,7 @@ Prints the median step time, the ratio to ``single`` measured in the same run, a
 bytes the strategy exchanges between towers per step (forward and backward, from its
 ``describe``). Needs as many devices as towers for tower-parallel on CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,7 +94,9 @@ class Stepper:
         return time.perf_counter() - start
 
 
-def time_interleaved(args: argparse.Namespace, variants: dict[str, list[str]]) -> dict[str, tuple[list[float], list[dict]]]:
+def time_interleaved(
+    args: argparse.Namespace, variants: dict[str, list[str]]
+) -> dict[str, tuple[list[float], list[dict]]]:
     """Variants in this process, one step of each in turn, so drifting load hits all alike."""
     steppers = {name: Stepper(args, name, devices) for name, devices in variants.items()}
     for i in range(args.warmup + args.steps):
@@ -104,8 +107,9 @@ def time_interleaved(args: argparse.Namespace, variants: dict[str, list[str]]) -
     return {name: (s.times, s.described) for name, s in steppers.items()}
 
 
-def time_strategy(args: argparse.Namespace, variant: str, devices: list[str],
-                  barrier=None) -> tuple[list[float], list[dict]]:
+def time_strategy(
+    args: argparse.Namespace, variant: str, devices: list[str], barrier=None
+) -> tuple[list[float], list[dict]]:
     s = Stepper(args, variant, devices)
     times = []
     for i in range(args.warmup + args.steps):
@@ -117,8 +121,15 @@ def time_strategy(args: argparse.Namespace, variant: str, devices: list[str],
 
 
 def _tower_rank(rank: int, world: int, port: int, args: argparse.Namespace, devices: list[str], out: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(args.tower_threads)
     import torch.distributed as dist
@@ -134,8 +145,9 @@ def time_tower_parallel(args: argparse.Namespace, devices: list[str], towers: in
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times")
-        mp.start_processes(_tower_rank, args=(towers, port, args, devices, out), nprocs=towers, join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            _tower_rank, args=(towers, port, args, devices, out), nprocs=towers, join=True, start_method="spawn"
+        )
         import ast
 
         return ast.literal_eval(Path(out).read_text(encoding="utf-8"))
@@ -150,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="single's device; model-parallel's too unless --devices")
     p.add_argument("--devices", default="", help="comma-separated, one per tower, for model/tower-parallel")
     p.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = leave as is)")
-    p.add_argument("--tower-threads", type=int, default=0,
-                   help="torch threads per tower-parallel process (default: threads / towers)")
+    p.add_argument(
+        "--tower-threads",
+        type=int,
+        default=0,
+        help="torch threads per tower-parallel process (default: threads / towers)",
+    )
     p.add_argument("--skip", default="", help="comma-separated strategies not to run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
@@ -163,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     args.tower_threads = args.tower_threads or max(torch.get_num_threads() // towers, 1)
     skip = set(filter(None, args.skip.split(",")))
 
-    print(f"{args.recipe}: batch {args.batch}, {towers} towers, {args.steps} timed steps after {args.warmup}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, devices {devices}", flush=True)
-    local = {name: ([args.device] if name == "single" else devices) for name in VARIANTS
-             if name != "tower-parallel" and name not in skip}
+    print(
+        f"{args.recipe}: batch {args.batch}, {towers} towers, {args.steps} timed steps after {args.warmup}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, devices {devices}",
+        flush=True,
+    )
+    local = {
+        name: ([args.device] if name == "single" else devices)
+        for name in VARIANTS
+        if name != "tower-parallel" and name not in skip
+    }
     results = time_interleaved(args, local)
     if "tower-parallel" not in skip:
         results["tower-parallel"] = time_tower_parallel(args, devices, towers)
@@ -181,9 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{median / base:.3f}" if base else "-"
         exchanged = sum(d.get("exchanged_bytes_per_step", 0) for d in described) / 2**20
         print(f"{name:<26}{median * 1000:>11.1f}{min(times) * 1000:>10.1f}{ratio:>11}{exchanged:>19.2f}")
-        rows.append({"strategy": name, "median_ms": median * 1000, "min_ms": min(times) * 1000,
-                     "time_vs_single": median / base if base else None, "exchanged_mb_per_step": exchanged,
-                     "timed_steps": len(times)})
+        rows.append(
+            {
+                "strategy": name,
+                "median_ms": median * 1000,
+                "min_ms": min(times) * 1000,
+                "time_vs_single": median / base if base else None,
+                "exchanged_mb_per_step": exchanged,
+                "timed_steps": len(times),
+            }
+        )
     if args.json:
         meta = {"recipe": args.recipe, "batch": args.batch, "devices": devices, "torch": torch.__version__}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")

@@ -8,6 +8,7 @@ round, so load from other processes hits them alike; the median per model is rep
 and the ratio against torchvision's alexnet() measured in the same run. Synthetic data:
 one fixed batch of 3x227x227 images (torchvision's adaptive pooling takes 227 as well).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,20 @@ def paper_models(lrn_impls: list[str]) -> dict[str, nn.Module]:
     from convnet.core import build_model, load_recipe, plugins
 
     regs = plugins.registries()
-    clear = [] if all(n in regs.augmenter for n in ("mean-image", "random-crop", "hflip", "pca-lighting", "ten-crop")) \
+    clear = (
+        []
+        if all(n in regs.augmenter for n in ("mean-image", "random-crop", "hflip", "pca-lighting", "ten-crop"))
         else ["data.train_augment=[]", "data.eval_augment=[]"]
+    )
     recipe = load_recipe("alexnet-imagenet", clear, regs)
     out = {}
     for impl in lrn_impls:
-        sets = [f"model.layers[{i}].impl=\"{impl}\"" for i, layer in enumerate(recipe.model.layers) if layer.name == "lrn"]
-        out[f"alexnet-imagenet (2 towers, LRN {impl})"] = build_model(load_recipe("alexnet-imagenet", clear + sets, regs),
-                                                                      registries=regs)
+        sets = [
+            f'model.layers[{i}].impl="{impl}"' for i, layer in enumerate(recipe.model.layers) if layer.name == "lrn"
+        ]
+        out[f"alexnet-imagenet (2 towers, LRN {impl})"] = build_model(
+            load_recipe("alexnet-imagenet", clear + sets, regs), registries=regs
+        )
     tv = load_recipe("alexnet-torchvision", clear, regs)
     out["alexnet-torchvision recipe"] = build_model(tv, registries=regs)
     return out
@@ -78,8 +85,10 @@ def main() -> None:
     for message in sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)}):
         print(f"note: {message}")
     base = statistics.median(times["torchvision alexnet()"])
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads; batch {args.batch}, {args.rounds} timed rounds after {args.warmup} warm-up")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} threads; batch {args.batch}, {args.rounds} timed rounds after {args.warmup} warm-up"
+    )
     for k, ts in times.items():
         med = statistics.median(ts)
         print(f"{k:<42} {med * 1000:9.1f} ms/step (min {min(ts) * 1000:.1f})  ratio vs torchvision {med / base:5.2f}")

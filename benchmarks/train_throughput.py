@@ -17,6 +17,7 @@ does not compile here is reported as such, not timed), compiled_f32 (float32, co
 ``--compile`` is ``--variants eager compiled_f32``. Compiling uses ``nn.Module.compile`` with the
 options ``train.compile`` uses; the optimizer step stays eager for both networks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(module: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               steps: int, warmup: int, autocast: bool) -> list[float]:
+def time_steps(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    warmup: int,
+    autocast: bool,
+) -> list[float]:
     times = []
     for i in range(warmup + steps):
         _sync(x.device)
@@ -67,9 +75,16 @@ class Variant:
     compiled: bool = False
 
 
-VARIANTS = {v.name: v for v in (Variant("eager", False, False), Variant("channels_last", True, False),
-                                 Variant("bf16", True, True), Variant("compiled", True, True, True),
-                                 Variant("compiled_f32", False, False, True))}
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("eager", False, False),
+        Variant("channels_last", True, False),
+        Variant("bf16", True, True),
+        Variant("compiled", True, True, True),
+        Variant("compiled_f32", False, False, True),
+    )
+}
 
 
 def ours(strategy_name: str, args: argparse.Namespace, device: torch.device):
@@ -78,7 +93,7 @@ def ours(strategy_name: str, args: argparse.Namespace, device: torch.device):
     if strategy_name == "single":
         sets.append(f"parallel.device={device}")
     elif strategy_name == "model-parallel":
-        sets.append(f"parallel.devices=[\"{device}\", \"{device}\"]")
+        sets.append(f'parallel.devices=["{device}", "{device}"]')
     recipe = cn.load_recipe(args.recipe, sets, regs)
     strategy = build_strategy(recipe, regs)
     module = strategy.prepare(cn.build_model(recipe, "cpu", regs))
@@ -95,8 +110,9 @@ def torchvision_alexnet(args: argparse.Namespace, device: torch.device):
 class Contender:
     """A model, its optimizer and a fixed synthetic batch on the device, set up as ``variant`` says."""
 
-    def __init__(self, name: str, built, args: argparse.Namespace, device: torch.device,
-                 variant: Variant | None = None) -> None:
+    def __init__(
+        self, name: str, built, args: argparse.Namespace, device: torch.device, variant: Variant | None = None
+    ) -> None:
         self.name = name
         self.variant = variant or Variant("custom", args.channels_last, args.autocast == "bfloat16")
         self.module, self.optimizer, shape, classes = built
@@ -144,11 +160,13 @@ def contenders_for(args: argparse.Namespace, device: torch.device) -> list[Conte
     out = []
     for variant in variants:
         tag = f" [{variant.name}]" if variant else ""
-        out.append(Contender(f"torchvision alexnet() + SGD{tag}", torchvision_alexnet(args, device), args, device,
-                             variant))
+        out.append(
+            Contender(f"torchvision alexnet() + SGD{tag}", torchvision_alexnet(args, device), args, device, variant)
+        )
         out.append(Contender(f"{args.recipe} single{tag}", ours("single", args, device), args, device, variant))
-        out += [Contender(f"{args.recipe} {s}{tag}", ours(s, args, device), args, device, variant)
-                for s in args.strategies]
+        out += [
+            Contender(f"{args.recipe} {s}{tag}", ours(s, args, device), args, device, variant) for s in args.strategies
+        ]
     return out
 
 
@@ -164,27 +182,43 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     rows = []
     per_variant = 2 + len(args.strategies)
     for i in range(0, len(contenders), per_variant):
-        tv, single, *others = contenders[i:i + per_variant]
+        tv, single, *others = contenders[i : i + per_variant]
         for c in (tv, single, *others):
             if c.unavailable:
                 print(f"{c.name:<48} not timed: {c.unavailable}")
                 rows.append({"name": c.name, "variant": c.variant.name, "unavailable": c.unavailable})
                 continue
-            print(f"{c.name:<48} {1000 * statistics.median(c.times):9.1f} ms/step  {c.rate(args.batch):9.1f} images/s "
-                  f"(median of {len(c.times)})")
-            row = {"name": c.name, "variant": c.variant.name, "ms_per_step": 1000 * statistics.median(c.times),
-                   "images_per_s": c.rate(args.batch), "timed_steps": len(c.times)}
+            print(
+                f"{c.name:<48} {1000 * statistics.median(c.times):9.1f} ms/step  {c.rate(args.batch):9.1f} images/s "
+                f"(median of {len(c.times)})"
+            )
+            row = {
+                "name": c.name,
+                "variant": c.variant.name,
+                "ms_per_step": 1000 * statistics.median(c.times),
+                "images_per_s": c.rate(args.batch),
+                "timed_steps": len(c.times),
+            }
             if c is single and not tv.unavailable:
                 row["ratio_vs_torchvision"] = ratio(tv, c)
-                print(f"ratio {args.recipe} / torchvision{' [' + c.variant.name + ']' if args.variants else ''}: "
-                      f"{row['ratio_vs_torchvision']:.2f}x images/s")
+                print(
+                    f"ratio {args.recipe} / torchvision{' [' + c.variant.name + ']' if args.variants else ''}: "
+                    f"{row['ratio_vs_torchvision']:.2f}x images/s"
+                )
             if c in others and not single.unavailable:
                 row["ratio_vs_single"] = ratio(single, c)
-                print(f"ratio {c.name} / single: {row['ratio_vs_single']:.2f}x images/s "
-                      f"(overhead {100 * (1 / row['ratio_vs_single'] - 1):+.1f}%)")
+                print(
+                    f"ratio {c.name} / single: {row['ratio_vs_single']:.2f}x images/s "
+                    f"(overhead {100 * (1 / row['ratio_vs_single'] - 1):+.1f}%)"
+                )
             rows.append(row)
-    return {"device": device_name(device), "batch": args.batch, "recipe": args.recipe, "torch": torch.__version__,
-            "rows": rows}
+    return {
+        "device": device_name(device),
+        "batch": args.batch,
+        "recipe": args.recipe,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -201,22 +235,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--autocast", choices=("none", "bfloat16"), default="none")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=[],
-                   help="time these set-ups instead of the one --channels-last/--autocast describe")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=[],
+        help="time these set-ups instead of the one --channels-last/--autocast describe",
+    )
     p.add_argument("--strategies", nargs="*", default=[], help="also time these strategies against single")
     p.add_argument("--compile", action="store_true", help="the same as --variants eager compiled_f32")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.compile:
         args.variants = list(dict.fromkeys([*args.variants, "eager", "compiled_f32"]))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     args.batch = args.batch or (128 if device.type == "cuda" else 32)
     args.steps = args.steps or (10 if device.type == "cuda" else 2)
     args.rounds = args.rounds or (5 if device.type == "cuda" else 4)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    setup = (f"variants {' '.join(args.variants)}" if args.variants else
-             f"channels_last={args.channels_last}, autocast={args.autocast}")
+    setup = (
+        f"variants {' '.join(args.variants)}"
+        if args.variants
+        else f"channels_last={args.channels_last}, autocast={args.autocast}"
+    )
     print(f"device {device_name(device)}, batch {args.batch}, {setup}, torch {torch.__version__}")
     result = measure(args, device)
     if args.json:

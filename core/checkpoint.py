@@ -5,6 +5,7 @@ states under ``rng/``. Metadata (strings): ``convnet.format``, ``convnet.recipe`
 resolved recipe as TOML) and ``convnet.state`` (JSON: step, epoch, position in the epoch,
 optimizer hyper-parameters, schedule state, python and numpy RNG scalars).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,7 +152,7 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensors[key] = f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt): {exc}") from None
@@ -160,8 +162,10 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(f"{path}: a safetensors file but not a convnet checkpoint ({what}; expected {FORMAT})")
     expected = metadata.get("convnet.sha256")
     if expected is not None and digest(tensors, metadata) != expected:
-        raise CheckpointError(f"{path}: corrupt checkpoint: its tensors do not match the checksum written with them "
-                              "(a damaged disk or an incomplete copy)")
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: its tensors do not match the checksum written with them "
+            "(a damaged disk or an incomplete copy)"
+        )
     return tensors, metadata
 
 
@@ -182,7 +186,7 @@ def state_of(metadata: dict[str, str], path: Path | str) -> dict[str, Any]:
 
 
 def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    return {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
 
 
 def check_compatible(path: Path | str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
@@ -191,9 +195,12 @@ def check_compatible(path: Path | str, expected: dict[str, torch.Tensor], found:
         if name not in found:
             raise CheckpointError(f"{path}: checkpoint has no tensor {name!r} (another recipe's checkpoint?)")
         if tuple(found[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(found[name].shape)} in the checkpoint "
-                                  f"but {list(tensor.shape)} in this recipe's model (another recipe's checkpoint?)")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(found[name].shape)} in the checkpoint "
+                f"but {list(tensor.shape)} in this recipe's model (another recipe's checkpoint?)"
+            )
     extra = sorted(set(found) - set(expected))
     if extra:
-        raise CheckpointError(f"{path}: checkpoint has tensor {extra[0]!r} that this recipe's model lacks "
-                              "(another recipe's checkpoint?)")
+        raise CheckpointError(
+            f"{path}: checkpoint has tensor {extra[0]!r} that this recipe's model lacks (another recipe's checkpoint?)"
+        )

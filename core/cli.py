@@ -1,4 +1,5 @@
 """The ``convnet`` command line. Exit codes: 0 success, 2 bad recipe or command line, 1 else."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import json
 import os
 import shlex
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from convnet.core.errors import ConvnetError, RecipeError
 
@@ -22,13 +23,20 @@ class _Parser(argparse.ArgumentParser):
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", metavar="RECIPE", help="bundled recipe name or path to a .toml file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.epochs=2 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="convnet", description="Train and evaluate the 2012 ImageNet network, piece by piece.",
-                     epilog=EPILOG)
+    parser = _Parser(
+        prog="convnet", description="Train and evaluate the 2012 ImageNet network, piece by piece.", epilog=EPILOG
+    )
     parser.add_argument("--strict", action="store_true", help="fail when any plugin fails to load")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -37,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<recipe>/<time>)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out folder that holds another run, replacing its files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out folder that holds another run, replacing its files",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
     p = sub.add_parser("show", help="print the fully resolved recipe as TOML", epilog=EPILOG)
@@ -55,12 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="the bundled recipes, one line each")
 
-    p = sub.add_parser("stats", help="mean image and RGB PCA of the training set, for the recipe's augmenters",
-                       epilog=EPILOG)
+    p = sub.add_parser(
+        "stats", help="mean image and RGB PCA of the training set, for the recipe's augmenters", epilog=EPILOG
+    )
     _recipe_args(p)
-    p.add_argument("--out", metavar="FILE", help="safetensors file to write (default: next to the dataset, "
-                   "<data.dataset.root>/stats.safetensors; without a root, the file the recipe's augmenters "
-                   "name in their `stats` option, else runs/<recipe>/stats.safetensors)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="safetensors file to write (default: next to the dataset, "
+        "<data.dataset.root>/stats.safetensors; without a root, the file the recipe's augmenters "
+        "name in their `stats` option, else runs/<recipe>/stats.safetensors)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per streamed batch (memory bound)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N training images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,16 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="run a recipe's evaluators on checkpoints (several = ensemble)", epilog=EPILOG)
     _recipe_args(p)
-    p.add_argument("--checkpoint", dest="checkpoints", nargs="+", required=True, metavar="CKPT",
-                   help="checkpoint(s) of this recipe's model; with several, their softmax is averaged")
+    p.add_argument(
+        "--checkpoint",
+        dest="checkpoints",
+        nargs="+",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint(s) of this recipe's model; with several, their softmax is averaged",
+    )
     p.add_argument("--out", metavar="DIR", help="where eval.json and images go (default runs/<recipe>/eval-<time>)")
 
-    p = sub.add_parser("export", help="a trained network for serving: torch.export program (.pt2) or ONNX",
-                       epilog=EPILOG)
+    p = sub.add_parser(
+        "export", help="a trained network for serving: torch.export program (.pt2) or ONNX", epilog=EPILOG
+    )
     _recipe_args(p)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint of this recipe's model")
-    p.add_argument("--format", required=True, choices=["torch", "onnx"],
-                   help="torch: torch.export.save (.pt2); onnx: ONNX (needs the 'export' extra)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["torch", "onnx"],
+        help="torch: torch.export.save (.pt2); onnx: ONNX (needs the 'export' extra)",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
 
     p = sub.add_parser("report", help="learning curves (PNG) and index.html for a run folder")
@@ -92,8 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-kernels", help="build the compiled kernels (LRN cpu/cuda) ahead of first use")
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="build only the components with this name, e.g. cpu (repeatable)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="build only the components with this name, e.g. cpu (repeatable)",
+    )
     _plugin_commands(sub)
     return parser
 
@@ -107,8 +139,11 @@ def _plugin_commands(sub: argparse._SubParsersAction) -> None:
         try:
             impl.function(subparsers=sub)
         except Exception as exc:  # one plugin's bad command must not take the CLI down
-            print(f"convnet: warning: plugin {impl.plugin_name!r} could not add its commands: "
-                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            print(
+                f"convnet: warning: plugin {impl.plugin_name!r} could not add its commands: "
+                f"{type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,8 +202,12 @@ def _provenance(exc: ConvnetError, args: argparse.Namespace) -> str | None:
     unknown = getattr(exc, "unknown", None)
     if unknown is None:
         return None
-    sources = [getattr(args, "resume", None), *(getattr(args, "checkpoints", None) or []),
-               getattr(args, "recipe", None), getattr(args, "run_folder", None)]
+    sources = [
+        getattr(args, "resume", None),
+        *(getattr(args, "checkpoints", None) or []),
+        getattr(args, "recipe", None),
+        getattr(args, "run_folder", None),
+    ]
     return provenance_hint(*unknown, [Path(s) for s in sources if s])
 
 
@@ -179,15 +218,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
-    run = Run(recipe, out=args.out, resume=args.resume, quiet=args.quiet, registries=regs,
-              pm=plugins.manager(args.strict), recipe_ref=args.recipe, overrides=tuple(args.overrides),
-              overwrite=args.overwrite, command=shlex.join(["convnet", *sys.argv[1:]]))
+    run = Run(
+        recipe,
+        out=args.out,
+        resume=args.resume,
+        quiet=args.quiet,
+        registries=regs,
+        pm=plugins.manager(args.strict),
+        recipe_ref=args.recipe,
+        overrides=tuple(args.overrides),
+        overwrite=args.overwrite,
+        command=shlex.join(["convnet", *sys.argv[1:]]),
+    )
     summary = run.train()
     if run.strategy.is_main:
-        parts = [f"{k.replace('_error', '')} error {summary[k] * 100:.2f}%"
-                 for k in summary if k.startswith("top") and k.endswith("_error")]
-        print(f"{recipe.name}: validation {', '.join(parts) or '(no top-k evaluator)'}"
-              f" after {summary['step']} steps")
+        parts = [
+            f"{k.replace('_error', '')} error {summary[k] * 100:.2f}%"
+            for k in summary
+            if k.startswith("top") and k.endswith("_error")
+        ]
+        print(f"{recipe.name}: validation {', '.join(parts) or '(no top-k evaluator)'} after {summary['step']} steps")
         print(f"run folder: {summary['out']}")
     return 0
 
@@ -201,8 +251,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from convnet.core.summary import summarize, format_summary
     from convnet.core.recipe import load_recipe
+    from convnet.core.summary import format_summary, summarize
 
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
@@ -223,13 +273,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            print(f"{info['kind']} {info['name']}: {info['description']}  [{info['plugin']} from {info['distribution']}]")
+            print(
+                f"{info['kind']} {info['name']}: {info['description']}  [{info['plugin']} from {info['distribution']}]"
+            )
             for opt in info["options"] or [{"name": "(no options)", "type": "", "default": ""}]:
                 default = "" if opt["default"] == "" else f" = {opt['default']}"
                 print(f"  {opt['name']}: {opt['type']}{default}")
         return 0
-    rows = [{"kind": kind, "name": e.name, "description": e.description, "plugin": e.plugin,
-             "distribution": e.distribution} for kind, reg in regs.items() for e in reg]
+    rows = [
+        {"kind": kind, "name": e.name, "description": e.description, "plugin": e.plugin, "distribution": e.distribution}
+        for kind, reg in regs.items()
+        for e in reg
+    ]
     table = plugin_table(plugins.manager(args.strict), regs)
     if args.json:
         print(json.dumps({"components": rows, "plugins": table, "problems": regs.problems}, indent=2))
@@ -240,8 +295,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"  {e.name:<18} {e.description}  [{e.plugin} from {e.distribution}]")
     print("plugins:")
     for row in table:
-        extra = [f"hooks: {', '.join(row['hooks'])}" if row["hooks"] else "",
-                 f"commands: {', '.join(row['commands'])}" if row["commands"] else ""]
+        extra = [
+            f"hooks: {', '.join(row['hooks'])}" if row["hooks"] else "",
+            f"commands: {', '.join(row['commands'])}" if row["commands"] else "",
+        ]
         print(f"  {row['name']:<18} {row['distribution']}  {'; '.join(e for e in extra if e)}".rstrip())
     return 0
 
@@ -271,13 +328,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     tensors, summary = stats.compute(recipe, regs, args.batch_size, args.limit, progress=not args.quiet)
     path, outcome = stats.save_checked(out, tensors, summary, recipe.name, args.force)
-    print(f"{recipe.name}: {summary['images']} images ({summary['skipped']} unreadable skipped), "
-          f"RGB mean {summary['rgb_mean']}, eigenvalues {summary['eigvals']}")
+    print(
+        f"{recipe.name}: {summary['images']} images ({summary['skipped']} unreadable skipped), "
+        f"RGB mean {summary['rgb_mean']}, eigenvalues {summary['eigvals']}"
+    )
     print(f"statistics: {path} ({outcome})")
     elsewhere = {k: v for k, v in stats.readers(recipe).items() if Path(v).resolve() != Path(path).resolve()}
     if elsewhere:
-        print(f"note: this recipe's augmenters read {', '.join(sorted(set(elsewhere.values())))}; to use these "
-              "statistics, run with " + " ".join(f"--set {k}={path}" for k in elsewhere))
+        print(
+            f"note: this recipe's augmenters read {', '.join(sorted(set(elsewhere.values())))}; to use these "
+            "statistics, run with " + " ".join(f"--set {k}={path}" for k in elsewhere)
+        )
     return 0
 
 
@@ -310,8 +371,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if results:  # the main process only
         print(json.dumps(results, indent=2))
         if len(args.checkpoints) > 1:
-            print(f"the plain metrics are of the first checkpoint, {results['metrics_from']}; the ensemble_* "
-                  f"ones of all {len(args.checkpoints)}", file=sys.stderr)
+            print(
+                f"the plain metrics are of the first checkpoint, {results['metrics_from']}; the ensemble_* "
+                f"ones of all {len(args.checkpoints)}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -330,8 +394,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
     done = export(recipe, args.checkpoint, args.out, args.format, regs)
-    check = ("not checked (onnxruntime is not installed)" if done.max_difference is None
-             else f"largest logit difference from eager on a random batch: {done.max_difference:.2e}")
+    check = (
+        "not checked (onnxruntime is not installed)"
+        if done.max_difference is None
+        else f"largest logit difference from eager on a random batch: {done.max_difference:.2e}"
+    )
     print(f"{done.path}: {recipe.name} as {done.format}; {check}")
     return 0
 
@@ -347,13 +414,23 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
                 continue
             try:
                 status = build(verbose=args.verbose)
-            except Exception as exc:  # noqa: BLE001  (report every kernel, then fail)
+            except Exception as exc:
                 failed += 1
                 status = f"FAILED: {exc}"
             print(f"{kind} {entry.name}: {status}", flush=True)
     return 1 if failed else 0
 
 
-COMMANDS = {"run": cmd_run, "show": cmd_show, "summary": cmd_summary, "plugins": cmd_plugins,
-            "recipes": cmd_recipes, "stats": cmd_stats, "predict": cmd_predict,
-            "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "build-kernels": cmd_build_kernels}
+COMMANDS = {
+    "run": cmd_run,
+    "show": cmd_show,
+    "summary": cmd_summary,
+    "plugins": cmd_plugins,
+    "recipes": cmd_recipes,
+    "stats": cmd_stats,
+    "predict": cmd_predict,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "export": cmd_export,
+    "build-kernels": cmd_build_kernels,
+}

@@ -6,6 +6,7 @@ checkpoint of one resumes in the other. Inductor is told to draw random numbers 
 the eager ops (``fallback_random``): a compiled run sees the same dropout masks as an eager one
 from the same seed, so the two agree within float32 rounding, not just in distribution.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -15,7 +16,7 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 
 def compile_options(mode: str) -> dict[str, object]:
     """Inductor options of ``mode`` plus eager random numbers (torch.compile takes a mode or options)."""
-    from torch import _inductor  # noqa: PLC0415  (heavy import, only when compiling)
+    from torch import _inductor
 
     if mode not in MODES:
         raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(MODES)}")

@@ -34,20 +34,24 @@ def build_evaluators(recipe: schema.Recipe, registries: Registries) -> list[tupl
         path = f"evaluate[{i}]"
         ev = registries.evaluator.build(comp, path, BuildContext(recipe, registries, path))
         if not callable(ev) or getattr(ev, "when", "epoch") not in ("epoch", "end"):
-            raise RecipeError(f"{path}: evaluator {comp.name!r} returned {type(ev).__name__}, which is not an "
-                              "Evaluator (callable, with when = \"epoch\" or \"end\")")
+            raise RecipeError(
+                f"{path}: evaluator {comp.name!r} returned {type(ev).__name__}, which is not an "
+                'Evaluator (callable, with when = "epoch" or "end")'
+            )
         built.append((f"{path} ({comp.name})", ev))
     return built
 
 
-def build_optimizer(recipe: schema.Recipe, registries: Registries,
-                    parameters: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+def build_optimizer(
+    recipe: schema.Recipe, registries: Registries, parameters: list[tuple[str, nn.Parameter]]
+) -> torch.optim.Optimizer:
     ctx = OptimizerContext(parameters, recipe, registries)
     return registries.optimizer.build(recipe.train.optimizer, "train.optimizer", ctx, returns=torch.optim.Optimizer)
 
 
-def build_schedule(recipe: schema.Recipe, registries: Registries, optimizer: torch.optim.Optimizer,
-                   steps_per_epoch: int) -> Schedule:
+def build_schedule(
+    recipe: schema.Recipe, registries: Registries, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> Schedule:
     ctx = ScheduleContext(optimizer, steps_per_epoch, steps_per_epoch * recipe.train.epochs, recipe, registries)
     return registries.schedule.build(recipe.train.schedule, "train.schedule", ctx, returns=Schedule)
 
@@ -90,16 +94,23 @@ def build_components(recipe: schema.Recipe, registries: Registries, strategy: St
     named = list(strategy.named_parameters(module))
     steps = cdata.steps_per_epoch(len(splits.train), recipe.data.batch_size)
     if steps == 0:
-        raise RecipeError(f"data.batch_size = {recipe.data.batch_size} is larger than the training set "
-                          f"({len(splits.train)} samples)")
+        raise RecipeError(
+            f"data.batch_size = {recipe.data.batch_size} is larger than the training set ({len(splits.train)} samples)"
+        )
     optimizer = build_optimizer(recipe, registries, named)
     train_aug = cdata.build_augmenters(recipe.data.train_augment, registries, "data.train_augment", recipe)
     eval_aug = cdata.build_augmenters(recipe.data.eval_augment, registries, "data.eval_augment", recipe)
     in_workers = [] if recipe.data.augment_on == "device" else train_aug
     return Components(
-        network=network, module=module, parameters=dict(named), optimizer=optimizer,
-        schedule=build_schedule(recipe, registries, optimizer, steps), splits=splits,
-        train_augmenters=train_aug, eval_augmenters=eval_aug, evaluators=build_evaluators(recipe, registries),
+        network=network,
+        module=module,
+        parameters=dict(named),
+        optimizer=optimizer,
+        schedule=build_schedule(recipe, registries, optimizer, steps),
+        splits=splits,
+        train_augmenters=train_aug,
+        eval_augmenters=eval_aug,
+        evaluators=build_evaluators(recipe, registries),
         train_set=cdata.Augmented(splits.train, in_workers, recipe.seed, cdata.STREAM_TRAIN_AUGMENT),
-        steps_per_epoch=steps)
-
+        steps_per_epoch=steps,
+    )

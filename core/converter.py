@@ -14,12 +14,14 @@ Built, like cattrs' own preconf converters, from small ``configure_*`` steps, ea
 The order matters: cattrs bakes the hooks registered so far into the ones it generates.
 Errors become one ``RecipeError`` line through ``structure_error``.
 """
+
 from __future__ import annotations
 
 import difflib
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import cattrs
@@ -52,6 +54,7 @@ def show(value: Any) -> str:
 
 
 # ---------------------------------------------------------------- strict scalars
+
 
 def strict_int(value: Any, _: Any = int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -105,6 +108,7 @@ def configure_strict_scalars(conv: cattrs.Converter) -> None:
 
 # ---------------------------------------------------------------- validators with paths
 
+
 def _failing_field(cls: type, value: dict[str, Any]) -> attrs.Attribute | None:
     """The field whose validator rejects its raw value (attrs names only the class)."""
     for field in attrs.fields(cls):
@@ -113,14 +117,17 @@ def _failing_field(cls: type, value: dict[str, Any]) -> attrs.Attribute | None:
             continue
         try:
             field.validator(None, field, value[key])
-        except Exception:  # noqa: BLE001 - any complaint of the validator is the one we want
+        except Exception:
             return field
     return None
 
 
 def _note_field(exc: Exception, cls: type, field: attrs.Attribute) -> Exception:
-    exc.add_note(AttributeValidationNote(f"Structuring class {cls.__qualname__} @ attribute {field.name}",
-                                         field.name, field.type))
+    exc.add_note(
+        AttributeValidationNote(
+            f"Structuring class {cls.__qualname__} @ attribute {field.name}", field.name, field.type
+        )
+    )
     return exc
 
 
@@ -133,7 +140,8 @@ def structure_validated(structure_fn: Callable[[Any, type], Any], value: Any, cl
         if field is not None:
             for exc in group.exceptions:
                 if isinstance(exc, (ValueError, TypeError)) and not any(
-                        isinstance(n, AttributeValidationNote) for n in getattr(exc, "__notes__", ())):
+                    isinstance(n, AttributeValidationNote) for n in getattr(exc, "__notes__", ())
+                ):
                     _note_field(exc, cls, field)
         raise
 
@@ -153,6 +161,7 @@ def configure_checked_classes(conv: cattrs.Converter, classes: tuple[type, ...])
 
 # ---------------------------------------------------------------- components
 
+
 def is_component(type_: Any) -> bool:
     return isinstance(type_, type) and issubclass(type_, schema.Component)
 
@@ -164,8 +173,9 @@ def own_fields(type_: type[schema.Component]) -> tuple[attrs.Attribute, ...]:
     return tuple(f for f in attrs.fields(type_) if f.name not in ("name", "options"))
 
 
-def _structure_own_fields(conv: cattrs.Converter, type_: type[schema.Component],
-                          table: dict[str, Any]) -> dict[str, Any]:
+def _structure_own_fields(
+    conv: cattrs.Converter, type_: type[schema.Component], table: dict[str, Any]
+) -> dict[str, Any]:
     """Pop and check the component class's own keys from ``table``, through the schema's validators."""
     values: dict[str, Any] = {}
     errors: list[Exception] = []
@@ -192,8 +202,10 @@ def configure_components(conv: cattrs.Converter, registries: Registries) -> None
             raise ValueError(f"expected a table with a {key!r}, found {show(value)}")
         table = dict(value)
         if key not in table:
-            raise ValueError(f"missing {key!r}: name one of the registered {type_.kind}s "
-                             f"({', '.join(registries[type_.kind].names())})")
+            raise ValueError(
+                f"missing {key!r}: name one of the registered {type_.kind}s "
+                f"({', '.join(registries[type_.kind].names())})"
+            )
         name = table.pop(key)
         if not isinstance(name, str):
             raise ValueError(f"{key!r}: expected a string, found {show(name)}")
@@ -217,6 +229,7 @@ def configure_components(conv: cattrs.Converter, registries: Registries) -> None
 
 
 # ---------------------------------------------------------------- errors as one line
+
 
 def format_exception(exc: BaseException, type_: Any) -> str:
     """One error's message, without its path (``cattrs.transform_error`` adds that)."""

@@ -5,12 +5,14 @@ sample index, stage of the chain), and each epoch's order by (run seed, epoch). 
 gives the same batches with any number of workers, after a resume, and with the augmentation
 in the workers or batched on the device (both use the train stream's keys).
 """
+
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import attrs
 import numpy as np
@@ -27,7 +29,9 @@ STREAM_ORDER, STREAM_TRAIN_AUGMENT, STREAM_EVAL_AUGMENT = 0, 1, 2
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, well mixed (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1
+    )
 
 
 def generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -70,8 +74,9 @@ def sample_key(seed: int, stream: int, epoch: int, index: int, stage: int) -> in
     return z & _MASK63
 
 
-def sample_keys(seed: int, stream: int, epoch: int, indices: Sequence[int] | np.ndarray | torch.Tensor,
-                stage: int) -> np.ndarray:
+def sample_keys(
+    seed: int, stream: int, epoch: int, indices: Sequence[int] | np.ndarray | torch.Tensor, stage: int
+) -> np.ndarray:
     """``sample_key`` for many indices at once (uint64 array): what the batched placement hands
     each augmenter, so that one drawing from its key gives the same result in either placement."""
     idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
@@ -148,18 +153,24 @@ class Augment(Protocol):
 
 def build_dataset(recipe: schema.Recipe, registries: Registries, purpose: str = "train") -> DatasetSplits:
     """The recipe's dataset; ``purpose="predict"`` lets a dataset skip scanning its files."""
-    splits = registries.dataset.build(recipe.data.dataset, "data.dataset",
-                                      DataContext(recipe, registries, purpose=purpose), returns=DatasetSplits)
+    splits = registries.dataset.build(
+        recipe.data.dataset, "data.dataset", DataContext(recipe, registries, purpose=purpose), returns=DatasetSplits
+    )
     if splits.num_classes != recipe.model.num_classes:
-        raise RecipeError(f"model.num_classes = {recipe.model.num_classes}, but dataset "
-                          f"{recipe.data.dataset.name!r} has {splits.num_classes} classes")
+        raise RecipeError(
+            f"model.num_classes = {recipe.model.num_classes}, but dataset "
+            f"{recipe.data.dataset.name!r} has {splits.num_classes} classes"
+        )
     return splits
 
 
-def build_augmenters(components: Sequence[schema.Augmenter], registries: Registries, path: str,
-                     recipe: schema.Recipe) -> list[Augment]:
-    return [registries.augmenter.build(comp, f"{path}[{i}]", DataContext(recipe, registries, f"{path}[{i}]"))
-            for i, comp in enumerate(components)]
+def build_augmenters(
+    components: Sequence[schema.Augmenter], registries: Registries, path: str, recipe: schema.Recipe
+) -> list[Augment]:
+    return [
+        registries.augmenter.build(comp, f"{path}[{i}]", DataContext(recipe, registries, f"{path}[{i}]"))
+        for i, comp in enumerate(components)
+    ]
 
 
 class Augmented(Dataset):
@@ -194,8 +205,14 @@ class Augmented(Dataset):
                 report(self.epoch)
 
 
-def augment_batch(augmenters: Sequence[Augment], x: torch.Tensor, seed: int, epoch: int,
-                  indices: torch.Tensor, path: str = "data.train_augment") -> torch.Tensor:
+def augment_batch(
+    augmenters: Sequence[Augment],
+    x: torch.Tensor,
+    seed: int,
+    epoch: int,
+    indices: torch.Tensor,
+    path: str = "data.train_augment",
+) -> torch.Tensor:
     """Batched augmentation after transfer (``data.augment_on = "device"``): one call per
     augmenter per batch.
 
@@ -206,8 +223,9 @@ def augment_batch(augmenters: Sequence[Augment], x: torch.Tensor, seed: int, epo
     for stage, aug in enumerate(augmenters):
         batch = getattr(aug, "batch", None)
         if batch is None:
-            raise RecipeError(f"{path}[{stage}]: data.augment_on = \"device\", but augmenter "
-                              f"{type(aug).__name__} has no batched form")
+            raise RecipeError(
+                f'{path}[{stage}]: data.augment_on = "device", but augmenter {type(aug).__name__} has no batched form'
+            )
         keys = torch.from_numpy(sample_keys(seed, STREAM_TRAIN_AUGMENT, epoch, indices, stage).astype("int64"))
         x = batch(x, keys)
     return x
@@ -229,11 +247,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator(seed, STREAM_ORDER, epoch)).tolist()
 
 
-def train_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                  shard: Callable[[list[int]], list[int]] | None = None) -> list[list[int]]:
+def train_batches(
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    shard: Callable[[list[int]], list[int]] | None = None,
+) -> list[list[int]]:
     """The epoch's global batches (the last partial one dropped), from batch ``start`` on."""
     order = epoch_order(n, seed, epoch)
-    batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
     batches = batches[start:]
     return [shard(b) for b in batches] if shard else batches
 
@@ -246,7 +270,7 @@ def eval_batches(n: int, batch_size: int, shard: Callable[[list[int]], list[int]
     indices = list(range(n))
     if shard:
         indices = shard(indices)
-    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
 class Pass:
@@ -271,14 +295,23 @@ def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_mem
     workers = min(workers, os.cpu_count() or 1) if workers else 0
     # Its own generator: a DataLoader otherwise draws its base seed from the global torch RNG
     # at every pass, which would make dropout after a resume differ from a straight run.
-    return Pass(DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=collate,
-                           pin_memory=pin_memory, persistent_workers=False,
-                           generator=generator(*LOADER_SEED)), dataset)
+    return Pass(
+        DataLoader(
+            dataset,
+            batch_sampler=list(batches),
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+            generator=generator(*LOADER_SEED),
+        ),
+        dataset,
+    )
 
 
 def check_bad_samples(skipped: int, policy: str, where: str) -> None:
     if skipped and policy == "fatal":
-        raise DataError(f"{where}: {skipped} unreadable sample(s) and data.bad_samples = \"fatal\"")
+        raise DataError(f'{where}: {skipped} unreadable sample(s) and data.bad_samples = "fatal"')
 
 
 def ten_crop_views(images: torch.Tensor, height: int, width: int, flip: bool = True) -> torch.Tensor:
@@ -292,7 +325,7 @@ def ten_crop_views(images: torch.Tensor, height: int, width: int, flip: bool = T
     if height > h or width > w:
         raise ValueError(f"crop {height}x{width} is larger than the image {h}x{w}")
     corners = [(0, 0), (0, w - width), (h - height, 0), (h - height, w - width), ((h - height) // 2, (w - width) // 2)]
-    crops = [images[..., y:y + height, x:x + width] for y, x in corners]
+    crops = [images[..., y : y + height, x : x + width] for y, x in corners]
     if flip:
         crops += [crop.flip(-1) for crop in crops]
     return torch.stack(crops, dim=images.dim() - 3)

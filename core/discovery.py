@@ -17,15 +17,22 @@ def plugin_table(pm: pluggy.PluginManager, registries: Registries) -> list[dict[
     """Per loaded plugin: its distribution, the hooks it implements and the commands it adds."""
     import importlib.metadata as md
 
-    dists = {ep.name: f"{ep.dist.name} {ep.dist.version}" if ep.dist else "<unknown distribution>"
-             for ep in md.entry_points(group="convnet")}
+    dists = {
+        ep.name: f"{ep.dist.name} {ep.dist.version}" if ep.dist else "<unknown distribution>"
+        for ep in md.entry_points(group="convnet")
+    }
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: str(item[0])):
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [] if h.name != "convnet_register")
-        rows.append({"name": name, "distribution": dists.get(name, "<registered directly>"),
-                     "components": sum(e.plugin == name for _, reg in registries.items() for e in reg),
-                     "hooks": [h for h in hooks if h != "convnet_add_commands"],
-                     "commands": _commands_of(pm, name)})
+        rows.append(
+            {
+                "name": name,
+                "distribution": dists.get(name, "<registered directly>"),
+                "components": sum(e.plugin == name for _, reg in registries.items() for e in reg),
+                "hooks": [h for h in hooks if h != "convnet_add_commands"],
+                "commands": _commands_of(pm, name),
+            }
+        )
     return rows
 
 
@@ -37,7 +44,7 @@ def _commands_of(pm: pluggy.PluginManager, plugin_name: str) -> list[str]:
         sub = argparse.ArgumentParser(add_help=False).add_subparsers()
         try:
             impl.function(subparsers=sub)
-        except Exception:  # noqa: BLE001 - a broken command is reported by the CLI itself
+        except Exception:
             return []
         return sorted(sub.choices)
     return []
@@ -55,10 +62,17 @@ def describe_component(registries: Registries, kind: str, name: str) -> dict[str
             default = default.factory() if not default.takes_self else "(computed)"
         elif default is attrs.NOTHING:
             default = ""
-        options.append({"name": field.alias or field.name, "type": _type_name(field.type),
-                        "default": default, "doc": ""})
-    return {"kind": kind, "name": name, "description": entry.description, "plugin": entry.plugin,
-            "distribution": entry.distribution, "options": options}
+        options.append(
+            {"name": field.alias or field.name, "type": _type_name(field.type), "default": default, "doc": ""}
+        )
+    return {
+        "kind": kind,
+        "name": name,
+        "description": entry.description,
+        "plugin": entry.plugin,
+        "distribution": entry.distribution,
+        "options": options,
+    }
 
 
 def _type_name(type_: Any) -> str:

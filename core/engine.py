@@ -12,7 +12,6 @@ import shlex
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,7 @@ import torch
 from torch import nn
 
 from convnet.core import data as cdata
-from convnet.core import keyed
-from convnet.core import plugins, run_folder, schema
+from convnet.core import keyed, plugins, run_folder, schema
 from convnet.core.components import Components, build_components, build_strategy, checkpoint_room
 from convnet.core.data import augment_batch
 from convnet.core.errors import ConvnetError, NonFiniteLossError
@@ -34,7 +32,7 @@ from convnet.core.run_checkpoint import RunCheckpoints
 from convnet.core.run_view import RunView
 from convnet.core.train_state import TrainState
 
-__all__ = ["Interrupted", "Run", "train", "build_strategy"]
+__all__ = ["Interrupted", "Run", "build_strategy", "train"]
 
 
 class Interrupted(ConvnetError):
@@ -46,10 +44,19 @@ class Interrupted(ConvnetError):
 class Run:
     """One training run. Plugins see it through ``self.view`` (a read-only ``RunView``)."""
 
-    def __init__(self, recipe: schema.Recipe, out: str | Path | None = None, resume: str | Path | None = None,
-                 quiet: bool = False, registries: Registries | None = None,
-                 pm: pluggy.PluginManager | None = None, recipe_ref: str | None = None,
-                 overrides: tuple[str, ...] = (), overwrite: bool = False, command: str | None = None) -> None:
+    def __init__(
+        self,
+        recipe: schema.Recipe,
+        out: str | Path | None = None,
+        resume: str | Path | None = None,
+        quiet: bool = False,
+        registries: Registries | None = None,
+        pm: pluggy.PluginManager | None = None,
+        recipe_ref: str | None = None,
+        overrides: tuple[str, ...] = (),
+        overwrite: bool = False,
+        command: str | None = None,
+    ) -> None:
         self.recipe = recipe
         self.registries = registries if registries is not None else plugins.registries()
         self.pm = pm if pm is not None else plugins.manager()
@@ -134,8 +141,10 @@ class Run:
 
     def resume_command(self) -> str:
         sets = " ".join(f"--set {shlex.quote(s)}" for s in self.overrides)
-        return (f"convnet run {shlex.quote(self.recipe_ref)} {sets + ' ' if sets else ''}"
-                f"--out {shlex.quote(str(self.out))} --resume {shlex.quote(str(self.checkpoint_path()))}")
+        return (
+            f"convnet run {shlex.quote(self.recipe_ref)} {sets + ' ' if sets else ''}"
+            f"--out {shlex.quote(str(self.out))} --resume {shlex.quote(str(self.checkpoint_path()))}"
+        )
 
     def train(self) -> dict[str, Any]:
         try:
@@ -158,8 +167,10 @@ class Run:
         try:
             summary = self._loop()
         except BaseException as exc:  # observers (progress bars) still hear that the run ended
-            self.hooks.convnet_train_end(run=self.view, summary={
-                "out": str(self.out), "step": self.state.step, "error": f"{type(exc).__name__}: {exc}"})
+            self.hooks.convnet_train_end(
+                run=self.view,
+                summary={"out": str(self.out), "step": self.state.step, "error": f"{type(exc).__name__}: {exc}"},
+            )
             raise
         finally:
             if old_handler is not None:
@@ -176,8 +187,10 @@ class Run:
 
     def _stop_if_interrupted(self) -> None:
         if self._interrupt:
-            raise Interrupted(f"interrupted at step {self.state.step}; checkpoint saved to {self.checkpoint_path()}\n"
-                              f"resume with: {self.resume_command()}")
+            raise Interrupted(
+                f"interrupted at step {self.state.step}; checkpoint saved to {self.checkpoint_path()}\n"
+                f"resume with: {self.resume_command()}"
+            )
 
     def _report(self, live: bool = False) -> None:
         """Curves and index.html in the run folder; ``live``: after an epoch's evaluation, as
@@ -189,8 +202,11 @@ class Run:
         try:
             (report.render_live if live else report.render)(self.out)
         except Exception as exc:  # the run itself is saved; the report can be redone
-            print(f"convnet: warning: the report for {self.out} failed ({type(exc).__name__}: {exc}); "
-                  f"the run is intact, retry with: convnet report {self.out}", file=sys.stderr)
+            print(
+                f"convnet: warning: the report for {self.out} failed ({type(exc).__name__}: {exc}); "
+                f"the run is intact, retry with: convnet report {self.out}",
+                file=sys.stderr,
+            )
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> dict[str, Any]:
@@ -217,14 +233,21 @@ class Run:
     def _run_epoch(self) -> None:
         r, state = self.recipe, self.state
         self.parts.train_set.epoch = state.epoch
-        batches = cdata.train_batches(len(self.parts.splits.train), r.data.batch_size, r.seed, state.epoch,
-                                      state.batch_in_epoch, self.strategy.shard_batch)
+        batches = cdata.train_batches(
+            len(self.parts.splits.train),
+            r.data.batch_size,
+            r.seed,
+            state.epoch,
+            state.batch_in_epoch,
+            self.strategy.shard_batch,
+        )
         if r.train.max_steps:
             batches = batches[: r.train.max_steps - state.step]
         self.parts.module.train()
         self._skipped_epoch = 0
-        for images, labels, indices, bad in cdata.loader(self.parts.train_set, batches, r.data.workers,
-                                                         r.data.pin_memory):
+        for images, labels, indices, bad in cdata.loader(
+            self.parts.train_set, batches, r.data.workers, r.data.pin_memory
+        ):
             self._skipped_epoch += bad
             cdata.check_bad_samples(bad, r.data.bad_samples, f"training set, epoch {state.epoch + 1}")
             self._train_step(images, labels, indices)
@@ -244,12 +267,17 @@ class Run:
         self.parts.schedule.after_epoch(metric)
         state.epoch += 1
         state.batch_in_epoch = 0
-        record = {"kind": "eval", "epoch": state.epoch - 1, "step": state.step, "lr": self.lr(),
-                  "skipped_samples": self._skipped_epoch, **results}
+        record = {
+            "kind": "eval",
+            "epoch": state.epoch - 1,
+            "step": state.step,
+            "lr": self.lr(),
+            "skipped_samples": self._skipped_epoch,
+            **results,
+        }
         self.metrics.append(record, self._kept())
         if self._skipped_epoch and self.strategy.is_main:
-            print(f"epoch {state.epoch}: skipped {self._skipped_epoch} unreadable training sample(s)",
-                  file=sys.stderr)
+            print(f"epoch {state.epoch}: skipped {self._skipped_epoch} unreadable training sample(s)", file=sys.stderr)
         improved = metric is not None and (state.best is None or metric < state.best)
         if improved:
             state.best = metric
@@ -266,22 +294,49 @@ class Run:
         if state.batch_in_epoch:  # stopped mid-epoch: keep the position for a resume
             self.save_checkpoint()
         final = self._evaluate(final=True)
-        self.metrics.append({"kind": "final", "epoch": state.epoch, "step": state.step,
-                             "skipped_nonfinite": state.skipped_nonfinite, **final}, self._kept())
+        self.metrics.append(
+            {
+                "kind": "final",
+                "epoch": state.epoch,
+                "step": state.step,
+                "skipped_nonfinite": state.skipped_nonfinite,
+                **final,
+            },
+            self._kept(),
+        )
         if state.skipped_nonfinite and self.strategy.is_main:
-            print(f"skipped {state.skipped_nonfinite} batch(es) whose loss was not finite "
-                  "(train.on_nonfinite = \"skip-batch\")", file=sys.stderr)
+            print(
+                f"skipped {state.skipped_nonfinite} batch(es) whose loss was not finite "
+                '(train.on_nonfinite = "skip-batch")',
+                file=sys.stderr,
+            )
         if self.strategy.is_main:
             run_folder.write_json(self.out / "eval.json", final)
-        return {"out": str(self.out), "step": state.step, "epoch": state.epoch, "stopped_early": stopped_early,
-                "skipped_samples": state.skipped_samples, "skipped_nonfinite": state.skipped_nonfinite, **final}
+        return {
+            "out": str(self.out),
+            "step": state.step,
+            "epoch": state.epoch,
+            "stopped_early": stopped_early,
+            "skipped_samples": state.skipped_samples,
+            "skipped_nonfinite": state.skipped_nonfinite,
+            **final,
+        }
 
     def _evaluate(self, final: bool) -> dict[str, Any]:
         """The evaluators due now. One that raises does so after the checkpoint of the steps
         trained is safe (the epoch's end stays pending, so a resume evaluates again)."""
         p = self.parts
-        ctx = EvalContext(self.recipe, p.module, self.strategy, p.splits, p.eval_augmenters,
-                          self.out if self.strategy.is_main else None, self.state.epoch, final, self.registries)
+        ctx = EvalContext(
+            self.recipe,
+            p.module,
+            self.strategy,
+            p.splits,
+            p.eval_augmenters,
+            self.out if self.strategy.is_main else None,
+            self.state.epoch,
+            final,
+            self.registries,
+        )
         try:
             results = run_evaluators(p.evaluators, ctx)
         except Exception:
@@ -315,8 +370,9 @@ class Run:
             self.metrics.append({"kind": "train", "step": state.step, **metrics}, self._kept())
         self.hooks.convnet_step_end(run=self.view, step=state.step, metrics=metrics)
 
-    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                          count: float, shards: float) -> float:
+    def _forward_backward(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, count: float, shards: float
+    ) -> float:
         """Loss and gradients of this process's share; returns the GLOBAL batch's mean loss over
         its ``count`` readable samples (every process then takes the same finite/non-finite branch).
         Dropout masks are keyed by global sample, so every strategy drops what ``single`` drops."""
@@ -331,8 +387,10 @@ class Run:
             x = x.contiguous(memory_format=self.memory_format)
         y = labels.to(self.strategy.input_device, non_blocking=True)
         self.parts.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=r.train.autocast == "bfloat16"), \
-                keyed.keyed_draws(r.seed, self.state.step + 1, indices):
+        with (
+            torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=r.train.autocast == "bfloat16"),
+            keyed.keyed_draws(r.seed, self.state.step + 1, indices),
+        ):
             logits = self.parts.module(x)
         # Data shards average their gradients: scaled so that the average is the global mean.
         loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum") * (shards / count)
@@ -348,8 +406,10 @@ class Run:
         if not math.isfinite(value) or bad_grads:
             what = f"loss is {value}" if not math.isfinite(value) else f"loss {value:.4g} has non-finite gradients"
             if self.recipe.train.on_nonfinite == "stop":
-                raise NonFiniteLossError(f"{where}: {what}; stopped. {self._kept()}. "
-                                         "Lower train.optimizer.lr, or set train.on_nonfinite = \"skip-batch\"")
+                raise NonFiniteLossError(
+                    f"{where}: {what}; stopped. {self._kept()}. "
+                    'Lower train.optimizer.lr, or set train.on_nonfinite = "skip-batch"'
+                )
             self.parts.optimizer.zero_grad(set_to_none=True)
             state.skipped_nonfinite += 1
             return
@@ -357,8 +417,10 @@ class Run:
         # A finite loss can still take an update that overflows the weights: stop before such
         # weights reach a checkpoint (there is no undoing an in-place step).
         if self.strategy.any_rank(_has_nonfinite(params.values())):
-            raise NonFiniteLossError(f"{where}: the update made weights non-finite (loss was {value:.4g}); "
-                                     f"stopped. {self._kept()}. Lower train.optimizer.lr")
+            raise NonFiniteLossError(
+                f"{where}: the update made weights non-finite (loss was {value:.4g}); "
+                f"stopped. {self._kept()}. Lower train.optimizer.lr"
+            )
 
 
 def check_writable(out: Path, needed_bytes: int) -> None:
@@ -374,8 +436,9 @@ def check_writable(out: Path, needed_bytes: int) -> None:
         raise ConvnetError(f"{out}: run folder is not writable: {exc.strerror or exc}") from None
     free = shutil.disk_usage(out).free
     if free < needed_bytes:
-        raise ConvnetError(f"{out}: only {free / 2**20:.1f} MiB free, a checkpoint needs about "
-                           f"{needed_bytes / 2**20:.1f} MiB")
+        raise ConvnetError(
+            f"{out}: only {free / 2**20:.1f} MiB free, a checkpoint needs about {needed_bytes / 2**20:.1f} MiB"
+        )
 
 
 def _has_nonfinite(tensors: Any) -> bool:
@@ -387,7 +450,12 @@ def _has_nonfinite(tensors: Any) -> bool:
     return not all(bool(torch.stack(f).all()) for f in flags.values())
 
 
-def train(recipe: schema.Recipe, out: str | Path | None = None, resume: str | Path | None = None,
-          quiet: bool = True, **kwargs: Any) -> dict[str, Any]:
+def train(
+    recipe: schema.Recipe,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    quiet: bool = True,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Train a recipe; return the final metrics and the run folder (what `convnet run` does)."""
     return Run(recipe, out=out, resume=resume, quiet=quiet, **kwargs).train()

@@ -1,4 +1,5 @@
 """Errors a user sees as one clear line (the CLI turns them into exit codes)."""
+
 from __future__ import annotations
 
 

@@ -60,8 +60,9 @@ def output_folder(recipe: schema.Recipe, out: str | Path | None) -> Path:
     return folder
 
 
-def evaluate(recipe: schema.Recipe, checkpoints: Sequence[str | Path], out: str | Path | None,
-             registries: Registries) -> dict[str, Any]:
+def evaluate(
+    recipe: schema.Recipe, checkpoints: Sequence[str | Path], out: str | Path | None, registries: Registries
+) -> dict[str, Any]:
     """Run the recipe's evaluators on ``checkpoints[0]`` (the others as ensemble members).
 
     Returns the results and the output folder on the main process, ``{}`` on the others.

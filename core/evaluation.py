@@ -1,4 +1,5 @@
 """The interface evaluators implement, and the shared predictions they read."""
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,9 @@ class EvalContext:
         finally:
             self.module.train(was_training)
 
-    def batches(self, split: str = "val", batch_size: int | None = None, indices: Sequence[int] | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, split: str = "val", batch_size: int | None = None, indices: Sequence[int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This process's share of a split (or of the samples ``indices`` of it) as
         ``(images on the input device, labels, indices)``.
 
@@ -77,7 +79,7 @@ class EvalContext:
         ds = cdata.Augmented(dataset, self.eval_augmenters, self.recipe.seed, cdata.STREAM_EVAL_AUGMENT)
         bs = batch_size or self.recipe.data.eval_batch_size or self.recipe.data.batch_size
         share = self.strategy.shard_eval(list(range(len(dataset))) if indices is None else list(indices))
-        batches = [share[i:i + bs] for i in range(0, len(share), bs)]
+        batches = [share[i : i + bs] for i in range(0, len(share), bs)]
         dtype = next(iter(self.module.parameters())).dtype
         self.skipped[split] = 0
         for images, y, idx, bad in cdata.loader(ds, batches, self.recipe.data.workers):
@@ -85,8 +87,12 @@ class EvalContext:
             if len(y):
                 yield images.to(self.strategy.input_device, dtype=dtype, non_blocking=True), y, idx
 
-    def predict(self, split: str = "val", batch_size: int | None = None,
-                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Predictions:
+    def predict(
+        self,
+        split: str = "val",
+        batch_size: int | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Predictions:
         """Run the model on a split (eval augmentation applied); cached per split.
 
         A batch of several views per image (``[N, V, C, H, W]``, e.g. from a ``ten-crop``
@@ -103,10 +109,12 @@ class EvalContext:
                 logits.append(out.float().cpu())
                 labels.append(y)
                 indices.append(idx)
-        pred = Predictions(torch.cat(logits) if logits else torch.empty(0, self.recipe.model.num_classes),
-                           torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-                           torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
-                           self.skipped.get(split, 0))
+        pred = Predictions(
+            torch.cat(logits) if logits else torch.empty(0, self.recipe.model.num_classes),
+            torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+            torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
+            self.skipped.get(split, 0),
+        )
         if transform is None:
             self._cache[split] = pred
         return pred
@@ -151,8 +159,10 @@ def plain_value(value: Any, where: str) -> Any:
     """``value`` as JSON data (0-d tensors and numpy scalars become numbers), or a PluginError."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
-            raise PluginError(f"{where} is a tensor of shape {list(value.shape)}; return numbers "
-                              "(a 0-d tensor is converted; reduce or .tolist() anything larger)")
+            raise PluginError(
+                f"{where} is a tensor of shape {list(value.shape)}; return numbers "
+                "(a 0-d tensor is converted; reduce or .tolist() anything larger)"
+            )
         value = value.item()
     elif isinstance(value, np.generic):
         value = value.item()
@@ -165,6 +175,8 @@ def plain_value(value: Any, where: str) -> Any:
     try:
         json.dumps(value)
     except TypeError:
-        raise PluginError(f"{where} is a {type(value).__name__}, which cannot be saved in metrics.jsonl; "
-                          "return numbers, strings, or lists and dicts of them") from None
+        raise PluginError(
+            f"{where} is a {type(value).__name__}, which cannot be saved in metrics.jsonl; "
+            "return numbers, strings, or lists and dicts of them"
+        ) from None
     return value

@@ -14,10 +14,12 @@ The network is exported for inference: eval mode, parameters not requiring grad,
 dynamic. After writing, the program is run on a random batch against the eager network and the
 largest logit difference is reported (ONNX through onnxruntime when it is installed).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 import torch
@@ -70,8 +72,10 @@ def onnx_translations(registries: Registries) -> dict[Any, Callable[..., Any]]:
         for entry in registry:
             for op, fn in (getattr(entry.factory, "onnx_translations", None) or {}).items():
                 if op in table and table[op] is not fn:
-                    raise ConvnetError(f"the ONNX translation of {op} is registered by plugin {owners[op]!r} "
-                                       f"and by plugin {entry.plugin!r}")
+                    raise ConvnetError(
+                        f"the ONNX translation of {op} is registered by plugin {owners[op]!r} "
+                        f"and by plugin {entry.plugin!r}"
+                    )
                 table[op], owners[op] = fn, entry.plugin
     return table
 
@@ -80,14 +84,22 @@ def save_torch(program: torch.export.ExportedProgram, out: Path) -> None:
     torch.export.save(program, out)
 
 
-def save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, out: Path,
-              translations: dict[Any, Callable[..., Any]]) -> None:
+def save_onnx(
+    program: torch.export.ExportedProgram, example: torch.Tensor, out: Path, translations: dict[Any, Callable[..., Any]]
+) -> None:
     _require("onnx", "onnxscript")
     weights = sum(p.numel() * p.element_size() for p in program.state_dict.values())
     try:
-        torch.onnx.export(program, (example,), str(out), dynamo=True, custom_translation_table=translations,
-                          external_data=weights > 1_800_000_000, verbose=False)
-    except Exception as exc:  # noqa: BLE001  (the exporter wraps a translation's errors in its own types)
+        torch.onnx.export(
+            program,
+            (example,),
+            str(out),
+            dynamo=True,
+            custom_translation_table=translations,
+            external_data=weights > 1_800_000_000,
+            verbose=False,
+        )
+    except Exception as exc:
         raise ConvnetError(f"{out}: ONNX export failed: {_first_line(exc)}") from None
 
 
@@ -98,7 +110,7 @@ def check_torch(program: torch.export.ExportedProgram, network: nn.Module, x: to
 
 def check_onnx(out: Path, network: nn.Module, x: torch.Tensor) -> float | None:
     try:
-        import onnxruntime  # noqa: PLC0415  (optional extra)
+        import onnxruntime
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -107,8 +119,9 @@ def check_onnx(out: Path, network: nn.Module, x: torch.Tensor) -> float | None:
         return float((torch.from_numpy(logits) - network(x)).abs().max())
 
 
-def export(recipe: schema.Recipe, checkpoint: str | Path, out: str | Path, fmt: str,
-           registries: Registries) -> Exported:
+def export(
+    recipe: schema.Recipe, checkpoint: str | Path, out: str | Path, fmt: str, registries: Registries
+) -> Exported:
     if fmt not in FORMATS:
         raise ConvnetError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -128,7 +141,7 @@ def export(recipe: schema.Recipe, checkpoint: str | Path, out: str | Path, fmt: 
 
 
 def _require(*modules: str) -> None:
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:

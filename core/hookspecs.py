@@ -97,8 +97,11 @@ def convnet_evaluation_end(run: RunView, epoch: int, results: dict[str, Any], fi
     """
 
 
-@hookspec(warn_on_impl=DeprecationWarning(
-    "convnet_evaluation_done is deprecated: implement convnet_evaluation_end(run, epoch, results, final)"))
+@hookspec(
+    warn_on_impl=DeprecationWarning(
+        "convnet_evaluation_done is deprecated: implement convnet_evaluation_end(run, epoch, results, final)"
+    )
+)
 def convnet_evaluation_done(run: RunView, epoch: int, results: dict[str, Any]) -> None:
     """Deprecated name of ``convnet_evaluation_end`` (still called, with the same results)."""
 

@@ -30,19 +30,20 @@ copied per tower group and computes only the blocks of dim 1 that belong to the 
 group. A module with a ``split_towers(group, towers)`` method is told so when it is copied;
 ``features(x, group, towers)`` then gives the global feature indices of its slice.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import hashlib
 import math
-from typing import Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from convnet.core.data import _SPLITMIX, splitmix64
 
-Part = Union[int, str, tuple]
+Part = int | str | tuple
 
 
 def _signed(c: int) -> int:
@@ -109,16 +110,15 @@ def bits(k: int, samples: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return _mix_(rows[:, None] + cols[None, :])
 
 
-def uniform(k: int, samples: torch.Tensor, features: torch.Tensor, dtype: torch.dtype = torch.float32
-            ) -> torch.Tensor:
+def uniform(k: int, samples: torch.Tensor, features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Uniform numbers in [0, 1) on a 2**-24 grid for each (sample, feature): ``[N, F]``."""
     top = bits(k, samples, features).bitwise_right_shift_(_SHIFT).add_(1 << (_UNIFORM_BITS - 1))
-    return top.to(dtype).mul_(2.0 ** -_UNIFORM_BITS)
+    return top.to(dtype).mul_(2.0**-_UNIFORM_BITS)
 
 
 def keep_mask(p: float, k: int, samples: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """``uniform(...) >= p`` without the floats: True with probability 1 - p (p on a 2**-24 grid)."""
-    threshold = math.ceil(p * 2 ** _UNIFORM_BITS) - (1 << (_UNIFORM_BITS - 1))
+    threshold = math.ceil(p * 2**_UNIFORM_BITS) - (1 << (_UNIFORM_BITS - 1))
     return bits(k, samples, features).bitwise_right_shift_(_SHIFT).ge(threshold)
 
 
@@ -160,18 +160,29 @@ class Draws:
     def _rows(self, n: int, device: torch.device | str) -> torch.Tensor:
         samples = self.samples_on(device)
         if n != len(samples):
-            raise ValueError(f"a keyed random layer got {n} rows, but this training step holds "
-                             f"{len(samples)} samples")
+            raise ValueError(f"a keyed random layer got {n} rows, but this training step holds {len(samples)} samples")
         return samples
 
-    def uniform(self, layer: Part, features: torch.Tensor, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32, rows: int | None = None) -> torch.Tensor:
+    def uniform(
+        self,
+        layer: Part,
+        features: torch.Tensor,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        rows: int | None = None,
+    ) -> torch.Tensor:
         device = features.device if device is None else device
         n = len(self.samples) if rows is None else rows
         return uniform(self.key(layer), self._rows(n, device), features, dtype)
 
-    def keep(self, p: float, layer: Part, features: torch.Tensor, device: torch.device | str | None = None,
-             rows: int | None = None) -> torch.Tensor:
+    def keep(
+        self,
+        p: float,
+        layer: Part,
+        features: torch.Tensor,
+        device: torch.device | str | None = None,
+        rows: int | None = None,
+    ) -> torch.Tensor:
         device = features.device if device is None else device
         n = len(self.samples) if rows is None else rows
         return keep_mask(p, self.key(layer), self._rows(n, device), features)

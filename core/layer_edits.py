@@ -15,6 +15,7 @@ and several layers inserted ``after`` the same anchor keep the table's order. Id
 a layer keeps the id it had in the parent even where removing or inserting layers would
 shift its default id (``relu3`` after a ``relu`` is removed); the id is then written out.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,6 +34,7 @@ def raw_layer_ids(layers: list[Any]) -> list[str]:
 
     A malformed entry counts as a nameless layer here; structuring reports it with its path.
     """
+
     def pair(layer: Any) -> tuple[str, str | None]:
         if not isinstance(layer, dict):
             return "", None
@@ -90,7 +92,7 @@ def edit_layers(layers: list[Any], edits: dict[str, Any], path: str = "model.lay
                 del entries[position]
                 _place(entries, key, layer, anchor, where, chained)
         elif remove or anchor is None:
-            raise unknown_id(where, key, ids, "" if remove else "a new layer needs after = \"ID\" or before = \"ID\"; ")
+            raise unknown_id(where, key, ids, "" if remove else 'a new layer needs after = "ID" or before = "ID"; ')
         elif "name" not in edit:
             raise RecipeError(f"{where}: a new layer needs a name (the registered layer it is)")
         else:
@@ -98,8 +100,9 @@ def edit_layers(layers: list[Any], edits: dict[str, Any], path: str = "model.lay
     return _pin_ids(entries)
 
 
-def _place(entries: list[tuple[str, Any]], key: str, layer: Any, anchor: tuple[str, str], where: str,
-           chained: dict[str, str]) -> None:
+def _place(
+    entries: list[tuple[str, Any]], key: str, layer: Any, anchor: tuple[str, str], where: str, chained: dict[str, str]
+) -> None:
     """Insert ``layer`` before or after its anchor (after the layers inserted after it before)."""
     side, target = anchor
     if target == key:

@@ -5,6 +5,7 @@ channels (or features). Under the ``single`` strategy a tower-local conv is a gr
 convolution; a ``cross`` layer reads every tower's block. Weights of every layer keep their
 output rows in tower order, so a strategy can split a layer by slicing rows.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -93,8 +94,12 @@ class Network(nn.Module):
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def build_model(recipe: schema.Recipe, device: str | torch.device = "cpu",
-                registries: Registries | None = None, seed: int | None = None) -> Network:
+def build_model(
+    recipe: schema.Recipe,
+    device: str | torch.device = "cpu",
+    registries: Registries | None = None,
+    seed: int | None = None,
+) -> Network:
     """The recipe's network, weights initialised as its layer options say.
 
     With ``seed`` (default: the recipe's seed) initialisation is reproducible. On the
@@ -124,20 +129,32 @@ def build_model(recipe: schema.Recipe, device: str | torch.device = "cpu",
                 raise RecipeError(f"{path}: id {layer_id!r} is used twice")
             seen.add(layer_id)
             entry = regs.layer.get(spec.name, path)
-            ctx = LayerContext(in_shape=shape, towers=towers, cross=spec.towers == "cross", path=path,
-                               id=layer_id, index=index, is_last=index == n - 1, device=dev,
-                               dtype=dtype, registries=regs)
+            ctx = LayerContext(
+                in_shape=shape,
+                towers=towers,
+                cross=spec.towers == "cross",
+                path=path,
+                id=layer_id,
+                index=index,
+                is_last=index == n - 1,
+                device=dev,
+                dtype=dtype,
+                registries=regs,
+            )
             try:
                 built = entry.factory(spec.options, ctx)
                 if not isinstance(built, BuiltLayer):
-                    raise RecipeError(f"{path}: layer {spec.name!r} from {entry.origin} returned "
-                                      f"{type(built).__name__}, not a BuiltLayer")
+                    raise RecipeError(
+                        f"{path}: layer {spec.name!r} from {entry.origin} returned "
+                        f"{type(built).__name__}, not a BuiltLayer"
+                    )
                 built.module.to(device=dev, dtype=dtype)
             except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
                 # sizes torch cannot hold (a 10**12-channel conv, a 10**18-feature fc): the recipe's fault
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                raise RecipeError(f"{path} ({layer_id}): cannot build this layer for input {list(shape)}: "
-                                  f"{reason}") from None
+                raise RecipeError(
+                    f"{path} ({layer_id}): cannot build this layer for input {list(shape)}: {reason}"
+                ) from None
             params = sum(p.numel() for p in built.module.parameters())
             info.append(LayerInfo(layer_id, spec.name, spec.towers, shape, tuple(built.out_shape), params, built.macs))
             modules.append((layer_id, built.module))
@@ -146,8 +163,10 @@ def build_model(recipe: schema.Recipe, device: str | torch.device = "cpu",
         if generator_state is not None:
             torch.random.set_rng_state(generator_state)
     if shape != (recipe.model.num_classes,):
-        raise RecipeError(f"model.layers: the last layer gives shape {list(shape)} per sample, "
-                          f"but model.num_classes = {recipe.model.num_classes} needs [{recipe.model.num_classes}]")
+        raise RecipeError(
+            f"model.layers: the last layer gives shape {list(shape)} per sample, "
+            f"but model.num_classes = {recipe.model.num_classes} needs [{recipe.model.num_classes}]"
+        )
     return Network(modules, info, towers)
 
 
@@ -155,12 +174,18 @@ def describe(model: Network) -> list[dict[str, Any]]:
     """Per layer: id, kind, towers, shapes, parameters and multiply-adds per sample."""
     rows = []
     for item in model.info:
-        rows.append({
-            "id": item.id, "layer": item.name, "towers": item.towers,
-            # The input image is on every tower already: a cross first layer exchanges nothing.
-            "exchanges": item.towers == "cross" and model.towers > 1 and item is not model.info[0],
-            "in_shape": list(item.in_shape), "out_shape": list(item.out_shape),
-            "params": item.params, "macs": item.macs,
-            "macs_per_tower": item.macs // model.towers,
-        })
+        rows.append(
+            {
+                "id": item.id,
+                "layer": item.name,
+                "towers": item.towers,
+                # The input image is on every tower already: a cross first layer exchanges nothing.
+                "exchanges": item.towers == "cross" and model.towers > 1 and item is not model.info[0],
+                "in_shape": list(item.in_shape),
+                "out_shape": list(item.out_shape),
+                "params": item.params,
+                "macs": item.macs,
+                "macs_per_tower": item.macs // model.towers,
+            }
+        )
     return rows

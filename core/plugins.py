@@ -66,15 +66,19 @@ def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registri
             pm.register(module, name=ep.name)
         except Exception as exc:  # a broken third-party plugin must not take the rest down
             error = f"failed to import: {_last_line(exc)}"
-            failed = FailedPlugin(ep.name, ep.value, dist, error, f"plugin {ep.name!r} ({ep.value}, distribution {dist}) {error}")
+            failed = FailedPlugin(
+                ep.name, ep.value, dist, error, f"plugin {ep.name!r} ({ep.value}, distribution {dist}) {error}"
+            )
             _problem(registries, strict, failed)
             continue
         dists[ep.name] = dist
         values[ep.name] = ep.value
     # convnet's own plugins first, then the others by name: a third party can never take a
     # built-in name (its registration is the one refused), whatever the order of sys.path.
-    impls = sorted(pm.hook.convnet_register.get_hookimpls(),
-                   key=lambda i: (dists.get(i.plugin_name, "").split(" ")[0] != OWN_DISTRIBUTION, i.plugin_name))
+    impls = sorted(
+        pm.hook.convnet_register.get_hookimpls(),
+        key=lambda i: (dists.get(i.plugin_name, "").split(" ")[0] != OWN_DISTRIBUTION, i.plugin_name),
+    )
     for impl in impls:
         name = impl.plugin_name
         dist = dists.get(name, "<registered directly>")
@@ -86,8 +90,14 @@ def create_manager(strict: bool = False) -> tuple[pluggy.PluginManager, Registri
             registries.discard_plugin(name)  # a plugin is loaded whole or not at all
             error = f"failed while registering: {_last_line(exc)}"
             message = str(exc) if isinstance(exc, ConvnetError) else f"plugin {name!r} (distribution {dist}) {error}"
-            failed = FailedPlugin(name, values.get(name, name), dist, str(exc) if isinstance(exc, ConvnetError) else error,
-                                  message, tuple(registries.attempted))
+            failed = FailedPlugin(
+                name,
+                values.get(name, name),
+                dist,
+                str(exc) if isinstance(exc, ConvnetError) else error,
+                message,
+                tuple(registries.attempted),
+            )
             _problem(registries, strict, failed)
     registries.current_plugin = ("<none>", "<none>")
     registries.attempted = []
@@ -139,8 +149,9 @@ def reset() -> None:
     _STATE.clear()
 
 
-def hooks_without(pm: pluggy.PluginManager, disabled: Iterable[str], registries: Registries,
-                  path: str = "plugins.disable") -> Any:
+def hooks_without(
+    pm: pluggy.PluginManager, disabled: Iterable[str], registries: Registries, path: str = "plugins.disable"
+) -> Any:
     """The lifecycle hooks of ``pm`` with the plugins named in ``disabled`` left out.
 
     Only a plugin that registers no component may be disabled (its components would vanish
@@ -157,8 +168,10 @@ def hooks_without(pm: pluggy.PluginManager, disabled: Iterable[str], registries:
         if plugin is None:
             raise RecipeError(f"{path}[{i}]: no plugin named {name!r} is loaded (plugins: {', '.join(known)})")
         if name in providers:
-            raise RecipeError(f"{path}[{i}]: plugin {name!r} registers components; only a plugin that only "
-                              "observes runs through hooks can be disabled")
+            raise RecipeError(
+                f"{path}[{i}]: plugin {name!r} registers components; only a plugin that only "
+                "observes runs through hooks can be disabled"
+            )
         removed.append(plugin)
     return _HookSubset(pm, removed)
 

@@ -13,14 +13,17 @@ validation image does. The network is scored as the recipe's evaluation scores i
 
 Checkpoints are read with ``convnet.core.checkpoint`` (safetensors; nothing is unpickled).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 import torch
+
 from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
 from convnet.core import schema
@@ -93,11 +96,15 @@ def image_files(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]:
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                           and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not found:
-                out.append(Prediction(str(path), error=f"{path}: a folder with no image files "
-                                                       f"({', '.join(IMAGE_EXTENSIONS)})"))
+                out.append(
+                    Prediction(str(path), error=f"{path}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
+                )
             out += found
         elif path.exists():
             out.append(path)
@@ -116,8 +123,9 @@ def _views_of(recipe: schema.Recipe, registries: Registries) -> Callable[[torch.
     return None
 
 
-def load_predictor(recipe: schema.Recipe, checkpoint: str | Path, registries: Registries,
-                   device: str | torch.device = "cpu") -> Predictor:
+def load_predictor(
+    recipe: schema.Recipe, checkpoint: str | Path, registries: Registries, device: str | torch.device = "cpu"
+) -> Predictor:
     """The recipe's network with the checkpoint's weights, its dataset's reader and class names.
 
     Raises ``DataError`` naming the dataset when its plugin gives no ``read_file``, and
@@ -127,8 +135,10 @@ def load_predictor(recipe: schema.Recipe, checkpoint: str | Path, registries: Re
     splits = cdata.build_dataset(recipe, regs, purpose="predict")
     if splits.read_file is None:
         origin = regs.dataset.get(recipe.data.dataset.name, "data.dataset.name").origin
-        raise DataError(f"dataset {recipe.data.dataset.name!r} ({origin}) cannot read image files: its "
-                        "DatasetSplits has no read_file, so convnet predict cannot turn a file into an input")
+        raise DataError(
+            f"dataset {recipe.data.dataset.name!r} ({origin}) cannot read image files: its "
+            "DatasetSplits has no read_file, so convnet predict cannot turn a file into an input"
+        )
     classes = list(splits.classes) if splits.classes else [str(i) for i in range(splits.num_classes)]
     network = build_model(recipe, "cpu", regs)
     tensors, _ = ckpt.load(checkpoint)
@@ -140,13 +150,28 @@ def load_predictor(recipe: schema.Recipe, checkpoint: str | Path, registries: Re
     augmenters = cdata.build_augmenters(recipe.data.eval_augment, regs, "data.eval_augment", recipe)
     views = _views_of(recipe, regs)
     dtype = next(iter(network.parameters())).dtype
-    return Predictor(network, splits.read_file, classes, augmenters, views, recipe.seed, dev, dtype,
-                     "views cut by the evaluator, softmax averaged" if views else "the eval augmentation's view(s)")
+    return Predictor(
+        network,
+        splits.read_file,
+        classes,
+        augmenters,
+        views,
+        recipe.seed,
+        dev,
+        dtype,
+        "views cut by the evaluator, softmax averaged" if views else "the eval augmentation's view(s)",
+    )
 
 
-def predict(recipe: schema.Recipe | str, checkpoint: str | Path, files: Sequence[str | os.PathLike],
-            registries: Registries | None = None, top: int = 5, batch_size: int = 32,
-            device: str | torch.device = "cpu") -> list[Prediction]:
+def predict(
+    recipe: schema.Recipe | str,
+    checkpoint: str | Path,
+    files: Sequence[str | os.PathLike],
+    registries: Registries | None = None,
+    top: int = 5,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> list[Prediction]:
     """The ``top`` classes of each image file (folders: their image files, sorted).
 
     ``recipe`` is a loaded recipe or a bundled name / path. One ``Prediction`` per file, in
@@ -178,7 +203,7 @@ def predict(recipe: schema.Recipe | str, checkpoint: str | Path, files: Sequence
             continue
         try:
             image = predictor.prepare(path, at)
-        except Exception as exc:  # noqa: BLE001  (any decoder's failure: name the file, go on)
+        except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             results[at] = Prediction(str(path), error=f"{path}: cannot read this image ({reason})")
             continue
@@ -220,7 +245,7 @@ def plot(predictions: Sequence[Prediction], path: str | Path, columns: int = 4, 
             with Image.open(pred.file) as img:
                 img.thumbnail((256, 256))
                 pixels = np.asarray(img.convert("RGB"))
-        except Exception:  # noqa: BLE001  (read by the dataset but not by PIL: leave the frame empty)
+        except Exception:
             pixels = np.full((8, 8, 3), 255, dtype=np.uint8)
         ax.imshow(pixels, interpolation="nearest" if max(pixels.shape[:2]) < 64 else "antialiased")
         ax.set_title(Path(pred.file).name, fontsize=9)

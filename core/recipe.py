@@ -3,6 +3,7 @@
 A recipe is data. It names registered components and never imports or runs anything.
 Every error names the path to the bad value, what was expected and what was found.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,6 +30,7 @@ LAYERS = ("model", "layers")
 
 
 # ---------------------------------------------------------------- finding and merging
+
 
 def bundled_names() -> list[str]:
     root = importlib.resources.files("convnet.recipes")
@@ -127,12 +129,15 @@ def load_raw(ref: str, relative_to: Path | None = None, _depth: int = 0) -> tupl
             raise RecipeError(f"{source}: {exc}") from None
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("layers"), dict):
-        raise RecipeError(f"{source}: model.layers: a table edits the layers of a parent recipe by id, and "
-                          "there is none (no extends, or it has no layers): give an array of layers")
+        raise RecipeError(
+            f"{source}: model.layers: a table edits the layers of a parent recipe by id, and "
+            "there is none (no extends, or it has no layers): give an array of layers"
+        )
     return raw, name
 
 
 # ---------------------------------------------------------------- --set overrides
+
 
 def parse_path(path: str) -> list[str | int]:
     """``model.layers[2].alpha`` -> ["model", "layers", 2, "alpha"]."""
@@ -198,6 +203,7 @@ def _fmt_path(parts: list[str | int]) -> str:
 
 
 # ---------------------------------------------------------------- structuring
+
 
 def structure(raw: dict[str, Any], registries: Registries, source: str = "") -> schema.Recipe:
     conv = make_converter(registries)
@@ -270,8 +276,12 @@ def to_toml(recipe: schema.Recipe, registries: Registries) -> str:
     return tomli_w.dumps(unstructure(recipe, registries))
 
 
-def load_recipe(ref: str | Path, overrides: typing.Sequence[str] = (), registries: Registries | None = None,
-                validate_model: bool = True) -> schema.Recipe:
+def load_recipe(
+    ref: str | Path,
+    overrides: typing.Sequence[str] = (),
+    registries: Registries | None = None,
+    validate_model: bool = True,
+) -> schema.Recipe:
     """Load a bundled recipe by name or a recipe file by path, apply ``--set`` overrides.
 
     With ``validate_model`` the layer list is checked for fitting shapes (on the meta
@@ -307,14 +317,26 @@ def recipe_from_text(text: str, registries: Registries | None = None, source: st
 # ---------------------------------------------------------------- may a checkpoint resume this recipe
 
 # What a resume may change without changing the run's result.
-RESUME_MAY_CHANGE = {"name", "description", "train.epochs", "train.max_steps", "train.checkpoint_every",
-                     "train.log_every", "parallel", "evaluate", "data.workers", "data.eval_batch_size",
-                     "data.pin_memory", "data.augment_on", "plugins", "train.compile",
-                     "train.compile_mode"}
+RESUME_MAY_CHANGE = {
+    "name",
+    "description",
+    "train.epochs",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.log_every",
+    "parallel",
+    "evaluate",
+    "data.workers",
+    "data.eval_batch_size",
+    "data.pin_memory",
+    "data.augment_on",
+    "plugins",
+    "train.compile",
+    "train.compile_mode",
+}
 
 
-def resume_difference(saved_toml: str, recipe: schema.Recipe, registries: Registries
-                      ) -> tuple[str, Any, Any] | None:
+def resume_difference(saved_toml: str, recipe: schema.Recipe, registries: Registries) -> tuple[str, Any, Any] | None:
     """The first value (path, checkpoint's, now) at which a checkpoint's recipe trains differently
     from ``recipe``, or None when resuming would continue the same run.
 

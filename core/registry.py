@@ -71,8 +71,10 @@ class Registry:
                 f"with options {options!r}, which is not an attrs class"
             )
         if not callable(factory):
-            raise PluginError(f"plugin {plugin!r} (distribution {dist}) registered {self.kind} {name!r} "
-                              f"with a factory that is not callable ({factory!r})")
+            raise PluginError(
+                f"plugin {plugin!r} (distribution {dist}) registered {self.kind} {name!r} "
+                f"with a factory that is not callable ({factory!r})"
+            )
         if name in self._entries:
             first = self._entries[name]
             raise PluginError(
@@ -97,8 +99,10 @@ class Registry:
         listing = f"(known: {', '.join(known) or 'none'})"
         for failed in self._owner.failed:
             if (self.kind, name) in failed.attempted:
-                return (f"{self.kind} {name!r} comes from plugin {failed.name!r} (distribution "
-                        f"{failed.distribution}), which failed to load: {failed.error}")
+                return (
+                    f"{self.kind} {name!r} comes from plugin {failed.name!r} (distribution "
+                    f"{failed.distribution}), which failed to load: {failed.error}"
+                )
         if self._owner.failed:  # an import failure: any of them may be the provider; never guess a name
             names = "; ".join(f.message for f in self._owner.failed)
             return f"unknown {self.kind} {name!r} {listing}; a plugin that failed to load may provide it: {names}"
@@ -106,8 +110,7 @@ class Registry:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown {self.kind} {name!r}{hint} {listing}"
 
-    def build(self, component: Component, path: str, ctx: Any, returns: type | tuple[type, ...] | None = None
-              ) -> Any:
+    def build(self, component: Component, path: str, ctx: Any, returns: type | tuple[type, ...] | None = None) -> Any:
         """Build the recipe's ``component`` (found at ``path``) with ``factory(options, ctx)``.
 
         A ``ValueError`` from the factory is the recipe's fault: it becomes a ``RecipeError``
@@ -120,8 +123,10 @@ class Registry:
             raise RecipeError(f"{path}: {exc}") from None
         if returns is not None and not isinstance(built, returns):
             expected = returns.__name__ if isinstance(returns, type) else " or ".join(t.__name__ for t in returns)
-            raise PluginError(f"{path}: {self.kind} {component.name!r} from {entry.origin} returned "
-                              f"{type(built).__name__}, not {expected}")
+            raise PluginError(
+                f"{path}: {self.kind} {component.name!r} from {entry.origin} returned "
+                f"{type(built).__name__}, not {expected}"
+            )
         return built
 
     def __contains__(self, name: object) -> bool:

@@ -9,6 +9,7 @@ and every PNG in the folder (the evaluators' images included). The engine render
 evaluation, so the page follows a long run; each file is replaced atomically. Plotting uses
 matplotlib's Agg canvas directly, so it needs no display and never touches pyplot's global state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -128,8 +129,15 @@ def curves(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def figure(title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
-           logy: bool = False, percent: bool = False, steps: bool = False) -> Any:
+def figure(
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: dict[str, list[tuple[float, float]]],
+    logy: bool = False,
+    percent: bool = False,
+    steps: bool = False,
+) -> Any:
     """A matplotlib Figure (Agg canvas) of the series, titled, both axes labelled, with a legend
     (also for one series: the legend names what is drawn)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -141,8 +149,14 @@ def figure(title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[fl
     for label, points in series.items():
         xs = [p[0] for p in points]
         ys = [p[1] * (100 if percent else 1) for p in points]
-        ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label,
-                drawstyle="steps-post" if steps else "default")
+        ax.plot(
+            xs,
+            ys,
+            marker="o" if len(points) < 30 else None,
+            markersize=3,
+            label=label,
+            drawstyle="steps-post" if steps else "default",
+        )
     if logy and all(p[1] > 0 for pts in series.values() for p in pts):
         ax.set_yscale("log")
     ax.set_title(title)
@@ -154,8 +168,16 @@ def figure(title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[fl
     return fig
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
-          logy: bool = False, percent: bool = False, steps: bool = False) -> Path:
+def _plot(
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: dict[str, list[tuple[float, float]]],
+    logy: bool = False,
+    percent: bool = False,
+    steps: bool = False,
+) -> Path:
     fig = figure(title, xlabel, ylabel, series, logy, percent, steps)
     path.parent.mkdir(parents=True, exist_ok=True)
     _replace(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -184,8 +206,7 @@ def plot_curves(records: list[dict[str, Any]], plots: Path) -> list[Path]:
     if c["loss"]:
         made.append(_plot(plots / "loss.png", "training loss", xlabel, "cross-entropy", {"loss": c["loss"]}))
     if c["lr"]:
-        made.append(_plot(plots / "lr.png", "learning rate", xlabel, "lr", {"lr": c["lr"]}, logy=True,
-                          steps=True))
+        made.append(_plot(plots / "lr.png", "learning rate", xlabel, "lr", {"lr": c["lr"]}, logy=True, steps=True))
     for name, series in c["metrics"].items():
         title, ylabel = FAMILY_LABELS.get(name, (name.replace("_", " "), name))
         stem = name if name not in ("loss", "lr") else f"metric_{name}"
@@ -208,9 +229,11 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return "<table>\n" + "\n".join(rows) + "\n</table>" if rows else "<p>(none)</p>"
 
 
-STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em} pre{background:#f4f4f4;padding:1em;"
-         "overflow:auto;max-height:30em} table{border-collapse:collapse} th,td{border:1px solid #ccc;"
-         "padding:.2em .6em;text-align:left} figure{display:inline-block;margin:1em} img{max-width:100%}")
+STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:70em} pre{background:#f4f4f4;padding:1em;"
+    "overflow:auto;max-height:30em} table{border-collapse:collapse} th,td{border:1px solid #ccc;"
+    "padding:.2em .6em;text-align:left} figure{display:inline-block;margin:1em} img{max-width:100%}"
+)
 
 
 def _read_json(path: Path) -> Any:
@@ -235,7 +258,7 @@ def _when(value: Any) -> float | None:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s"
@@ -256,8 +279,9 @@ def run_info(run: Path, records: list[dict[str, Any]]) -> dict[str, str]:
     finished = any(r.get("kind") == "final" for r in records)
     plugins = meta.get("plugins")
     if isinstance(plugins, list) and plugins:
-        shown = ", ".join(f"{p.get('distribution', '?')} {p.get('version', '?')}" if isinstance(p, dict) else str(p)
-                          for p in plugins)
+        shown = ", ".join(
+            f"{p.get('distribution', '?')} {p.get('version', '?')}" if isinstance(p, dict) else str(p) for p in plugins
+        )
     else:
         shown = "unknown"
     steps = [r["step"] for r in records if _number(r.get("step")) is not None]
@@ -269,8 +293,13 @@ def run_info(run: Path, records: list[dict[str, Any]]) -> dict[str, str]:
         "status": "finished" if finished else "running (or stopped before its end)",
         "last update": time.strftime(fmt, time.localtime(updated)) if updated is not None else "unknown",
         "duration": _duration(updated - started) if started is not None and updated is not None else "unknown",
-        "progress": (f"step {max(steps)}, {int(max(epochs)) + 1} epoch(s) evaluated" if epochs else
-                     f"step {max(steps)}" if steps else "no records yet"),
+        "progress": (
+            f"step {max(steps)}, {int(max(epochs)) + 1} epoch(s) evaluated"
+            if epochs
+            else f"step {max(steps)}"
+            if steps
+            else "no records yet"
+        ),
         "convnet version": str(meta.get("convnet_version") or "unknown"),
         "plugins": shown,
     }
@@ -320,8 +349,10 @@ def write_index(run: Path, records: list[dict[str, Any]] | None = None) -> Path:
     files = ["metrics.jsonl", "eval.json", "run.json", "recipe.toml"]
     files += sorted(p.name for p in run.glob("*.json") if p.name not in files)
     links = " ".join(f'<a href="{html.escape(p)}">{html.escape(p)}</a>' for p in files if (run / p).is_file())
-    figures = "\n".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(p)}">'
-                        f"<figcaption>{html.escape(p)}</figcaption></figure>" for p in pngs)
+    figures = "\n".join(
+        f'<figure><img src="{html.escape(p)}" alt="{html.escape(p)}"><figcaption>{html.escape(p)}</figcaption></figure>'
+        for p in pngs
+    )
     title = html.escape(run.name)
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>convnet run {title}</title><style>{STYLE}</style></head>

@@ -58,19 +58,31 @@ class RunCheckpoints:
                     tensors[f"{PLUGIN_PREFIX}{plugin}/{key}"] = value
                 else:
                     plugin_json.setdefault(plugin, {})[key] = value
-        saved = {**state.to_json(), "optimizer_groups": groups, "schedule": parts.schedule.state_dict(),
-                 "rng": rng_meta}
-        ckpt.save(path, tensors, {"convnet.recipe": self.recipe_toml, "convnet.state": json.dumps(saved),
-                                  "convnet.components": self.components_json,
-                                  "convnet.plugin_state": json.dumps(plugin_json)})
+        saved = {
+            **state.to_json(),
+            "optimizer_groups": groups,
+            "schedule": parts.schedule.state_dict(),
+            "rng": rng_meta,
+        }
+        ckpt.save(
+            path,
+            tensors,
+            {
+                "convnet.recipe": self.recipe_toml,
+                "convnet.state": json.dumps(saved),
+                "convnet.components": self.components_json,
+                "convnet.plugin_state": json.dumps(plugin_json),
+            },
+        )
         return path
 
     def copy(self, src: str, dst: str) -> None:
         if self.strategy.is_main:
             ckpt.copy(self.path(src), self.path(dst))
 
-    def restore(self, path: Path, parts: Components, recipe: Recipe, registries: Registries
-                ) -> tuple[TrainState, dict[str, dict[str, Any]]]:
+    def restore(
+        self, path: Path, parts: Components, recipe: Recipe, registries: Registries
+    ) -> tuple[TrainState, dict[str, dict[str, Any]]]:
         """Load ``path`` into ``parts``; return the position and each plugin's saved state."""
         tensors, metadata = ckpt.load(path)
         saved = ckpt.state_of(metadata, path)
@@ -78,7 +90,7 @@ class RunCheckpoints:
         ckpt.check_compatible(path, parts.network.state_dict(), model_state)
         check_same_run(path, metadata.get("convnet.recipe", ""), recipe, registries)
         self.strategy.load_state_dict(parts.module, model_state)
-        opt = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
+        opt = {k[len("optimizer/") :]: v for k, v in tensors.items() if k.startswith("optimizer/")}
         opt = self.strategy.scatter_tensors(opt)
         for key, value in opt.items():
             name, _, buf = key.rpartition("/")
@@ -108,7 +120,8 @@ def check_same_run(path: Path, saved_text: str, recipe: Recipe, registries: Regi
         raise CheckpointError(
             f"{path}: saved by a run whose recipe differs at {key} (checkpoint: {old!r}, now: {new!r}); "
             "resuming would not continue that run. Use the same recipe and --set values "
-            "(epochs, max_steps, strategy, workers and evaluators may change)")
+            "(epochs, max_steps, strategy, workers and evaluators may change)"
+        )
 
 
 def _optimizer_state(parts: Components) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -119,19 +132,20 @@ def _optimizer_state(parts: Components) -> tuple[dict[str, torch.Tensor], list[d
             if isinstance(value, torch.Tensor):
                 tensors[f"{name}/{key}"] = value
     names = {id(p): n for n, p in parts.parameters.items()}
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
-              for g in parts.optimizer.param_groups]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
+        for g in parts.optimizer.param_groups
+    ]
     return tensors, groups
 
 
-def _plugin_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
-                  ) -> dict[str, dict[str, Any]]:
+def _plugin_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     try:
         state: dict[str, dict[str, Any]] = json.loads(metadata.get("convnet.plugin_state", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: checkpoint metadata 'convnet.plugin_state' is corrupt") from None
     for key, value in tensors.items():
         if key.startswith(PLUGIN_PREFIX):
-            plugin, _, name = key[len(PLUGIN_PREFIX):].partition("/")
+            plugin, _, name = key[len(PLUGIN_PREFIX) :].partition("/")
             state.setdefault(plugin, {})[name] = value
     return state

@@ -69,8 +69,10 @@ class FolderLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ConvnetError(f"{self.path.parent}: another convnet process (pid {holder}) is writing this run "
-                               "folder; wait for it to end, or choose another --out") from None
+            raise ConvnetError(
+                f"{self.path.parent}: another convnet process (pid {holder}) is writing this run "
+                "folder; wait for it to end, or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -105,8 +107,10 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> FolderLock:
             names = ", ".join(p.name for p in existing)
             last = folder / "checkpoints" / "last.safetensors"
             how = f"--resume {last}" if last.exists() else "--resume CHECKPOINT"
-            raise RecipeError(f"{folder}: already holds a run ({names}); continue it with {how}, "
-                              "or start afresh with --overwrite (which replaces those files)")
+            raise RecipeError(
+                f"{folder}: already holds a run ({names}); continue it with {how}, "
+                "or start afresh with --overwrite (which replaces those files)"
+            )
         for path in existing:
             print(f"convnet: --overwrite: replacing {path}", file=sys.stderr)
             if path.is_dir():
@@ -156,9 +160,14 @@ def write_run_json(folder: Path, recipe: Any, registries: Registries, command: s
         started = json.loads(path.read_text(encoding="utf-8")).get("started", started)
     except (OSError, ValueError):
         pass
-    info = {"command": command, "started": started, "convnet_version": convnet_version(),
-            "torch_version": torch.__version__, "python": sys.version.split()[0],
-            "components": components_used(recipe, registries)}
+    info = {
+        "command": command,
+        "started": started,
+        "convnet_version": convnet_version(),
+        "torch_version": torch.__version__,
+        "python": sys.version.split()[0],
+        "components": components_used(recipe, registries),
+    }
     write_json(path, info)
     return info
 
@@ -182,6 +191,8 @@ def provenance_hint(kind: str, name: str, sources: list[Path]) -> str | None:
             if row.get("kind") == kind and row.get("name") == name:
                 dist, _, version = str(row.get("distribution", "")).partition(" ")
                 pin = f"=={version}" if version else ""
-                return (f"{kind} {name!r} came from the distribution {dist} {version} (plugin {row.get('plugin')!r}), "
-                        f"which is not installed here: pip install '{dist}{pin}'")
+                return (
+                    f"{kind} {name!r} came from the distribution {dist} {version} (plugin {row.get('plugin')!r}), "
+                    f"which is not installed here: pip install '{dist}{pin}'"
+                )
     return None

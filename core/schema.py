@@ -4,6 +4,7 @@ Components (a dataset, an augmenter, an optimizer, ...) are tables with a regist
 plus that plugin's own options; ``convnet.core.recipe`` structures their options with the
 attrs class the plugin registered.
 """
+
 from __future__ import annotations
 
 from collections import Counter

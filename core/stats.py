@@ -15,6 +15,7 @@ the un-augmented training split, in float64, holding only fixed-size accumulator
 Batches are merged with Chan et al.'s pairwise update, so the result does not depend on
 the batch size beyond rounding and does not lose precision over a million images.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,10 @@ class PixelStats:
             self.channel_mean = torch.zeros(c, dtype=torch.float64)
             self.comoment = torch.zeros(c, c, dtype=torch.float64)
         elif x.shape[1:] != self.image_sum.shape:
-            raise DataError(f"images of different shapes: {list(x.shape[1:])} after {list(self.image_sum.shape)}; "
-                            "the mean image needs one size (the dataset's preprocessing should fix it)")
+            raise DataError(
+                f"images of different shapes: {list(x.shape[1:])} after {list(self.image_sum.shape)}; "
+                "the mean image needs one size (the dataset's preprocessing should fix it)"
+            )
         self.image_sum += x.sum(0)
         pixels = x.permute(1, 0, 2, 3).reshape(c, -1)
         m = pixels.shape[1]
@@ -73,11 +76,13 @@ class PixelStats:
         eigvals, eigvecs = torch.linalg.eigh(cov)
         eigvals = eigvals.clamp(min=0.0)  # a covariance is PSD; tiny negatives are rounding
         order = torch.argsort(eigvals, descending=True)
-        return {"mean": (self.image_sum / self.images).float().contiguous(),
-                "eigvals": eigvals[order].float().contiguous(),
-                "eigvecs": eigvecs[:, order].float().contiguous(),
-                "rgb_mean": self.channel_mean.float().contiguous(),
-                "covariance": cov.float().contiguous()}
+        return {
+            "mean": (self.image_sum / self.images).float().contiguous(),
+            "eigvals": eigvals[order].float().contiguous(),
+            "eigvecs": eigvecs[:, order].float().contiguous(),
+            "rgb_mean": self.channel_mean.float().contiguous(),
+            "covariance": cov.float().contiguous(),
+        }
 
 
 def default_out(recipe: schema.Recipe) -> Path:
@@ -112,8 +117,10 @@ def check_target(path: str | Path, force: bool) -> str | None:
     if path.is_dir():
         raise ConvnetError(f"{path}: is a folder; give --out a file name (e.g. {path / 'stats.safetensors'})")
     if path.exists() and not force:
-        return (f"note: {path} exists; it is replaced only with --force (statistics that come out the same "
-                "leave it as it is)")
+        return (
+            f"note: {path} exists; it is replaced only with --force (statistics that come out the same "
+            "leave it as it is)"
+        )
     return None
 
 
@@ -127,11 +134,13 @@ def _same(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
         return False
     return set(old) == set(tensors) and all(
         old[k].shape == tensors[k].shape and torch.allclose(old[k].double(), tensors[k].double(), rtol=1e-6, atol=1e-6)
-        for k in tensors)
+        for k in tensors
+    )
 
 
-def save_checked(path: str | Path, tensors: dict[str, torch.Tensor], summary: dict[str, Any], recipe_name: str,
-                 force: bool = False) -> tuple[Path, str]:
+def save_checked(
+    path: str | Path, tensors: dict[str, torch.Tensor], summary: dict[str, Any], recipe_name: str, force: bool = False
+) -> tuple[Path, str]:
     """``save``, but a different existing file is replaced only with ``force``: without it the new
     statistics go beside it (``stats.new.safetensors``, so hours of streaming are not lost) and a
     ``ConvnetError`` says so. Returns the path and what happened."""
@@ -141,14 +150,17 @@ def save_checked(path: str | Path, tensors: dict[str, torch.Tensor], summary: di
             return path, "unchanged: it already held these statistics"
         if not force:
             aside = save(path.with_name(f"{path.stem}.new{path.suffix}"), tensors, summary, recipe_name)
-            raise ConvnetError(f"{path}: exists and holds different statistics; not replaced without --force "
-                               f"(the new ones are in {aside})")
+            raise ConvnetError(
+                f"{path}: exists and holds different statistics; not replaced without --force "
+                f"(the new ones are in {aside})"
+            )
         return save(path, tensors, summary, recipe_name), "replaced the different statistics it held (--force)"
     return save(path, tensors, summary, recipe_name), "written"
 
 
-def compute(recipe: schema.Recipe, registries: Registries, batch_size: int = 64, limit: int = 0,
-            progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def compute(
+    recipe: schema.Recipe, registries: Registries, batch_size: int = 64, limit: int = 0, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Stream the training split (no augmentation) and return the tensors and a summary."""
     from tqdm import tqdm
 
@@ -166,9 +178,13 @@ def compute(recipe: schema.Recipe, registries: Registries, batch_size: int = 64,
                 stats.add(images)
             bar.update(len(images) + bad)
     tensors = stats.result()
-    summary = {"images": stats.images, "skipped": skipped, "pixels": stats.pixels,
-               "rgb_mean": [round(float(v), 4) for v in tensors["rgb_mean"]],
-               "eigvals": [round(float(v), 4) for v in tensors["eigvals"]]}
+    summary = {
+        "images": stats.images,
+        "skipped": skipped,
+        "pixels": stats.pixels,
+        "rgb_mean": [round(float(v), 4) for v in tensors["rgb_mean"]],
+        "eigvals": [round(float(v), 4) for v in tensors["eigvals"]],
+    }
     return tensors, summary
 
 

@@ -4,6 +4,7 @@ The engine only talks to a model through its strategy: where batches go, which p
 this process owns (by their canonical names, those of the single-device ``Network``), how
 to read and write the canonical state, and how to reduce numbers over processes.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,14 @@ class Strategy:
         """Per device: parameters, activation memory per sample, bytes exchanged per step."""
         params = sum(p.numel() for p in model.parameters())
         act = sum(4 * math.prod(i.out_shape) for i in model.info)
-        return [{"device": str(self.device), "params": params, "activation_bytes_per_sample": act,
-                 "exchanged_bytes_per_sample": 0}]
+        return [
+            {
+                "device": str(self.device),
+                "params": params,
+                "activation_bytes_per_sample": act,
+                "exchanged_bytes_per_sample": 0,
+            }
+        ]
 
 
 def valid_device(instance: Any, attribute: Any, value: str) -> None:

@@ -28,8 +28,11 @@ class TrainState:
     @classmethod
     def from_json(cls, state: dict[str, Any]) -> TrainState:
         """Read a checkpoint's ``convnet.state`` (checkpoints before 0.2 say ``skipped``)."""
-        return cls(step=int(state["step"]), epoch=int(state["epoch"]),
-                   batch_in_epoch=int(state["batch_in_epoch"]),
-                   best=None if state.get("best") is None else float(state["best"]),
-                   skipped_samples=int(state.get("skipped_samples", state.get("skipped", 0))),
-                   skipped_nonfinite=int(state.get("skipped_nonfinite", 0)))
+        return cls(
+            step=int(state["step"]),
+            epoch=int(state["epoch"]),
+            batch_in_epoch=int(state["batch_in_epoch"]),
+            best=None if state.get("best") is None else float(state["best"]),
+            skipped_samples=int(state.get("skipped_samples", state.get("skipped", 0))),
+            skipped_nonfinite=int(state.get("skipped_nonfinite", 0)),
+        )

@@ -1,4 +1,5 @@
 """The ablation recipes differ from their baseline in exactly the ablated part; the runner writes its comparison."""
+
 from __future__ import annotations
 
 import json
@@ -41,12 +42,14 @@ def test_each_variant_changes_only_its_ablated_part(registries):
     one, halved = layers("ablation-1tower", registries)
     assert one.model.towers == 1
     widths = {r["id"]: r["out_shape"][0] for r in rows if r["layer"] == "conv"}
-    assert {r["id"]: r["out_shape"][0] for r in halved if r["layer"] == "conv"} == \
-        {k: (v if k == "conv5" else v // 2) for k, v in widths.items()}
+    assert {r["id"]: r["out_shape"][0] for r in halved if r["layer"] == "conv"} == {
+        k: (v if k == "conv5" else v // 2) for k, v in widths.items()
+    }
 
 
-@pytest.mark.parametrize("name", sorted({recipe for ab in ABLATIONS.values() for _, recipe in ab.arms}
-                                         - {"ablation-digits"}))
+@pytest.mark.parametrize(
+    "name", sorted({recipe for ab in ABLATIONS.values() for _, recipe in ab.arms} - {"ablation-digits"})
+)
 def test_each_ablation_edits_the_baseline_by_id_instead_of_copying_it(name):
     """The ablated part is all an ablation recipe says: its layers are edits of the baseline's."""
     import tomllib
@@ -61,8 +64,11 @@ def test_each_ablation_edits_the_baseline_by_id_instead_of_copying_it(name):
 
 
 def test_epochs_to_threshold():
-    evals = [{"epoch": 0, "train_top1_error": 0.6}, {"epoch": 1, "train_top1_error": 0.26},
-             {"epoch": 2, "train_top1_error": 0.25}]
+    evals = [
+        {"epoch": 0, "train_top1_error": 0.6},
+        {"epoch": 1, "train_top1_error": 0.26},
+        {"epoch": 2, "train_top1_error": 0.25},
+    ]
     assert epochs_to(evals, "train_top1_error", 0.25) == 3
     assert epochs_to(evals[:2], "train_top1_error", 0.25) is None
 
@@ -70,8 +76,10 @@ def test_epochs_to_threshold():
 def test_relu_vs_tanh_comparison_reports_the_speedup():
     ab = ABLATIONS["relu-vs-tanh"]
     runs = {"relu": (2, 0.1), "tanh": (6, 0.2)}
-    arms = {arm: summarise_arm([{"epochs_to_25pct_train_error": epochs, "val_top1_error": error, "val_samples": 100}],
-                               0.25) for arm, (epochs, error) in runs.items()}
+    arms = {
+        arm: summarise_arm([{"epochs_to_25pct_train_error": epochs, "val_top1_error": error, "val_samples": 100}], 0.25)
+        for arm, (epochs, error) in runs.items()
+    }
     diff, line = compare(ab, arms)
     assert diff["speedup"] == 3.0 and "after 2 epoch(s) with relu" in line and "(3.00x)" in line
     assert "six times faster" in line

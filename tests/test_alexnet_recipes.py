@@ -1,4 +1,5 @@
 """The paper's network as recipes: shapes, parameters, multiply-adds, towers, init, LRN, bad shapes."""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,14 @@ def test_alexnet_imagenet_parameters_and_multiply_adds_match_the_paper(registrie
     assert info["params"] == 60_965_224
     # Each product written out from the paper's table (kernels x fan-in per tower x positions).
     expected_macs = {
-        "conv1": 96 * 55 * 55 * 3 * 11 * 11, "conv2": 256 * 27 * 27 * 48 * 5 * 5,
-        "conv3": 384 * 13 * 13 * 256 * 3 * 3, "conv4": 384 * 13 * 13 * 192 * 3 * 3,
-        "conv5": 256 * 13 * 13 * 192 * 3 * 3, "fc6": 4096 * 9216, "fc7": 4096 * 4096, "fc8": 1000 * 4096,
+        "conv1": 96 * 55 * 55 * 3 * 11 * 11,
+        "conv2": 256 * 27 * 27 * 48 * 5 * 5,
+        "conv3": 384 * 13 * 13 * 256 * 3 * 3,
+        "conv4": 384 * 13 * 13 * 192 * 3 * 3,
+        "conv5": 256 * 13 * 13 * 192 * 3 * 3,
+        "fc6": 4096 * 9216,
+        "fc7": 4096 * 4096,
+        "fc8": 1000 * 4096,
     }
     for layer, macs in expected_macs.items():
         assert rows[layer]["macs"] == macs, layer
@@ -85,7 +91,7 @@ def test_summary_command_prints_the_paper_numbers(registries, capsys):
     text = capsys.readouterr().out
     assert "60,965,224" in text and "724,406,816" in text
     assert "96x55x55" in text and "96x27x27" in text and "256x13x13" in text and "256x6x6" in text
-    assert cli.main(argv + ["--json"]) == 0
+    assert cli.main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == 60_965_224
 
 
@@ -103,8 +109,9 @@ def test_paper_initialisation_from_layer_options(registries):
 def test_lrn_is_tower_local_by_default_and_cross_is_an_option(registries):
     recipe = load("alexnet-imagenet", registries)
     local = build_model(recipe, registries=registries).layers["lrn1"]
-    cross = build_model(load("alexnet-imagenet", registries, ('model.layers.lrn1.towers="cross"',)),
-                        registries=registries).layers["lrn1"]
+    cross = build_model(
+        load("alexnet-imagenet", registries, ('model.layers.lrn1.towers="cross"',)), registries=registries
+    ).layers["lrn1"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 96, 5, 5, generator=g) * 30
     bumped = x.clone()
@@ -141,13 +148,22 @@ def test_one_tower_variant_halves_the_conv_kernels(registries):
     assert recipe.model.towers == 1
     assert [rows[c]["out_shape"][0] for c in ("conv1", "conv2", "conv3", "conv4", "conv5")] == [48, 128, 192, 192, 256]
     assert rows["pool5"]["out_shape"] == [256, 6, 6]
-    expected = (48 * 3 * 121 + 48) + (128 * 48 * 25 + 128) + (192 * 128 * 9 + 192) + (192 * 192 * 9 + 192) \
-        + (256 * 192 * 9 + 256) + (4096 * 9216 + 4096) + (4096 * 4096 + 4096) + (1000 * 4096 + 1000)
+    expected = (
+        (48 * 3 * 121 + 48)
+        + (128 * 48 * 25 + 128)
+        + (192 * 128 * 9 + 192)
+        + (192 * 192 * 9 + 192)
+        + (256 * 192 * 9 + 256)
+        + (4096 * 9216 + 4096)
+        + (4096 * 4096 + 4096)
+        + (1000 * 4096 + 1000)
+    )
     assert sum(r["params"] for r in rows.values()) == expected
 
 
 def test_torchvision_variant_has_torchvisions_parameter_count(registries):
     import torchvision
+
     rows = rows_by_id(load("alexnet-torchvision", registries), registries)
     theirs = sum(p.numel() for p in torchvision.models.alexnet(weights=None).parameters())
     assert sum(r["params"] for r in rows.values()) == theirs == 61_100_840
@@ -156,6 +172,7 @@ def test_torchvision_variant_has_torchvisions_parameter_count(registries):
 
 
 # ---------------------------------------------------------------- shapes that do not fit
+
 
 def test_kernel_larger_than_input_fails_at_load_with_path_and_shapes(registries):
     with pytest.raises(RecipeError) as err:
@@ -174,8 +191,11 @@ def test_tower_split_that_does_not_divide_fails_at_load(registries):
 def test_local_conv_whose_channels_do_not_divide_names_layer_and_shape(registries):
     # conv2 is tower-local; 90 output channels from conv1 cannot split over 4 towers.
     with pytest.raises(RecipeError) as err:
-        load("alexnet-imagenet", registries, ("model.towers=4", "model.layers.conv1.out=90",
-                                              'model.layers.lrn1.towers="cross"'))
+        load(
+            "alexnet-imagenet",
+            registries,
+            ("model.towers=4", "model.layers.conv1.out=90", 'model.layers.lrn1.towers="cross"'),
+        )
     msg = str(err.value)
     assert "model.layers[4] (conv2)" in msg and "[90, 27, 27]" in msg and "4" in msg
 
@@ -189,7 +209,7 @@ def test_fc_on_a_spatial_input_fails_at_load(registries):
 def test_bad_shape_fails_before_any_data_is_read(registries, tmp_path):
     missing = tmp_path / "no-such-imagenet"
     with pytest.raises(RecipeError):
-        load("alexnet-imagenet", registries, (f"data.dataset.root=\"{missing}\"", "model.input=[3, 9, 9]"))
+        load("alexnet-imagenet", registries, (f'data.dataset.root="{missing}"', "model.input=[3, 9, 9]"))
 
 
 def test_the_paper_recipe_runs_end_to_end_on_a_small_jpeg_tree(tmp_path, registries):
@@ -203,11 +223,21 @@ def test_the_paper_recipe_runs_end_to_end_on_a_small_jpeg_tree(tmp_path, registr
     write_tree(root)
     stats = tmp_path / "stats.safetensors"
     raw = load_recipe("alexnet-imagenet", registries=registries)
-    sets = [f"data.dataset.root=\"{root}\"", "model.num_classes=2",  # fc8's width follows
-            "model.layers.fc6.out=256", "model.layers.fc7.out=256",
-            "data.batch_size=4", "data.workers=0", "train.max_steps=2"]
-    sets += [f"data.{split}[{i}].stats=\"{stats}\"" for split in ("train_augment", "eval_augment")
-             for i, a in enumerate(getattr(raw.data, split)) if a.name in ("mean-image", "pca-lighting")]
+    sets = [
+        f'data.dataset.root="{root}"',
+        "model.num_classes=2",  # fc8's width follows
+        "model.layers.fc6.out=256",
+        "model.layers.fc7.out=256",
+        "data.batch_size=4",
+        "data.workers=0",
+        "train.max_steps=2",
+    ]
+    sets += [
+        f'data.{split}[{i}].stats="{stats}"'
+        for split in ("train_augment", "eval_augment")
+        for i, a in enumerate(getattr(raw.data, split))
+        if a.name in ("mean-image", "pca-lighting")
+    ]
     assert cli.main(["stats", "alexnet-imagenet", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
     summary = train(load_recipe("alexnet-imagenet", sets, registries), out=tmp_path / "run", registries=registries)
     assert summary["step"] == 2 and summary["samples"] == 4 and 0.0 <= summary["top1_error"] <= 1.0

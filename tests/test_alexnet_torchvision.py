@@ -1,18 +1,22 @@
 """torchvision's alexnet weights in the alexnet-torchvision recipe: same logits, clear errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
+from test_alexnet_recipes import augment_overrides
 
 from convnet.core import checkpoint as ckpt
 from convnet.core import cli
 from convnet.core.model import build_model
 from convnet.core.recipe import load_recipe
-from convnet.plugins.alexnet.torchvision_weights import (ConversionError, convert_file, load_torchvision_alexnet,
-                                                         read_state_dict)
-from test_alexnet_recipes import augment_overrides
-
-import torchvision
+from convnet.plugins.alexnet.torchvision_weights import (
+    ConversionError,
+    convert_file,
+    load_torchvision_alexnet,
+    read_state_dict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +36,21 @@ def test_converted_weights_give_identical_logits(theirs, recipe, registries):
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
-        assert torch.equal(ours.features(x, "relu7"), theirs.classifier[:6](torch.flatten(theirs.avgpool(theirs.features(x)), 1)))
+        assert torch.equal(
+            ours.features(x, "relu7"), theirs.classifier[:6](torch.flatten(theirs.avgpool(theirs.features(x)), 1))
+        )
 
 
 def test_convert_file_roundtrip(theirs, recipe, registries, tmp_path):
     src = tmp_path / "alexnet.pth"
     torch.save({f"module.{k}": v for k, v in theirs.state_dict().items()}, src)  # a DataParallel-style prefix
-    out = convert_file(src, tmp_path / "converted.safetensors", "alexnet-torchvision", registries,
-                       overrides=augment_overrides(registries))
+    out = convert_file(
+        src,
+        tmp_path / "converted.safetensors",
+        "alexnet-torchvision",
+        registries,
+        overrides=augment_overrides(registries),
+    )
     tensors, metadata = ckpt.load(out)
     assert "alexnet-torchvision" in metadata["convnet.recipe"] or "61,100,840" in metadata["convnet.recipe"]
     ours = build_model(recipe, registries=registries).eval()

@@ -1,4 +1,5 @@
 """Property tests of the augmenters: crops, flips, PCA lighting, ten-crop, mean image, seeding."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,7 @@ def gen(key: int) -> torch.Generator:
 
 
 def keys_for(seed: int, epoch: int, indices: list[int], stage: int = 0) -> torch.Tensor:
-    return torch.from_numpy(cdata.sample_keys(seed, cdata.STREAM_TRAIN_AUGMENT, epoch, indices, stage)
-                            .astype(np.int64))
+    return torch.from_numpy(cdata.sample_keys(seed, cdata.STREAM_TRAIN_AUGMENT, epoch, indices, stage).astype(np.int64))
 
 
 def distinct_image(c: int, h: int, w: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_random_crop_has_the_size_and_is_a_sub_window(shape, key):
     out = g.RandomCrop(g.RandomCropOptions(size=size), ctx())(x, gen(key))
     assert out.shape == (c, size, size)
     top, left = divmod(int(out[0, 0, 0]), w)
-    assert torch.equal(out, x[:, top:top + size, left:left + size])
+    assert torch.equal(out, x[:, top : top + size, left : left + size])
 
 
 @given(image_and_crop(max_side=24), st.integers(1, 6), SEED_ST, st.integers(0, 5))
@@ -193,8 +193,13 @@ def test_ten_crop_is_exactly_the_ten_windows(shape, extra):
     views = g.TenCrop(g.TenCropOptions(size=size), ctx("data.eval_augment[0]"))(x, gen(0))
     s = size
     top, left = (h - s) // 2, (w - s) // 2
-    expected = [x[:, :s, :s], x[:, :s, w - s:], x[:, h - s:, :s], x[:, h - s:, w - s:],
-                x[:, top:top + s, left:left + s]]
+    expected = [
+        x[:, :s, :s],
+        x[:, :s, w - s :],
+        x[:, h - s :, :s],
+        x[:, h - s :, w - s :],
+        x[:, top : top + s, left : left + s],
+    ]
     expected += [v.flip(-1) for v in expected]
     assert views.shape == (10, c, s, s)
     for view, want in zip(views, expected):
@@ -219,12 +224,17 @@ def test_mean_image_then_adding_it_back_is_the_identity(tmp_path_factory, shape,
     window = sub.mean_for(x)
     torch.testing.assert_close(out + window, x.float(), rtol=0, atol=1e-4)
     top, left = margin // 2, margin // 2
-    assert torch.equal(window, mean[:, top:top + h, left:left + w])
+    assert torch.equal(window, mean[:, top : top + h, left : left + w])
 
 
 # ---------------------------------------------------------------------------- seeding
-@given(SEED_ST, st.integers(0, 3), st.integers(0, 10**6), st.integers(0, 7),
-       st.lists(st.integers(0, 2**62), min_size=1, max_size=20))
+@given(
+    SEED_ST,
+    st.integers(0, 3),
+    st.integers(0, 10**6),
+    st.integers(0, 7),
+    st.lists(st.integers(0, 2**62), min_size=1, max_size=20),
+)
 def test_sample_keys_vectorised_equals_one_by_one(seed, stream, epoch, stage, indices):
     many = cdata.sample_keys(seed, stream, epoch, indices, stage).tolist()
     assert many == [cdata.sample_key(seed, stream, epoch, i, stage) for i in indices]
@@ -246,8 +256,11 @@ def test_the_chain_gives_the_same_output_in_either_placement(seed, epoch, indice
     from convnet.core.data import augment_batch as _device_augment
 
     vals, vecs = random_eigen(seed % 1000, 0)
-    chain = [g.RandomCrop(g.RandomCropOptions(size=6, padding=1), ctx()), g.HFlip(g.HFlipOptions(), ctx()),
-             p.PcaLighting(p.PcaLightingOptions(eigvals=vals, eigvecs=vecs), ctx())]
+    chain = [
+        g.RandomCrop(g.RandomCropOptions(size=6, padding=1), ctx()),
+        g.HFlip(g.HFlipOptions(), ctx()),
+        p.PcaLighting(p.PcaLightingOptions(eigvals=vals, eigvecs=vecs), ctx()),
+    ]
     images = torch.randint(0, 256, (len(indices), 3, 8, 9), dtype=torch.uint8, generator=gen(seed))
 
     class Base(torch.utils.data.Dataset):

@@ -1,4 +1,5 @@
 """Augmenters in their surroundings: recipes, stats files, data-loader workers, the engine."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ def write_stats(path: Path, channels: int = 3, size: int = 12, key: int = 0) -> 
     cov = torch.tensor([[3000.0, 2500.0, 2000.0], [2500.0, 2800.0, 2300.0], [2000.0, 2300.0, 3100.0]])
     vals, vecs = torch.linalg.eigh(cov[:channels, :channels].double())
     order = torch.argsort(vals, descending=True)
-    tensors = {"mean": mean, "eigvals": vals[order].float(), "eigvecs": vecs[:, order].float().contiguous(),
-               "rgb_mean": mean.double().mean((1, 2)).float()}
+    tensors = {
+        "mean": mean,
+        "eigvals": vals[order].float(),
+        "eigvecs": vecs[:, order].float().contiguous(),
+        "rgb_mean": mean.double().mean((1, 2)).float(),
+    }
     save_file(tensors, str(path))
     return tensors
 
@@ -50,17 +55,20 @@ name = "aug-test"
 """
 
 
-@pytest.mark.parametrize("augment, option", [
-    ('name = "pca-lighting"\nstd = -0.1\neigvals = [1.0]\neigvecs = [[1.0]]', "std"),
-    ('name = "random-crop"\nsize = 0', "size"),
-    ('name = "center-crop"\nsize = -3', "size"),
-    ('name = "ten-crop"\nsize = 0', "size"),
-    ('name = "hflip"\np = 1.5', "p"),
-    ('name = "hflip"\np = -0.01', "p"),
-    ('name = "random-crop"\nsize = 8\npadding_mode = "wrap"', "padding_mode"),
-    ('name = "mean-rgb"\nmean = [1.0, 2.0, 3.0]\nstd = [1.0, 0.0, 1.0]', "std"),
-    ('name = "hflip"\nprob = 0.5', "prob"),
-])
+@pytest.mark.parametrize(
+    "augment, option",
+    [
+        ('name = "pca-lighting"\nstd = -0.1\neigvals = [1.0]\neigvecs = [[1.0]]', "std"),
+        ('name = "random-crop"\nsize = 0', "size"),
+        ('name = "center-crop"\nsize = -3', "size"),
+        ('name = "ten-crop"\nsize = 0', "size"),
+        ('name = "hflip"\np = 1.5', "p"),
+        ('name = "hflip"\np = -0.01', "p"),
+        ('name = "random-crop"\nsize = 8\npadding_mode = "wrap"', "padding_mode"),
+        ('name = "mean-rgb"\nmean = [1.0, 2.0, 3.0]\nstd = [1.0, 0.0, 1.0]', "std"),
+        ('name = "hflip"\nprob = 0.5', "prob"),
+    ],
+)
 def test_out_of_range_options_are_recipe_errors_with_their_path(tmp_path, augment, option):
     file = tmp_path / "r.toml"
     file.write_text(recipe_text(augment))
@@ -116,8 +124,9 @@ def test_stdev_weighting_and_scales_follow_the_documented_formula():
     keys = torch.tensor([123, 456])
     paper = p.PcaLighting(p.PcaLightingOptions(eigvals=vals, eigvecs=vecs), ctx()).offsets(keys)
     stdev = p.PcaLighting(p.PcaLightingOptions(eigvals=vals, eigvecs=vecs, weighting="stdev"), ctx()).offsets(keys)
-    unit = p.PcaLighting(p.PcaLightingOptions(eigvals=[v / 255**2 for v in vals], eigvecs=vecs, eigvals_range=1.0),
-                         ctx()).offsets(keys)
+    unit = p.PcaLighting(
+        p.PcaLightingOptions(eigvals=[v / 255**2 for v in vals], eigvecs=vecs, eigvals_range=1.0), ctx()
+    ).offsets(keys)
     alpha = paper / (np.asarray(vals) / 255.0)
     np.testing.assert_allclose(stdev, alpha * np.sqrt(vals), rtol=1e-12)
     np.testing.assert_allclose(unit, paper, rtol=1e-12)
@@ -125,8 +134,12 @@ def test_stdev_weighting_and_scales_follow_the_documented_formula():
 
 def test_grey_images_work_and_channel_mismatches_are_named(tmp_path):
     grey = torch.randint(0, 256, (1, 9, 9), dtype=torch.uint8, generator=gen(2))
-    for aug in (g.RandomCrop(g.RandomCropOptions(size=5), ctx()), g.HFlip(g.HFlipOptions(p=1.0), ctx()),
-                g.CenterCrop(g.CenterCropOptions(size=5), ctx()), g.ResizeShorter(g.ResizeShorterOptions(size=4), ctx())):
+    for aug in (
+        g.RandomCrop(g.RandomCropOptions(size=5), ctx()),
+        g.HFlip(g.HFlipOptions(p=1.0), ctx()),
+        g.CenterCrop(g.CenterCropOptions(size=5), ctx()),
+        g.ResizeShorter(g.ResizeShorterOptions(size=4), ctx()),
+    ):
         assert aug(grey, gen(0)).shape[0] == 1
     assert torch.equal(p.MeanRgb(p.MeanRgbOptions(mean=[100.0]), ctx())(grey, gen(0)), grey.float() - 100)
     one = p.PcaLighting(p.PcaLightingOptions(eigvals=[900.0], eigvecs=[[1.0]]), ctx())
@@ -187,10 +200,12 @@ class Images(torch.utils.data.Dataset):
 def paper_chain(tmp_path: Path) -> list:
     stats = tmp_path / "stats.safetensors"
     write_stats(stats, size=24)
-    return [g.RandomCrop(g.RandomCropOptions(size=16), ctx("data.train_augment[0]")),
-            g.HFlip(g.HFlipOptions(), ctx("data.train_augment[1]")),
-            p.PcaLighting(p.PcaLightingOptions(stats=str(stats)), ctx("data.train_augment[2]")),
-            p.MeanImage(p.MeanImageOptions(stats=str(stats)), ctx("data.train_augment[3]"))]
+    return [
+        g.RandomCrop(g.RandomCropOptions(size=16), ctx("data.train_augment[0]")),
+        g.HFlip(g.HFlipOptions(), ctx("data.train_augment[1]")),
+        p.PcaLighting(p.PcaLightingOptions(stats=str(stats)), ctx("data.train_augment[2]")),
+        p.MeanImage(p.MeanImageOptions(stats=str(stats)), ctx("data.train_augment[3]")),
+    ]
 
 
 def run_pass(dataset, batches, workers):
@@ -205,8 +220,8 @@ def test_same_seed_epoch_index_give_the_same_output_in_any_worker(tmp_path):
     chain = paper_chain(tmp_path)
     dataset = cdata.Augmented(Images(24, set()), chain, seed=9, stream=cdata.STREAM_TRAIN_AUGMENT)
     dataset.epoch = 3
-    one = run_pass(dataset, [list(range(24))[i:i + 5] for i in range(0, 24, 5)], workers=0)
-    two = run_pass(dataset, [list(range(24))[::-1][i:i + 3] for i in range(0, 24, 3)], workers=2)
+    one = run_pass(dataset, [list(range(24))[i : i + 5] for i in range(0, 24, 5)], workers=0)
+    two = run_pass(dataset, [list(range(24))[::-1][i : i + 3] for i in range(0, 24, 3)], workers=2)
     assert sorted(one) == sorted(two) == list(range(24))
     for i in range(24):
         assert torch.equal(one[i], two[i])
@@ -226,8 +241,9 @@ def test_small_images_are_resized_up_and_counted_per_pass_over_workers(tmp_path)
         out = run_pass(dataset, [list(range(i, i + 4)) for i in range(0, 20, 4)], workers=2)
     assert all(v.shape == (3, 16, 16) for v in out.values())
     messages = [str(w.message) for w in caught if issubclass(w.category, g.SmallImageWarning)]
-    assert messages == ["data.train_augment[0] (random-crop): 5 image(s) smaller than 16x16 were resized up "
-                        "to fit the crop in epoch 7"]
+    assert messages == [
+        "data.train_augment[0] (random-crop): 5 image(s) smaller than 16x16 were resized up to fit the crop in epoch 7"
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_pass(dataset, [[0, 2, 3]], workers=0)
@@ -243,10 +259,18 @@ def test_worker_and_device_placements_train_identically(tmp_path):
     """Same seed -> the same crops and flips per sample in either placement -> the same losses."""
     from convnet.core.engine import train
 
-    sets = ["train.max_steps=2", "train.log_every=1", "data.batch_size=8", "train.epochs=1",
-            "evaluate=[]", "data.workers=0"]
-    augment = ('[[data.train_augment]]\nname = "random-crop"\nsize = 32\npadding = 3\npadding_mode = "edge"\n'
-               '[[data.train_augment]]\nname = "hflip"\n')
+    sets = [
+        "train.max_steps=2",
+        "train.log_every=1",
+        "data.batch_size=8",
+        "train.epochs=1",
+        "evaluate=[]",
+        "data.workers=0",
+    ]
+    augment = (
+        '[[data.train_augment]]\nname = "random-crop"\nsize = 32\npadding = 3\npadding_mode = "edge"\n'
+        '[[data.train_augment]]\nname = "hflip"\n'
+    )
     losses = {}
     for where in ("worker", "device"):
         file = tmp_path / f"{where}.toml"
@@ -265,7 +289,9 @@ def test_ten_crop_views_are_the_ones_the_ten_crop_evaluator_expects():
     aug = g.TenCrop(g.TenCropOptions(size=9), ctx("data.eval_augment[0]"))
     per_image = torch.stack([aug(image, gen(0)) for image in images])
     assert torch.equal(per_image, tencrop.ten_crops(images, 9, 9))
-    assert torch.equal(per_image[:, tencrop.CENTRE], g.CenterCrop(g.CenterCropOptions(size=9), ctx()).batch(images, None))
+    assert torch.equal(
+        per_image[:, tencrop.CENTRE], g.CenterCrop(g.CenterCropOptions(size=9), ctx()).batch(images, None)
+    )
 
 
 def test_reflect_padding_larger_than_the_image_is_a_data_error():

@@ -5,6 +5,7 @@ Killing a process while it writes one: tests/faults/test_fault_kill_while_saving
 Nothing here unpickles: the pickle cases carry a payload that would create a marker file if
 anything ever unpickled them, and the tests check the marker never appears.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ class _Touch:
 
 def _resume_error(bad: Path, tmp: Path, capsys) -> str:
     """`convnet run --resume BAD` through the real CLI: exit 1 and the one error line."""
-    code = cli_main(["run", str(TINY), "--set", "train.max_steps=3", "--out", str(tmp / "run"),
-                     "--resume", str(bad), "--quiet"])
+    code = cli_main(
+        ["run", str(TINY), "--set", "train.max_steps=3", "--out", str(tmp / "run"), "--resume", str(bad), "--quiet"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1, err
     assert "\n" not in err and "Traceback" not in err
@@ -61,7 +63,7 @@ def _resume_error(bad: Path, tmp: Path, capsys) -> str:
 def test_load_reads_back_what_save_wrote(tmp_path: Path) -> None:
     tensors = {"model/w": torch.arange(12.0).reshape(3, 4), "rng/x": torch.tensor([1, 2], dtype=torch.int64)}
     path = tmp_path / "sub" / "c.safetensors"
-    ckpt.save(path, tensors, {"convnet.state": "{\"step\": 4}"})
+    ckpt.save(path, tensors, {"convnet.state": '{"step": 4}'})
     back, meta = ckpt.load(path)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     assert ckpt.state_of(meta, path) == {"step": 4} and meta["convnet.format"] == ckpt.FORMAT
@@ -118,10 +120,12 @@ def test_torch_save_zip_is_refused_and_never_unpickled(tmp_path: Path, capsys) -
 
 
 def test_each_corruption_is_one_line_through_the_cli(good: Path, tmp_path: Path, capsys) -> None:
-    cases = {"zero.safetensors": (b"", "empty"),
-             "short.safetensors": (good.read_bytes()[:5], "too short"),
-             "cut.safetensors": (good.read_bytes()[:-100], "truncated"),
-             "noise.safetensors": (os.urandom(3000), "")}
+    cases = {
+        "zero.safetensors": (b"", "empty"),
+        "short.safetensors": (good.read_bytes()[:5], "too short"),
+        "cut.safetensors": (good.read_bytes()[:-100], "truncated"),
+        "noise.safetensors": (os.urandom(3000), ""),
+    }
     for name, (blob, words) in cases.items():
         bad = tmp_path / name
         bad.write_bytes(blob)
@@ -142,8 +146,12 @@ def test_checkpoint_of_another_recipe(tmp_path: Path, capsys) -> None:
     err = _resume_error(other / "checkpoints" / "last.safetensors", tmp_path, capsys)
     assert "layers.conv1" in err and "another recipe" in err
     deeper = tmp_path / "deeper.toml"
-    deeper.write_text(TINY.read_text().replace('name = "flatten"', 'name = "flatten"\n\n[[model.layers]]\n'
-                                               'name = "fc"\nid = "extra"\nout = 32'), encoding="utf-8")
+    deeper.write_text(
+        TINY.read_text().replace(
+            'name = "flatten"', 'name = "flatten"\n\n[[model.layers]]\nname = "fc"\nid = "extra"\nout = 32'
+        ),
+        encoding="utf-8",
+    )
     cn.train(cn.load_recipe(deeper, ["train.max_steps=1"]), out=tmp_path / "deeper")
     err = _resume_error(tmp_path / "deeper" / "checkpoints" / "last.safetensors", tmp_path, capsys)
     assert "another recipe" in err
@@ -154,7 +162,7 @@ def test_a_flipped_bit_in_weights_or_metadata_is_caught_by_the_checksum(good: Pa
     flipped = bytearray(blob)
     flipped[-7] ^= 0x10  # inside the last tensor's bytes: safetensors alone would load it
     at = blob.index(b'\\"step\\": 2')  # the JSON state inside the header's metadata
-    edited = blob[:at] + b'\\"step\\": 7' + blob[at + len(b'\\"step\\": 2'):]
+    edited = blob[:at] + b'\\"step\\": 7' + blob[at + len(b'\\"step\\": 2') :]
     for name, data in (("weights.safetensors", bytes(flipped)), ("state.safetensors", edited)):
         bad = tmp_path / name
         bad.write_bytes(data)

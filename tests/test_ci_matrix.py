@@ -1,5 +1,6 @@
 """CI's matrix is real: .ci/run fails when a Python is missing under CI, and the `min` env's
 constraints are exactly pyproject's lower bounds."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,11 @@ def test_ci_run_fails_under_ci_when_a_python_is_missing(tmp_path) -> None:
 
 def _lower_bounds() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [*project["dependencies"], *project["optional-dependencies"]["test"],
-            *project["optional-dependencies"]["tensorboard"]]
+    reqs = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["test"],
+        *project["optional-dependencies"]["tensorboard"],
+    ]
     bounds = {}
     for text in reqs:
         req = Requirement(text)

@@ -1,4 +1,5 @@
 """The command line: each subcommand's output and exit code (0 ok, 2 bad recipe/command line, 1 other)."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ def test_recipes_lists_every_bundled_recipe(capsys) -> None:
     assert code == 0
     names = [line.split()[0] for line in out.splitlines()]
     assert names == bundled_names() and "alexnet-digits" in names
-    assert any(line.startswith("alexnet-digits") and "digits" in line[len("alexnet-digits"):]
-               for line in out.splitlines())
+    assert any(
+        line.startswith("alexnet-digits") and "digits" in line[len("alexnet-digits") :] for line in out.splitlines()
+    )
 
 
 def test_show_prints_the_resolved_recipe(capsys, registries) -> None:
@@ -56,7 +58,7 @@ def test_show_prints_the_resolved_recipe(capsys, registries) -> None:
 
 def test_show_of_a_bad_recipe_exits_2_naming_the_path(capsys, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text(TINY.read_text().replace("out = 8\nkernel = 3", "out = \"eight\"\nkernel = 3", 1), encoding="utf-8")
+    bad.write_text(TINY.read_text().replace("out = 8\nkernel = 3", 'out = "eight"\nkernel = 3', 1), encoding="utf-8")
     code, out, err = run_cli(capsys, "show", str(bad))
     assert code == 2 and not out
     line = one_error_line(err)
@@ -90,12 +92,12 @@ def test_plugins_json_lists_every_kind(capsys) -> None:
     assert kinds == {"layer", "augmenter", "strategy", "evaluator", "dataset", "optimizer", "schedule", "lrn"}
     assert listing["problems"] == []
     assert {"kind": "dataset", "name": "digits"}.items() <= next(
-        r for r in listing["components"] if r["name"] == "digits").items()
+        r for r in listing["components"] if r["name"] == "digits"
+    ).items()
 
 
 def test_run_trains_and_reports(capsys, tmp_path: Path) -> None:
-    code, out, err = run_cli(capsys, "run", str(TINY), "--set", "train.max_steps=5", "--out", str(tmp_path),
-                             "--quiet")
+    code, out, err = run_cli(capsys, "run", str(TINY), "--set", "train.max_steps=5", "--out", str(tmp_path), "--quiet")
     assert code == 0, err
     assert "tiny: validation top1 error" in out and "after 5 steps" in out and f"run folder: {tmp_path}" in out
     for name in ("recipe.toml", "metrics.jsonl", "eval.json", "checkpoints/last.safetensors"):

@@ -1,4 +1,5 @@
 """The bundled default recipe's data and a short run of it that learns."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import torch
 import convnet.core as cn
 from convnet.core import data as cdata
 from convnet.core.errors import RecipeError
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

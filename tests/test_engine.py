@@ -1,4 +1,5 @@
 """The train loop: determinism under the seed, max_steps, evaluation each epoch, the schedule."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weights(out: Path) -> dict[str, bytes]:
-    return {k: v.numpy().tobytes() for k, v in load_file(str(out / "checkpoints" / "last.safetensors")).items()
-            if k.startswith("model/")}
+    return {
+        k: v.numpy().tobytes()
+        for k, v in load_file(str(out / "checkpoints" / "last.safetensors")).items()
+        if k.startswith("model/")
+    }
 
 
 def _records(out: Path) -> list[dict]:
@@ -29,8 +33,9 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None
         cn.train(cn.load_recipe(TINY, ["train.max_steps=5", f"seed={seed}"]), out=tmp_path / name)
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
     assert _weights(tmp_path / "a") != _weights(tmp_path / "c")
-    assert [r["loss"] for r in _records(tmp_path / "a") if r["kind"] == "train"] == \
-        [r["loss"] for r in _records(tmp_path / "b") if r["kind"] == "train"]
+    assert [r["loss"] for r in _records(tmp_path / "a") if r["kind"] == "train"] == [
+        r["loss"] for r in _records(tmp_path / "b") if r["kind"] == "train"
+    ]
 
 
 def test_epochs_evaluations_and_the_plateau_schedule(tmp_path: Path) -> None:

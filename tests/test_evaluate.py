@@ -1,4 +1,5 @@
 """Evaluators: top-k, ten-crop, ensemble, filters, neighbours, confusion (issue 7)."""
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ class Pairs(torch.utils.data.Dataset):
 def context(recipe, module: nn.Module, val: Pairs, train: Pairs | None = None, out=None, augment=()) -> EvalContext:
     k = recipe.model.num_classes
     splits = DatasetSplits(train if train is not None else val, val, k, [f"c{i}" for i in range(k)])
-    return EvalContext(recipe, module, Strategy(torch.device("cpu")), splits, list(augment), out, 0, True,
-                       load_plugins())
+    return EvalContext(
+        recipe, module, Strategy(torch.device("cpu")), splits, list(augment), out, 0, True, load_plugins()
+    )
 
 
 def built(recipe, path: str = "evaluate[0]") -> BuildContext:
@@ -55,6 +57,7 @@ def digits():
 
 
 # ------------------------------------------------------------------ top-k
+
 
 def reference_topk_error(logits: list[list[float]], labels: list[int], k: int) -> float:
     """Plain Python: sort classes by (higher logit first, then lower index), is the label in the first k?"""
@@ -98,6 +101,7 @@ def test_topk_tie_goes_to_lower_class():
 
 # ------------------------------------------------------------------ ten-crop
 
+
 class LookupByMean(nn.Module):
     """Ignores the image's layout: each image is constant, its value picks a row of a logit table."""
 
@@ -112,12 +116,20 @@ class LookupByMean(nn.Module):
 @settings(max_examples=15)
 @given(st.integers(2, 10), st.integers(1, 12), st.integers(0, 3), st.booleans(), st.data())
 def test_ten_crop_on_a_model_that_ignores_the_input_equals_centre_crop(classes, n, pad, flip, data):
-    recipe = load_recipe("alexnet-digits", [f"model.num_classes={classes}", "model.input=[3, 8, 8]"],
-                         validate_model=False)
+    recipe = load_recipe(
+        "alexnet-digits", [f"model.num_classes={classes}", "model.input=[3, 8, 8]"], validate_model=False
+    )
     # logits on a 1/8 grid: distinct logits stay distinct after softmax (the comparison with
     # plain top-k on logits is about crops, not about float resolution)
-    table = torch.tensor(data.draw(st.lists(st.lists(st.integers(-40, 40), min_size=classes, max_size=classes),
-                                            min_size=n, max_size=n)), dtype=torch.float32) / 8
+    table = (
+        torch.tensor(
+            data.draw(
+                st.lists(st.lists(st.integers(-40, 40), min_size=classes, max_size=classes), min_size=n, max_size=n)
+            ),
+            dtype=torch.float32,
+        )
+        / 8
+    )
     labels = data.draw(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n))
     images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 8, 8).clone()
     ctx = context(recipe, LookupByMean(table), Pairs(images, labels))
@@ -192,12 +204,13 @@ def test_ten_crop_too_small_images_is_a_recipe_error():
 
 # ------------------------------------------------------------------ ensemble and convnet eval
 
+
 def save_model(path, model: nn.Module) -> str:
     ckpt.save(path, {f"model/{k}": v for k, v in model.state_dict().items()}, {"convnet.state": "{}"})
     return str(path)
 
 
-SMALL = ["evaluate=[{name = \"topk\"}, {name = \"ensemble\"}]", "data.dataset.val_fraction=0.05"]
+SMALL = ['evaluate=[{name = "topk"}, {name = "ensemble"}]', "data.dataset.val_fraction=0.05"]
 
 
 def test_ensemble_of_one_checkpoint_equals_that_checkpoint(tmp_path, digits):
@@ -216,8 +229,8 @@ def test_ensemble_of_two_averages_softmax(tmp_path):
     models = [build_model(recipe, seed=s) for s in (1, 2)]
     paths = [save_model(tmp_path / f"m{s}.safetensors", m) for s, m in zip((1, 2), models)]
     result = evaluate(load_recipe("alexnet-digits", SMALL), paths, tmp_path / "out", load_plugins())
-    from convnet.core.data import build_dataset
     from convnet.core import plugins
+    from convnet.core.data import build_dataset
 
     val = build_dataset(recipe, plugins.registries()).val
     x = torch.stack([val[i][0] for i in range(len(val))])
@@ -281,6 +294,7 @@ def test_cli_eval_bad_inputs(tmp_path, capsys):
 
 # ------------------------------------------------------------------ filters
 
+
 def test_filters_image_has_the_expected_pixel_size_for_the_recipe(tmp_path, digits):
     from PIL import Image
 
@@ -295,7 +309,7 @@ def test_filters_image_has_the_expected_pixel_size_for_the_recipe(tmp_path, digi
     with Image.open(tmp_path / "filters_conv1.png") as im:
         assert im.size == (width + 182, height + 62)  # the grid, a title above and tower names left
         pixels = np.asarray(im.convert("RGB"))
-    assert (pixels[50:50 + height, 170:170 + width] == grid).mean() > 0.9  # pixel for pixel (but its frame)
+    assert (pixels[50 : 50 + height, 170 : 170 + width] == grid).mean() > 0.9  # pixel for pixel (but its frame)
     scores = result["filters_conv1_colour_specificity"]
     assert len(scores) == 2 and all(0.5 < s < 0.8 for s in scores)  # random init: about 2/3
     fig = labelled(grid, "conv1", (32, 3, 5, 5), 2, scores)
@@ -305,17 +319,21 @@ def test_filters_image_has_the_expected_pixel_size_for_the_recipe(tmp_path, digi
 
 
 @settings(max_examples=10)
-@given(st.integers(1, 4), st.integers(1, 20), st.integers(1, 7), st.integers(1, 8), st.integers(1, 3),
-       st.integers(0, 3))
+@given(
+    st.integers(1, 4), st.integers(1, 20), st.integers(1, 7), st.integers(1, 8), st.integers(1, 3), st.integers(0, 3)
+)
 def test_filters_grid_size(towers, per_tower, k, columns, scale, gap):
     kernels = torch.randn(towers * per_tower, 3, k, k)
     image = draw(kernels, towers, columns, scale, gap)
     cols = min(per_tower, columns)
     rows = -(-per_tower // cols)
-    assert image.shape == (towers * (rows * k * scale + (rows + 1) * gap) + (towers - 1) * gap,
-                           cols * k * scale + (cols + 1) * gap, 3)
-    first = image[gap:gap + k * scale, gap:gap + k * scale]  # kernel 0, scaled to its own min..max
-    assert first.min() == 0 and first.max() == 255 or k == 1
+    assert image.shape == (
+        towers * (rows * k * scale + (rows + 1) * gap) + (towers - 1) * gap,
+        cols * k * scale + (cols + 1) * gap,
+        3,
+    )
+    first = image[gap : gap + k * scale, gap : gap + k * scale]  # kernel 0, scaled to its own min..max
+    assert (first.min() == 0 and first.max() == 255) or k == 1
 
 
 def test_colour_specificity_definition():
@@ -337,14 +355,16 @@ def test_filters_on_a_layer_that_is_not_a_first_conv(digits):
 
 # ------------------------------------------------------------------ neighbours
 
+
 def test_neighbours_of_a_training_image_include_itself_at_distance_0(tmp_path, digits):
     from convnet.core import plugins
     from convnet.core.data import build_dataset
 
     splits = build_dataset(digits, plugins.registries())
     train = splits.train
-    ctx = EvalContext(digits, build_model(digits), Strategy(torch.device("cpu")), splits, [], tmp_path, 0, True,
-                      load_plugins())
+    ctx = EvalContext(
+        digits, build_model(digits), Strategy(torch.device("cpu")), splits, [], tmp_path, 0, True, load_plugins()
+    )
     result = Neighbours(NeighboursOptions(query_split="train", queries=5, k=3, train_limit=300), built(digits))(ctx)
     import json
 
@@ -372,8 +392,7 @@ def test_neighbours_of_a_training_image_include_itself_at_distance_0(tmp_path, d
 
 
 def test_neighbours_without_the_layer_is_a_recipe_error_naming_the_option():
-    recipe = load_recipe("alexnet-digits", ["evaluate=[{name = \"neighbours\", layer = \"fc9\"}]"],
-                         validate_model=False)
+    recipe = load_recipe("alexnet-digits", ['evaluate=[{name = "neighbours", layer = "fc9"}]'], validate_model=False)
     with pytest.raises(RecipeError, match=r"evaluate\[0\]\.layer: .*'fc9'.*does not have"):
         Neighbours(recipe.evaluate[0].options, built(recipe))
 
@@ -388,11 +407,13 @@ def test_nearest_ties_go_to_the_lower_index_and_query_spread():
 
 # ------------------------------------------------------------------ confusion
 
+
 @given(st.integers(1, 8), st.data())
 def test_confusion_matrix_matches_a_loop(classes, data):
     n = data.draw(st.integers(1, 40))
-    values = data.draw(st.lists(st.lists(st.integers(-2, 2), min_size=classes, max_size=classes), min_size=n,
-                                max_size=n))
+    values = data.draw(
+        st.lists(st.lists(st.integers(-2, 2), min_size=classes, max_size=classes), min_size=n, max_size=n)
+    )
     labels = data.draw(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n))
     matrix = confusion_matrix(torch.tensor(values, dtype=torch.float32), torch.tensor(labels), classes)
     expected = [[0] * classes for _ in range(classes)]
@@ -424,17 +445,28 @@ def test_every_evaluator_gives_the_same_under_model_parallel(tmp_path):
     """Same checkpoint, `single` vs `model-parallel` (two towers on the CPU): same numbers and files."""
     import json
 
-    sets = ["model.input=[3, 16, 16]", "data.dataset.val_fraction=0.03", "evaluate[3].train_limit=100",
-            "evaluate[3].queries=4"]
+    sets = [
+        "model.input=[3, 16, 16]",
+        "data.dataset.val_fraction=0.03",
+        "evaluate[3].train_limit=100",
+        "evaluate[3].queries=4",
+    ]
     recipe = load_recipe("alexnet-digits-eval", sets)
     a = save_model(tmp_path / "a.safetensors", build_model(recipe, seed=3))
     b = save_model(tmp_path / "b.safetensors", build_model(recipe, seed=4))
     single = evaluate(recipe, [a, b], tmp_path / "single", load_plugins())
-    split = load_recipe("alexnet-digits-eval", sets + ['parallel.strategy="model-parallel"',
-                                                       'parallel.devices=["cpu", "cpu"]'])
+    split = load_recipe(
+        "alexnet-digits-eval", [*sets, 'parallel.strategy="model-parallel"', 'parallel.devices=["cpu", "cpu"]']
+    )
     towers = evaluate(split, [a, b], tmp_path / "towers", load_plugins())
-    for key in ("top1_error", "tencrop_top1_error", "centre_top1_error", "ensemble_top1_error", "most_confused",
-                "neighbours_label_agreement"):
+    for key in (
+        "top1_error",
+        "tencrop_top1_error",
+        "centre_top1_error",
+        "ensemble_top1_error",
+        "most_confused",
+        "neighbours_label_agreement",
+    ):
         assert towers[key] == single[key], key
     assert towers["filters_conv1_colour_specificity"] == pytest.approx(single["filters_conv1_colour_specificity"])
     near = [json.loads((tmp_path / d / "neighbours.json").read_text())["queries"] for d in ("single", "towers")]

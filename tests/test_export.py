@@ -3,6 +3,7 @@ eager network's logits within 1e-4, at another batch size than the one traced.
 
 The ONNX tests need the ``export`` extra (onnx, onnxscript, onnxruntime) and skip without it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,13 +74,17 @@ def _onnx_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
 def _lrn_nodes(path: Path) -> list[dict]:
     onnx = pytest.importorskip("onnx")
     model = onnx.load(str(path))
-    return [{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            for node in model.graph.node if node.op_type == "LRN"]
+    return [
+        {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for node in model.graph.node
+        if node.op_type == "LRN"
+    ]
 
 
 @pytest.mark.parametrize("recipe", ["alexnet-digits", "alexnet-imagenet"])
-def test_onnx_maps_lrn_to_onnx_lrn_and_gives_the_eager_logits(recipe, digits_checkpoint, paper_checkpoint,
-                                                              registries, tmp_path, capsys):
+def test_onnx_maps_lrn_to_onnx_lrn_and_gives_the_eager_logits(
+    recipe, digits_checkpoint, paper_checkpoint, registries, tmp_path, capsys
+):
     for module in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(module)
     checkpoint = digits_checkpoint if recipe == "alexnet-digits" else paper_checkpoint
@@ -96,19 +101,70 @@ def test_onnx_maps_lrn_to_onnx_lrn_and_gives_the_eager_logits(recipe, digits_che
 
 def test_onnx_refuses_an_even_lrn_size_in_one_line(digits_checkpoint, tmp_path, capsys):
     pytest.importorskip("onnxscript")
-    code = main(["export", "alexnet-digits", "--checkpoint", str(digits_checkpoint), "--format", "onnx",
-                 "--out", str(tmp_path / "m.onnx"), "--set", "model.layers[2].size=4"])
+    code = main(
+        [
+            "export",
+            "alexnet-digits",
+            "--checkpoint",
+            str(digits_checkpoint),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--set",
+            "model.layers[2].size=4",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "even size (4)" in err and "Traceback" not in err
 
 
 def test_bad_checkpoint_and_bad_out_are_one_line_errors(digits_checkpoint, tmp_path, capsys):
-    assert main(["export", "alexnet-imagenet", "--checkpoint", str(digits_checkpoint), "--format", "torch",
-                 "--out", str(tmp_path / "m.pt2")]) == 1
+    assert (
+        main(
+            [
+                "export",
+                "alexnet-imagenet",
+                "--checkpoint",
+                str(digits_checkpoint),
+                "--format",
+                "torch",
+                "--out",
+                str(tmp_path / "m.pt2"),
+            ]
+        )
+        == 1
+    )
     assert "another recipe's checkpoint" in capsys.readouterr().err
-    assert main(["export", "alexnet-digits", "--checkpoint", str(digits_checkpoint), "--format", "torch",
-                 "--out", str(tmp_path / "m.bin")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "alexnet-digits",
+                "--checkpoint",
+                str(digits_checkpoint),
+                "--format",
+                "torch",
+                "--out",
+                str(tmp_path / "m.bin"),
+            ]
+        )
+        == 2
+    )
     assert ".pt2" in capsys.readouterr().err
-    assert main(["export", "alexnet-digits", "--checkpoint", str(tmp_path / "none.safetensors"), "--format",
-                 "torch", "--out", str(tmp_path / "m.pt2")]) == 1
+    assert (
+        main(
+            [
+                "export",
+                "alexnet-digits",
+                "--checkpoint",
+                str(tmp_path / "none.safetensors"),
+                "--format",
+                "torch",
+                "--out",
+                str(tmp_path / "m.pt2"),
+            ]
+        )
+        == 1
+    )
     assert "no such checkpoint file" in capsys.readouterr().err

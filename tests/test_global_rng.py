@@ -2,6 +2,7 @@
 ``np.random``) is reproducible: the engine seeds them from the recipe's seed at the start of a
 run and per sample in data loading. The augmenter under test is a real installed plugin
 (tests/fixtures/plugins/global-rng-augmenter) that ignores the generator it is handed."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +50,13 @@ def test_an_augmenter_drawing_from_global_generators_is_the_same_with_0_and_2_wo
     again = _run(managed, tmp_path / "w0-again", "data.workers=0", "train.max_steps=5")
     assert _model(zero) == _model(two) == _model(again)
     # the noise is really there: without it the weights differ
-    quiet = _run(managed, tmp_path / "w0-quiet", "data.workers=0", "train.max_steps=5",
-                 'data.train_augment=[{name = "fixture_global_noise", std = 0.0}]')
+    quiet = _run(
+        managed,
+        tmp_path / "w0-quiet",
+        "data.workers=0",
+        "train.max_steps=5",
+        'data.train_augment=[{name = "fixture_global_noise", std = 0.0}]',
+    )
     assert _model(quiet) != _model(zero)
 
 
@@ -59,8 +65,13 @@ def test_six_straight_equals_three_resume_three_in_every_tensor(managed, tmp_pat
     """Model, optimizer and every generator's state (torch, numpy, python) bit for bit."""
     straight = _run(managed, tmp_path / "a", f"data.workers={workers}", "train.max_steps=6")
     _run(managed, tmp_path / "b", f"data.workers={workers}", "train.max_steps=3")
-    resumed = _run(managed, tmp_path / "b", f"data.workers={workers}", "train.max_steps=6",
-                   resume=tmp_path / "b" / "checkpoints" / "last.safetensors")
+    resumed = _run(
+        managed,
+        tmp_path / "b",
+        f"data.workers={workers}",
+        "train.max_steps=6",
+        resume=tmp_path / "b" / "checkpoints" / "last.safetensors",
+    )
     assert {"rng/torch", "rng/numpy", "rng/python"} <= straight.keys()
     assert straight.keys() == resumed.keys()
     assert [k for k in straight if straight[k] != resumed[k]] == []

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py on a machine without CUDA: it runs its CPU parts at quick sizes and
 its JSON says, per step, that the GPU part was skipped and why; no GPU figure appears."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,13 @@ STEPS = ["kernels", "lrn", "throughput", "model_parallel", "digits", "decode", "
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the CPU mode; a GPU machine runs the real thing")
 def test_gpu_check_without_a_gpu_runs_its_cpu_parts_and_says_what_it_skipped(tmp_path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["quick"] is True and report["environment"]["cuda_available"] is False
@@ -35,9 +41,14 @@ def test_gpu_check_without_a_gpu_runs_its_cpu_parts_and_says_what_it_skipped(tmp
     assert report["steps"]["kernels"]["cpu"]["cpu_kernel"] == "built"
     assert all(r["forward_ms"] > 0 for r in report["steps"]["lrn"]["cpu"]["rows"])
     assert {r["name"] for r in report["steps"]["throughput"]["cpu"]["rows"]} == {
-        "torchvision alexnet() + SGD [eager]", "alexnet-imagenet single [eager]"}
+        "torchvision alexnet() + SGD [eager]",
+        "alexnet-imagenet single [eager]",
+    }
     assert {r["strategy"] for r in report["steps"]["model_parallel"]["cpu"]["rows"]} == {
-        "single", "model-parallel", "model-parallel/per-tower"}
+        "single",
+        "model-parallel",
+        "model-parallel/per-tower",
+    }
     digits = report["steps"]["digits"]["cpu"]
     assert digits["steps"] == 8 and digits["stopped_at"] == 4
     assert digits["bit_exact"] is True  # resume is bit-exact on the CPU (the engine's promise)

@@ -1,4 +1,5 @@
 """The imagenet dataset on real JPEG trees written on the fly (pieces of scikit-learn's sample photos)."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def pieces(photo: np.ndarray, count: int, seed: int) -> list[Image.Image]:
     for _ in range(count):
         h, w = int(rng.integers(60, 300)), int(rng.integers(60, 300))
         y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
-        out.append(Image.fromarray(photo[y:y + h, x:x + w]))
+        out.append(Image.fromarray(photo[y : y + h, x : x + w]))
     return out
 
 
@@ -133,7 +134,7 @@ def tree(tmp_path):
 
 
 def test_every_file_becomes_uint8_3x256x256(tree):
-    root, info = tree
+    _root, info = tree
     for path in info["files"]["train"] + info["files"]["val"]:
         image = preprocess(path)
         assert image.dtype == torch.uint8 and image.shape == (3, 256, 256), path
@@ -145,7 +146,8 @@ def test_every_file_becomes_uint8_3x256x256(tree):
 
 def test_preprocessing_equals_torchvision_resize_and_center_crop(tree):
     import torchvision.transforms as tv
-    root, info = tree
+
+    _root, info = tree
     pipeline = tv.Compose([tv.Resize(256), tv.CenterCrop(256), tv.PILToTensor()])
     for path in info["files"]["train"]:
         with Image.open(path) as img:
@@ -172,7 +174,7 @@ def test_centre_crop_keeps_the_middle_of_the_longer_side(tmp_path, size):
 
 
 def test_truncated_or_garbage_files_are_none(tree, tmp_path):
-    root, info = tree
+    _root, info = tree
     good = info["files"]["train"][0]
     data = good.read_bytes()
     truncated = tmp_path / "truncated.JPEG"
@@ -188,7 +190,7 @@ def test_truncated_or_garbage_files_are_none(tree, tmp_path):
 
 
 def test_folders_layout_builds_both_splits(tree, tmp_path, registries):
-    root, info = tree
+    root, _info = tree
     recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
     splits = build_dataset(recipe, registries)
     assert splits.classes == list(CLASSES) and splits.num_classes == 2
@@ -201,8 +203,10 @@ def test_folders_layout_builds_both_splits(tree, tmp_path, registries):
 def test_devkit_layout_with_flat_val_uses_the_ground_truth(tmp_path, registries):
     root = tmp_path / "ilsvrc"
     info = write_tree(root, flat_val=True)
-    torch.save(({CLASSES[0]: ("tench", "Tinca tinca"), CLASSES[1]: ("English springer",)}, info["val_wnids"]),
-               root / "meta.bin")
+    torch.save(
+        ({CLASSES[0]: ("tench", "Tinca tinca"), CLASSES[1]: ("English springer",)}, info["val_wnids"]),
+        root / "meta.bin",
+    )
     recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
     splits = build_dataset(recipe, registries)
     assert splits.classes == [f"{CLASSES[0]} tench", f"{CLASSES[1]} English springer"]
@@ -248,8 +252,9 @@ def test_missing_root_from_the_command_line(tmp_path, capsys):
 
 def test_num_classes_mismatch_is_a_recipe_error(tree, tmp_path, registries):
     root, _ = tree
-    recipe = load_recipe(tiny_recipe(tmp_path, root), ["model.num_classes=3", "model.layers[4].out=3"],
-                         registries=registries)
+    recipe = load_recipe(
+        tiny_recipe(tmp_path, root), ["model.num_classes=3", "model.layers[4].out=3"], registries=registries
+    )
     with pytest.raises(RecipeError, match="model.num_classes = 3"):
         build_dataset(recipe, registries)
 

@@ -1,6 +1,7 @@
 """Keyed randomness (convnet.core.keyed) and the keyed dropout layer: the torch hash is the
 reference splitmix64 bit for bit, any slice of samples or features is the same slice of the
 whole, and a tower piece draws its towers' slice of single's mask."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,15 +30,25 @@ def test_the_torch_hash_is_splitmix64_bit_for_bit(values) -> None:
     assert keyed.splitmix64_tensor(t).tolist() == [keyed._signed(splitmix64(v)) for v in values]
 
 
-@given(k=u64, samples=st.lists(st.integers(0, 2**40), min_size=1, max_size=6),
-       features=st.lists(st.integers(0, 2**31), min_size=1, max_size=6))
+@given(
+    k=u64,
+    samples=st.lists(st.integers(0, 2**40), min_size=1, max_size=6),
+    features=st.lists(st.integers(0, 2**31), min_size=1, max_size=6),
+)
 def test_bits_are_the_reference_counter_hash(k, samples, features) -> None:
     got = keyed.bits(k, torch.tensor(samples), torch.tensor(features))
     assert got.tolist() == [[_reference_bits(k, s, f) for f in features] for s in samples]
 
 
-@given(seed=st.integers(0, 2**63 - 1), step=st.integers(0, 10**6), layer=st.text(min_size=1, max_size=8),
-       n=st.integers(1, 24), f=st.integers(1, 300), p=st.floats(0.0, 1.0), data=st.data())
+@given(
+    seed=st.integers(0, 2**63 - 1),
+    step=st.integers(0, 10**6),
+    layer=st.text(min_size=1, max_size=8),
+    n=st.integers(1, 24),
+    f=st.integers(1, 300),
+    p=st.floats(0.0, 1.0),
+    data=st.data(),
+)
 def test_a_slice_of_samples_and_features_is_the_slice_of_the_whole_mask(seed, step, layer, n, f, p, data) -> None:
     samples = torch.tensor(data.draw(st.lists(st.integers(0, 10**9), min_size=n, max_size=n, unique=True)))
     whole = keyed.keyed_draws(seed, step, samples)
@@ -55,16 +66,22 @@ def test_a_slice_of_samples_and_features_is_the_slice_of_the_whole_mask(seed, st
 
 def test_different_seed_step_layer_give_different_masks() -> None:
     s, f = torch.arange(64), torch.arange(256)
-    masks = [keyed.keep_mask(0.5, keyed.key(*parts), s, f) for parts in
-             [(0, 1, "fc6"), (1, 1, "fc6"), (0, 2, "fc6"), (0, 1, "fc7")]]
+    masks = [
+        keyed.keep_mask(0.5, keyed.key(*parts), s, f)
+        for parts in [(0, 1, "fc6"), (1, 1, "fc6"), (0, 2, "fc6"), (0, 1, "fc7")]
+    ]
     for i in range(len(masks)):
         assert 0.45 < masks[i].float().mean().item() < 0.55
         for j in range(i):
             assert 0.4 < (masks[i] == masks[j]).float().mean().item() < 0.6  # independent, not equal
 
 
-@given(towers=st.sampled_from([1, 2, 3, 4]), per=st.integers(1, 3), inner=st.sampled_from([(), (2,), (2, 3)]),
-       data=st.data())
+@given(
+    towers=st.sampled_from([1, 2, 3, 4]),
+    per=st.integers(1, 3),
+    inner=st.sampled_from([(), (2,), (2, 3)]),
+    data=st.data(),
+)
 def test_tower_blocks_index_their_slice_of_the_whole(towers, per, inner, data) -> None:
     x = torch.zeros(2, towers * per, *inner)
     whole = keyed.features(x)

@@ -4,6 +4,7 @@ The CPU kernel is JIT-built once per test session (cached in TORCH_EXTENSIONS_DI
 cannot be built these tests fail rather than skip: the project ships it, and a machine with
 torch but without a C++ compiler is not one CI runs on.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -40,18 +41,25 @@ def _input(seed: int, shape: tuple[int, ...], scale: float, dtype: torch.dtype) 
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
-params = st.fixed_dictionaries({
-    "size": st.integers(1, 9),
-    "alpha": st.sampled_from([1e-4, 1e-2]) | st.floats(1e-5, 2.0),
-    "beta": st.sampled_from([0.0, 0.5, 0.75, 1.0]) | st.floats(0.0, 1.5),
-    "k": st.sampled_from([2.0, 1.0]) | st.floats(0.5, 3.0),
-})
+params = st.fixed_dictionaries(
+    {
+        "size": st.integers(1, 9),
+        "alpha": st.sampled_from([1e-4, 1e-2]) | st.floats(1e-5, 2.0),
+        "beta": st.sampled_from([0.0, 0.5, 0.75, 1.0]) | st.floats(0.0, 1.5),
+        "k": st.sampled_from([2.0, 1.0]) | st.floats(0.5, 3.0),
+    }
+)
 shapes = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 7), st.integers(1, 7))
 
 
 @settings(max_examples=40)
-@given(shape=shapes, p=params, seed=st.integers(0, 2**31), scale=st.sampled_from([1e-2, 1.0, 10.0]),
-       dtype=st.sampled_from(list(TOLERANCE)))
+@given(
+    shape=shapes,
+    p=params,
+    seed=st.integers(0, 2**31),
+    scale=st.sampled_from([1e-2, 1.0, 10.0]),
+    dtype=st.sampled_from(list(TOLERANCE)),
+)
 def test_cpu_kernel_agrees_with_reference(cpu_kernel, shape, p, seed, scale, dtype):
     x = _input(seed, shape, scale, dtype)
     rtol, atol = TOLERANCE[dtype]
@@ -81,8 +89,7 @@ def test_cpu_kernel_gradcheck_float64(cpu_kernel, n, c, hw, p, seed):
 def test_torch_impl_maps_alpha_to_the_papers_convention(shape, p, seed, dtype):
     x = _input(seed, shape, 3.0, dtype)
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
-    torch.testing.assert_close(local_response_norm(x, **p, impl="torch"), lrn_reference(x, **p),
-                               rtol=rtol, atol=atol)
+    torch.testing.assert_close(local_response_norm(x, **p, impl="torch"), lrn_reference(x, **p), rtol=rtol, atol=atol)
 
 
 def test_alpha_multiplies_the_sum_not_the_mean():
@@ -98,8 +105,12 @@ def test_paper_shape_slice_with_awkward_pixel_count(cpu_kernel, impl):
     """Pixel counts that are not a multiple of the kernel's block, C < size, even size."""
     for shape, size in [((2, 96, 23, 13), 5), ((3, 2, 17, 19), 5), ((1, 7, 16, 16), 4), ((2, 5, 1, 300), 6)]:
         x = _input(sum(shape), shape, 5.0, torch.float64)
-        torch.testing.assert_close(local_response_norm(x, size, 1e-2, 0.75, 2.0, impl=impl),
-                                   lrn_reference(x, size, 1e-2, 0.75, 2.0), rtol=1e-10, atol=0.0)
+        torch.testing.assert_close(
+            local_response_norm(x, size, 1e-2, 0.75, 2.0, impl=impl),
+            lrn_reference(x, size, 1e-2, 0.75, 2.0),
+            rtol=1e-10,
+            atol=0.0,
+        )
 
 
 def test_outputs_written_everywhere(cpu_kernel):
@@ -124,10 +135,12 @@ def test_outputs_written_everywhere(cpu_kernel):
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice", "pixel_stride", "transposed_hw"])
 def test_non_contiguous_inputs(cpu_kernel, layout):
     base = _input(11, (2, 12, 9, 10), 3.0, torch.float64)
-    x = {"channels_last": base.contiguous(memory_format=torch.channels_last),
-         "channel_slice": base[:, 1::2],
-         "pixel_stride": base[..., ::3],
-         "transposed_hw": base.transpose(2, 3)}[layout]
+    x = {
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "channel_slice": base[:, 1::2],
+        "pixel_stride": base[..., ::3],
+        "transposed_hw": base.transpose(2, 3),
+    }[layout]
     assert not x.is_contiguous()
     xa, xb = x.clone(memory_format=torch.preserve_format).requires_grad_(True), x.detach().clone().requires_grad_(True)
     ya = cpu_kernel(xa, 5, 1e-2, 0.75, 2.0)
@@ -187,9 +200,18 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
 
 
 def _layer(registries, impl: str, towers: int, cross: bool, channels: int = 8):
-    ctx = LayerContext(in_shape=(channels, 6, 5), towers=towers, cross=cross, path="model.layers[1]",
-                       id="lrn1", index=1, is_last=False, device=torch.device("cpu"), dtype=torch.float64,
-                       registries=registries)
+    ctx = LayerContext(
+        in_shape=(channels, 6, 5),
+        towers=towers,
+        cross=cross,
+        path="model.layers[1]",
+        id="lrn1",
+        index=1,
+        is_last=False,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        registries=registries,
+    )
     options = lrn.LrnOptions(size=5, alpha=0.05, beta=0.75, k=2.0, impl=impl)
     return registries.layer.get("lrn").factory(options, ctx)
 

@@ -1,5 +1,6 @@
 """The hand-written CUDA LRN kernel: compiled with nvcc on every machine that has it (no GPU
 needed, so a syntax or API error fails CI), run against the reference where a GPU is present."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,16 +38,26 @@ def cuda_kernel():
     return fn
 
 
-TOLERANCE = {torch.float64: (1e-10, 0.0), torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5),
-             torch.bfloat16: (1.6e-2, 1e-5)}
+TOLERANCE = {
+    torch.float64: (1e-10, 0.0),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+}
 
 
 @pytest.mark.cuda
 @needs_gpu
 @settings(max_examples=40)
-@given(shape=st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 9), st.integers(1, 9)),
-       size=st.integers(1, 9), alpha=st.floats(1e-5, 2.0), beta=st.sampled_from([0.75, 0.5, 1.0, 0.3]),
-       k=st.floats(0.5, 3.0), seed=st.integers(0, 2**31), dtype=st.sampled_from(list(TOLERANCE)))
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 9), st.integers(1, 9)),
+    size=st.integers(1, 9),
+    alpha=st.floats(1e-5, 2.0),
+    beta=st.sampled_from([0.75, 0.5, 1.0, 0.3]),
+    k=st.floats(0.5, 3.0),
+    seed=st.integers(0, 2**31),
+    dtype=st.sampled_from(list(TOLERANCE)),
+)
 def test_cuda_kernel_agrees_with_reference(cuda_kernel, shape, size, alpha, beta, k, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
@@ -155,27 +166,35 @@ def host_harness(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lrn_cuda_host")
     (folder / "harness.cpp").write_text(HOST_HARNESS)
     exe = folder / "harness"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{kernels.CSRC}", str(folder / "harness.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [cxx, "-std=c++17", "-O1", f"-I{kernels.CSRC}", str(folder / "harness.cpp"), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return exe
 
 
-@pytest.mark.parametrize("shape, size, alpha, beta, k, generic, segments", [
-    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, False, 1),   # the paper's window, in registers
-    ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, True, 1),    # the same through the generic path
-    ((2, 23, 3, 5), 5, 1e-2, 0.75, 2.0, False, 4),  # channels cut into runs (few pixels)
-    ((2, 23, 3, 5), 5, 1e-2, 0.75, 2.0, False, 23),  # one channel per run
-    ((2, 23, 3, 5), 6, 1e-2, 0.75, 2.0, False, 3),  # runs on the generic path
-    ((1, 3, 4, 4), 5, 0.3, 0.6, 1.0, False, 1),     # C < size: clipped to the register window
-    ((1, 3, 4, 4), 9, 0.3, 1.0, 1.0, False, 2),     # a wide window on 3 channels: also (2, 2)
-    ((2, 2, 3, 3), 5, 0.3, 0.75, 1.5, False, 1),    # C = 2: generic
-    ((2, 10, 3, 4), 4, 0.1, 0.5, 2.0, False, 1),    # even size
-    ((1, 12, 2, 3), 7, 0.05, 0.3, 0.7, False, 1),
-    ((3, 1, 2, 2), 1, 0.5, 0.75, 2.0, False, 1),
-    ((2, 11, 1, 5), 5, 1e-4, 0.0, 2.0, False, 1),
-])
-def test_cuda_column_code_on_the_host_agrees_with_reference(host_harness, tmp_path, shape, size, alpha, beta, k,
-                                                             generic, segments):
+@pytest.mark.parametrize(
+    "shape, size, alpha, beta, k, generic, segments",
+    [
+        ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, False, 1),  # the paper's window, in registers
+        ((2, 7, 3, 5), 5, 1e-2, 0.75, 2.0, True, 1),  # the same through the generic path
+        ((2, 23, 3, 5), 5, 1e-2, 0.75, 2.0, False, 4),  # channels cut into runs (few pixels)
+        ((2, 23, 3, 5), 5, 1e-2, 0.75, 2.0, False, 23),  # one channel per run
+        ((2, 23, 3, 5), 6, 1e-2, 0.75, 2.0, False, 3),  # runs on the generic path
+        ((1, 3, 4, 4), 5, 0.3, 0.6, 1.0, False, 1),  # C < size: clipped to the register window
+        ((1, 3, 4, 4), 9, 0.3, 1.0, 1.0, False, 2),  # a wide window on 3 channels: also (2, 2)
+        ((2, 2, 3, 3), 5, 0.3, 0.75, 1.5, False, 1),  # C = 2: generic
+        ((2, 10, 3, 4), 4, 0.1, 0.5, 2.0, False, 1),  # even size
+        ((1, 12, 2, 3), 7, 0.05, 0.3, 0.7, False, 1),
+        ((3, 1, 2, 2), 1, 0.5, 0.75, 2.0, False, 1),
+        ((2, 11, 1, 5), 5, 1e-4, 0.0, 2.0, False, 1),
+    ],
+)
+def test_cuda_column_code_on_the_host_agrees_with_reference(
+    host_harness, tmp_path, shape, size, alpha, beta, k, generic, segments
+):
     import subprocess
 
     import numpy as np
@@ -185,11 +204,25 @@ def test_cuda_column_code_on_the_host_agrees_with_reference(host_harness, tmp_pa
     grad = torch.randn(shape, generator=gen, dtype=torch.float64)
     (tmp_path / "in.bin").write_bytes(x.numpy().tobytes() + grad.numpy().tobytes())
     n, c, h, w = shape
-    subprocess.run([str(host_harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(n), str(c),
-                    str(h * w), str(size), repr(alpha), repr(beta), repr(k), str(int(generic)), str(segments)],
-                   check=True)
+    subprocess.run(
+        [
+            str(host_harness),
+            str(tmp_path / "in.bin"),
+            str(tmp_path / "out.bin"),
+            str(n),
+            str(c),
+            str(h * w),
+            str(size),
+            repr(alpha),
+            repr(beta),
+            repr(k),
+            str(int(generic)),
+            str(segments),
+        ],
+        check=True,
+    )
     out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64))
-    y, dx = out[: x.numel()].reshape(shape), out[x.numel():].reshape(shape)
+    y, dx = out[: x.numel()].reshape(shape), out[x.numel() :].reshape(shape)
     xr = x.clone().requires_grad_(True)
     expected = lrn_reference(xr, size, alpha, beta, k)
     expected.backward(grad)
@@ -235,5 +268,6 @@ def test_cuda_kernel_at_the_papers_shapes(cuda_kernel, shape, dtype, layout, siz
 def test_cuda_op_schema_opcheck(cuda_kernel):
     """torch.library.opcheck's schema test on the raw CUDA op (its autograd lives in kernels._Lrn)."""
     x = torch.randn(2, 6, 5, 5, device="cuda")
-    torch.library.opcheck(torch.ops.convnet_lrn_cuda.forward.default, (x, 5, 1e-4, 0.75, 2.0, True),
-                          test_utils=("test_schema",))
+    torch.library.opcheck(
+        torch.ops.convnet_lrn_cuda.forward.default, (x, 5, 1e-4, 0.75, 2.0, True), test_utils=("test_schema",)
+    )

@@ -4,6 +4,7 @@
 AOT dispatch and compares each with the real kernel, so a fake rule that lies about a stride
 or a dtype, or a backward that is not registered properly, fails here.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -84,6 +85,7 @@ def test_save_scale_false_writes_no_scale_and_refuses_a_backward(cpu_kernel):
 @pytest.mark.parametrize("impl", ["cpu", "auto"])
 def test_compile_fullgraph_forward_and_backward_match_eager(cpu_kernel, impl):
     """One graph (fullgraph=True fails on any break), and the compiled backward is the kernel's."""
+
     def f(t):
         return local_response_norm(t, 5, 1e-2, 0.75, 2.0, impl=impl).square().sum()
 

@@ -1,9 +1,12 @@
 """The paper's SGD form against its equations, and where it parts from torch.optim.SGD.
 
-    v_{i+1} = 0.9 v_i - 0.0005 eps w_i - eps <dL/dw>_i
-    w_{i+1} = w_i + v_{i+1}
+v_{i+1} = 0.9 v_i - 0.0005 eps w_i - eps <dL/dw>_i
+w_{i+1} = w_i + v_{i+1}
 """
+
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -22,8 +25,9 @@ def optimizer_context(named: list) -> OptimizerContext:
 
 
 def schedule_context(opt: torch.optim.Optimizer, steps_per_epoch: int = 10, epochs: int = 3) -> ScheduleContext:
-    return ScheduleContext(opt, steps_per_epoch, steps_per_epoch * epochs, load_recipe("alexnet-digits"),
-                           load_plugins())
+    return ScheduleContext(
+        opt, steps_per_epoch, steps_per_epoch * epochs, load_recipe("alexnet-digits"), load_plugins()
+    )
 
 
 def grad_of(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -127,8 +131,9 @@ def test_weight_decay_skips_biases_unless_asked():
     opt.step()
     assert torch.allclose(layer.weight, torch.full_like(layer.weight, 1 - 0.5 * 0.1))
     assert torch.equal(layer.bias, torch.ones_like(layer.bias))
-    opt = build_paper_sgd(SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5, decay_biases=True),
-                          optimizer_context(named))
+    opt = build_paper_sgd(
+        SGDOptions(lr=0.1, momentum=0.9, weight_decay=0.5, decay_biases=True), optimizer_context(named)
+    )
     opt.step()
     assert torch.allclose(layer.bias, torch.full_like(layer.bias, 1 - 0.5 * 0.1))
 
@@ -159,10 +164,10 @@ def test_cosine_warms_up_linearly_then_follows_half_a_cosine_to_min_lr():
     assert lrs[0] == pytest.approx(0.02)  # warmup_start x lr before the first step
     assert lrs[:6] == pytest.approx([0.1 * (0.2 + 0.8 * t / 5) for t in range(6)])
     assert lrs[5] == pytest.approx(0.1)  # the peak, then only down
-    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[5:]))
     assert lrs[5 + 25 // 2] < 0.1 * 0.6 and lrs[-1] == pytest.approx(0.001)  # total = 3 epochs x 10 steps
     mid = 5 + 12.5
-    assert sched.lr_at(17, 0.1) > sched.lr_at(18, 0.1) and 0.001 + 0.099 * 0.5 == pytest.approx(sched.lr_at(mid, 0.1))
+    assert sched.lr_at(17, 0.1) > sched.lr_at(18, 0.1) and pytest.approx(sched.lr_at(mid, 0.1)) == 0.001 + 0.099 * 0.5
 
 
 def test_cosine_state_restores_the_same_lr_sequence():

@@ -4,6 +4,7 @@ The photographs are pieces of scikit-learn's two sample photos; the bad files ar
 file, a truncated JPEG and a text file named .jpg. Kill and full-disk faults use real
 processes (SIGKILL, RLIMIT_FSIZE).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def _photos() -> list[np.ndarray]:
     return list(load_sample_images().images)  # china.jpg, flower.jpg: 427x640x3 uint8
 
 
-def write_tree(root: Path, per_class: int = 6, val_per_class: int = 2, bad: bool = True,
-               sizes: tuple[int, int] = (60, 300)) -> list[Path]:
+def write_tree(
+    root: Path, per_class: int = 6, val_per_class: int = 2, bad: bool = True, sizes: tuple[int, int] = (60, 300)
+) -> list[Path]:
     """``root/{train,val}/<wnid>/*.jpg`` from photo crops; with ``bad``, three unreadable files in train."""
     photos = _photos()
     rng = np.random.default_rng(0)
@@ -54,7 +56,7 @@ def write_tree(root: Path, per_class: int = 6, val_per_class: int = 2, bad: bool
             y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
             folder = root / split / wnid
             folder.mkdir(parents=True, exist_ok=True)
-            img = Image.fromarray(photo[y:y + h, x:x + w])
+            img = Image.fromarray(photo[y : y + h, x : x + w])
             (img.convert("L") if i == 1 else img).save(folder / f"{wnid}_{i:03d}.jpg", quality=90)
     bad_paths = []
     if bad:
@@ -181,8 +183,9 @@ def test_jpeg_pack_is_within_the_measured_reencoding_error(tree, tmp_path, regis
     err = torch.stack(errors)
     psnr = 10 * torch.log10(255.0**2 / (err**2).mean())
     assert err.mean() < 3.0 and psnr > 34, (float(err.mean()), float(psnr))
-    pil = build_dataset(load_recipe(packed_recipe(tmp_path, out, size=64, extra='decode = "pil"'),
-                                    registries=registries), registries)
+    pil = build_dataset(
+        load_recipe(packed_recipe(tmp_path, out, size=64, extra='decode = "pil"'), registries=registries), registries
+    )
     assert all(torch.equal(pil.train[j][0], packed.train[j][0]) for j in range(len(pil.train)))
 
 
@@ -209,8 +212,19 @@ def test_shards_are_plain_tars_in_the_webdataset_layout(tree, tmp_path, registri
 def test_cli_names_every_bad_file_in_its_output_and_the_report(tree, tmp_path, capsys):
     root, bad = tree
     out = tmp_path / "cli"
-    code = cli.main(["pack", str(folder_recipe(tmp_path, root)), "--out", str(out), "--workers", "2", "--quiet",
-                     "--shard-size", "4"])
+    code = cli.main(
+        [
+            "pack",
+            str(folder_recipe(tmp_path, root)),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--quiet",
+            "--shard-size",
+            "4",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and f"skipped {len(bad)} unreadable image(s)" in stdout
     report = (out / "bad_files.txt").read_text().splitlines()
@@ -245,9 +259,27 @@ def test_resuming_with_other_settings_is_refused(tree, tmp_path, capsys):
 
 def _pack_process(recipe: Path, out: Path, *extra: str, preexec=None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "convnet.core", "pack", str(recipe), "--out", str(out),
-                             "--shard-size", "1", "--workers", "0", "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=preexec)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "convnet.core",
+            "pack",
+            str(recipe),
+            "--out",
+            str(out),
+            "--shard-size",
+            "1",
+            "--workers",
+            "0",
+            "--quiet",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=preexec,
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
@@ -257,8 +289,11 @@ def test_a_pack_killed_mid_way_resumes_and_equals_an_uninterrupted_pack(tmp_path
     write_tree(root, per_class=10, val_per_class=3, sizes=(150, 400))
     recipe = folder_recipe(tmp_path, root, size=128)
     straight = tmp_path / "straight"
-    total = sum(pack(load_recipe(recipe, registries=registries), registries, straight, PackSettings(shard_size=1),
-                     progress=False).shards.values())
+    total = sum(
+        pack(
+            load_recipe(recipe, registries=registries), registries, straight, PackSettings(shard_size=1), progress=False
+        ).shards.values()
+    )
     assert total == 3 * 13 + len(BAD)
     for attempt in range(3):  # on a loaded machine the child could finish before it is killed
         out = tmp_path / f"killed{attempt}"
@@ -298,11 +333,32 @@ def test_a_full_disk_leaves_only_whole_shards_and_a_rerun_completes(tree, tmp_pa
     err = stderr.decode().strip().splitlines()
     assert child.returncode == 1 and len(err) == 1 and "cannot write the pack" in err[0] and str(out) in err[0]
     assert not list(out.rglob("*.tmp")) and not (out / "packed.json").exists()
-    assert cli.main(["pack", str(recipe), "--out", str(out), "--quiet", "--workers", "0", "--shard-size", "1",
-                     "--format", "raw"]) == 0
+    assert (
+        cli.main(
+            [
+                "pack",
+                str(recipe),
+                "--out",
+                str(out),
+                "--quiet",
+                "--workers",
+                "0",
+                "--shard-size",
+                "1",
+                "--format",
+                "raw",
+            ]
+        )
+        == 0
+    )
     straight = tmp_path / "straight"
-    pack(load_recipe(recipe, registries=registries), registries, straight, PackSettings("raw", shard_size=1),
-         progress=False)
+    pack(
+        load_recipe(recipe, registries=registries),
+        registries,
+        straight,
+        PackSettings("raw", shard_size=1),
+        progress=False,
+    )
     assert files_of(out) == files_of(straight)
 
 
@@ -317,8 +373,10 @@ def test_a_run_on_raw_packed_data_trains_exactly_as_on_the_folder(tmp_path, regi
     packed = load_recipe(packed_recipe(tmp_path, out, workers=2, epochs=2), registries=registries)
     a = train(folder, out=tmp_path / "run-folder", registries=registries)
     b = train(packed, out=tmp_path / "run-packed", registries=registries)
-    lines = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-             for run in ("run-folder", "run-packed")]
+    lines = [
+        [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("run-folder", "run-packed")
+    ]
     strip = [[{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rs] for rs in lines]
     assert strip[0] == strip[1] and a["step"] == b["step"] == 8
     assert all(np.isfinite(r["loss"]) for r in lines[1] if r["kind"] == "train")
@@ -330,8 +388,14 @@ def test_ddp_ranks_read_one_pack_and_follow_single(tmp_path, registries):
     root = tmp_path / "clean"
     write_tree(root, bad=False)
     out = tmp_path / "raw"
-    pack(load_recipe(folder_recipe(tmp_path, root), registries=registries), registries, out,
-         PackSettings("raw", shard_size=5), workers=0, progress=False)
+    pack(
+        load_recipe(folder_recipe(tmp_path, root), registries=registries),
+        registries,
+        out,
+        PackSettings("raw", shard_size=5),
+        workers=0,
+        progress=False,
+    )
     recipe = packed_recipe(tmp_path, out, workers=1)
     # Without dropout: ddp draws its dropout masks per rank, so with dropout it does not follow
     # single on this recipe (with folder data as well); what is tested here is the reading.
@@ -339,13 +403,34 @@ def test_ddp_ranks_read_one_pack_and_follow_single(tmp_path, registries):
     assert "dropout" not in recipe.read_text()
     train(load_recipe(recipe, registries=registries), out=tmp_path / "single", registries=registries)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "-m", "convnet.core", "run", str(recipe), "--quiet", "--out", str(tmp_path / "ddp"),
-                          "--set", "parallel.strategy=ddp", "--set", "parallel.timeout=60"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "convnet.core",
+            "run",
+            str(recipe),
+            "--quiet",
+            "--out",
+            str(tmp_path / "ddp"),
+            "--set",
+            "parallel.strategy=ddp",
+            "--set",
+            "parallel.timeout=60",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
-    records = [map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-               for name in ("single", "ddp")]
+    records = [
+        map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines()) for name in ("single", "ddp")
+    ]
     losses = [{r["step"]: r["loss"] for r in rs if r["kind"] == "train"} for rs in records]
     assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
     assert all(abs(losses[0][s] - losses[1][s]) <= 1e-5 * abs(losses[0][s]) for s in losses[0]), losses
@@ -368,7 +453,7 @@ def _corrupt_one_member(out: Path) -> Path:
     shard = out / "train" / f"shard-{int(index[0]['shard']):06d}.tar"
     data = bytearray(shard.read_bytes())
     middle = int(index[0]["offset"]) + int(index[0]["size"]) // 2
-    data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])
+    data[middle : middle + 8] = bytes(255 - b for b in data[middle : middle + 8])
     shard.write_bytes(bytes(data))
     return shard
 
@@ -445,10 +530,10 @@ def test_the_index_in_a_spawned_worker_costs_under_100_mb(tmp_path):
         "    from convnet.plugins.data.packed import PackedSplit\n"
         f"    split = PackedSplit({str(folder)!r}, ['x.tar'], 'jpeg')\n"
         "    loader = DataLoader(Labels(split), batch_size=None, num_workers=1, multiprocessing_context='spawn')\n"
-        "    print(*next(iter(loader)))\n")
+        "    print(*next(iter(loader)))\n"
+    )
     (tmp_path / "worker_rss.py").write_text(script, encoding="utf-8")  # spawn re-imports the main module
-    run = subprocess.run([sys.executable, "worker_rss.py"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+    run = subprocess.run([sys.executable, "worker_rss.py"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     memmap, rss, anon, total = run.stdout.split()
     assert memmap == "True" and int(total) == int((np.arange(1_281_167) % 1000).sum())

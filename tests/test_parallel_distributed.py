@@ -1,5 +1,6 @@
 """tower-parallel and ddp in real processes (gloo on this CPU) against single, and a rank
 that dies mid-run. Every launch has a hard timeout and its own free port."""
+
 from __future__ import annotations
 
 import json
@@ -159,11 +160,24 @@ def _env(**extra: str) -> dict[str, str]:
 def _spawn_ranks(args: list[str], world: int) -> list[subprocess.Popen]:
     """One process per rank with the environment torchrun would give it."""
     port = str(_free_port())
-    return [subprocess.Popen([sys.executable, "-m", "convnet.core", *args],
-                             env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                                      MASTER_PORT=port, LOCAL_WORLD_SIZE=str(world)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-            for r in range(world)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "convnet.core", *args],
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                LOCAL_WORLD_SIZE=str(world),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(world)
+    ]
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
@@ -195,10 +209,19 @@ def _run_ranks(args: list[str], world: int, timeout: float = LAUNCH_TIMEOUT) -> 
 
 
 def _torchrun(args: list[str], nproc: int) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "convnet.core", *args]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "convnet.core",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     return _wait_all([proc], LAUNCH_TIMEOUT)[0]
 
 
@@ -235,8 +258,20 @@ def _assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float) ->
 
 def test_tower_parallel_two_processes_follow_single(tiny: Path, tmp_path: Path) -> None:
     single = _single(tiny, tmp_path / "single")
-    for code, text in _run_ranks(["run", str(tiny), "--quiet", "--out", str(tmp_path / "tp"),
-                                  "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2):
+    for code, text in _run_ranks(
+        [
+            "run",
+            str(tiny),
+            "--quiet",
+            "--out",
+            str(tmp_path / "tp"),
+            "--set",
+            "parallel.strategy=tower-parallel",
+            "--set",
+            "parallel.timeout=60",
+        ],
+        world=2,
+    ):
         assert code == 0, text
     _assert_same_losses(_losses(single), _losses(tmp_path / "tp"), 1e-5)
     assert len(_losses(single)) == 5
@@ -251,9 +286,22 @@ def test_tower_parallel_resumes_a_single_checkpoint(tiny: Path, tmp_path: Path) 
     straight = _single(tiny, tmp_path / "straight")
     first = _single(tiny, tmp_path / "first", "train.max_steps=2")
     resumed = tmp_path / "resumed"
-    for code, text in _run_ranks(["run", str(tiny), "--quiet", "--out", str(resumed),
-                                  "--resume", str(first / "checkpoints" / "last.safetensors"),
-                                  "--set", "parallel.strategy=tower-parallel", "--set", "parallel.timeout=60"], world=2):
+    for code, text in _run_ranks(
+        [
+            "run",
+            str(tiny),
+            "--quiet",
+            "--out",
+            str(resumed),
+            "--resume",
+            str(first / "checkpoints" / "last.safetensors"),
+            "--set",
+            "parallel.strategy=tower-parallel",
+            "--set",
+            "parallel.timeout=60",
+        ],
+        world=2,
+    ):
         assert code == 0, text
     tail = {s: v for s, v in _losses(straight).items() if s > 2}
     _assert_same_losses(tail, _losses(resumed), 1e-5)
@@ -263,8 +311,20 @@ def test_tower_parallel_resumes_a_single_checkpoint(tiny: Path, tmp_path: Path) 
 def test_ddp_two_processes_half_batch_each_follow_single(tiny: Path, tmp_path: Path) -> None:
     """torchrun, 2 ranks x 8 samples == one process x 16: losses, weights, evaluation."""
     single = _single(tiny, tmp_path / "single")
-    code, text = _torchrun(["run", str(tiny), "--quiet", "--out", str(tmp_path / "ddp"),
-                            "--set", "parallel.strategy=ddp", "--set", "parallel.timeout=60"], nproc=2)
+    code, text = _torchrun(
+        [
+            "run",
+            str(tiny),
+            "--quiet",
+            "--out",
+            str(tmp_path / "ddp"),
+            "--set",
+            "parallel.strategy=ddp",
+            "--set",
+            "parallel.timeout=60",
+        ],
+        nproc=2,
+    )
     assert code == 0, text
     _assert_same_losses(_losses(single), _losses(tmp_path / "ddp"), 1e-5)
     _assert_same_checkpoint(single, tmp_path / "ddp", 1e-5)
@@ -276,24 +336,55 @@ def test_ddp_two_processes_half_batch_each_follow_single(tiny: Path, tmp_path: P
 def test_ddp_four_processes_draw_singles_dropout_masks(tiny: Path, tmp_path: Path) -> None:
     """4 ranks x 4 samples, dropout 0.5: each rank draws its rows of single's masks."""
     single = _single(tiny, tmp_path / "single")
-    for code, text in _run_ranks(["run", str(tiny), "--quiet", "--out", str(tmp_path / "ddp4"),
-                                  "--set", "parallel.strategy=ddp", "--set", "parallel.timeout=120"], world=4,
-                                 timeout=300):
+    for code, text in _run_ranks(
+        [
+            "run",
+            str(tiny),
+            "--quiet",
+            "--out",
+            str(tmp_path / "ddp4"),
+            "--set",
+            "parallel.strategy=ddp",
+            "--set",
+            "parallel.timeout=120",
+        ],
+        world=4,
+        timeout=300,
+    ):
         assert code == 0, text
     _assert_same_losses(_losses(single), _losses(tmp_path / "ddp4"), 1e-5)
     _assert_same_checkpoint(single, tmp_path / "ddp4", 1e-5)
 
 
-@pytest.mark.parametrize("strategy,how", [("ddp", signal.SIGKILL), ("tower-parallel", signal.SIGSTOP)],
-                         ids=["ddp-rank-killed", "tower-parallel-rank-hangs"])
-def test_a_rank_that_dies_stops_the_others_with_a_clear_error(tiny: Path, tmp_path: Path, strategy: str,
-                                                                how: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    "strategy,how",
+    [("ddp", signal.SIGKILL), ("tower-parallel", signal.SIGSTOP)],
+    ids=["ddp-rank-killed", "tower-parallel-rank-hangs"],
+)
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error(
+    tiny: Path, tmp_path: Path, strategy: str, how: signal.Signals
+) -> None:
     """A killed peer is noticed at once (the connection drops); a hung one after the
     process group's timeout."""
     out = tmp_path / "run"
-    procs = _spawn_ranks(["run", str(tiny), "--quiet", "--out", str(out), "--set", "train.max_steps=100000",
-                          "--set", "train.epochs=100000", "--set", f"parallel.strategy={strategy}",
-                          "--set", "parallel.timeout=10"], world=2)
+    procs = _spawn_ranks(
+        [
+            "run",
+            str(tiny),
+            "--quiet",
+            "--out",
+            str(out),
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.epochs=100000",
+            "--set",
+            f"parallel.strategy={strategy}",
+            "--set",
+            "parallel.timeout=10",
+        ],
+        world=2,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
@@ -341,16 +432,27 @@ s.close()
 def test_ddp_sharding_and_reductions_over_two_processes() -> None:
     """Evaluation shares cover every sample once; the reductions see every rank's (uneven) part."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port))
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", COLLECTIVES],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
     outputs = []
     for code, text in _wait_all(procs, LAUNCH_TIMEOUT):
         assert code == 0, text
-        outputs.append({line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
-                        for line in text.splitlines() if line.split(" ", 1)[0] in ("shard", "sum", "idx", "feat", "batch")})
+        outputs.append(
+            {
+                line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
+                for line in text.splitlines()
+                if line.split(" ", 1)[0] in ("shard", "sum", "idx", "feat", "batch")
+            }
+        )
     assert outputs[0]["shard"] == list(range(0, 11)) and outputs[1]["shard"] == list(range(11, 21))
     for out in outputs:
         assert out["sum"] == [21.0, 3.0]
@@ -368,18 +470,33 @@ def test_with_dropout_on_every_strategy_follows_single_on_alexnet_digits(tmp_pat
     single = _single(Path("alexnet-digits"), tmp_path / "single", *sets, "parallel.device=cpu")
     runs = {"single": single}
     for name, fuse in (("per-tower", "false"), ("fused", "true")):
-        runs[name] = _single(Path("alexnet-digits"), tmp_path / name, *sets, "parallel.strategy=model-parallel",
-                             'parallel.devices=["cpu", "cpu"]', f"parallel.fuse_shared_devices={fuse}")
-    args = ["run", "alexnet-digits", "--quiet", *[a for s in sets for a in ("--set", s)], "--set", "parallel.device=cpu",
-            "--set", "parallel.timeout=300"]
+        runs[name] = _single(
+            Path("alexnet-digits"),
+            tmp_path / name,
+            *sets,
+            "parallel.strategy=model-parallel",
+            'parallel.devices=["cpu", "cpu"]',
+            f"parallel.fuse_shared_devices={fuse}",
+        )
+    args = [
+        "run",
+        "alexnet-digits",
+        "--quiet",
+        *[a for s in sets for a in ("--set", s)],
+        "--set",
+        "parallel.device=cpu",
+        "--set",
+        "parallel.timeout=300",
+    ]
     for strategy in ("tower-parallel", "ddp"):
-        for code, text in _run_ranks([*args, "--out", str(tmp_path / strategy), "--set",
-                                      f"parallel.strategy={strategy}"], world=2, timeout=600):
+        for code, text in _run_ranks(
+            [*args, "--out", str(tmp_path / strategy), "--set", f"parallel.strategy={strategy}"], world=2, timeout=600
+        ):
             assert code == 0, text
         runs[strategy] = tmp_path / strategy
     losses = _losses(single)
     assert sorted(losses) == [1, 2, 3, 4, 5]
-    for name, out in runs.items():
+    for out in runs.values():
         _assert_same_losses(losses, _losses(out), 1e-5)
         # float32 summation orders differ (grouped vs per-tower convs, sharded gradients); the
         # small biases (conv1's, conv3's: sums of 64 x HW terms that mostly cancel) end up to

@@ -1,10 +1,10 @@
 """model-parallel (one process, towers on ["cpu", ...]) against single: outputs, loss and
 gradients in float64, checkpoints in one format across strategies, and the summary."""
+
 from __future__ import annotations
 
-import importlib.metadata
-
 import copy
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -25,14 +25,21 @@ from convnet.core.schema import Recipe
 from convnet.core.summary import summarize
 
 
-def _recipe(registries, layers: list[dict], towers: int, size: int, classes: int, strategy: dict,
-            dtype: str = "float64", **data) -> Recipe:
-    raw = {"seed": 1, "model": {"input": [3, size, size], "num_classes": classes, "towers": towers,
-                                "dtype": dtype, "layers": layers},
-           "data": {"batch_size": 8, "workers": 0, "dataset": {"name": "synthetic", "train_size": 32, "val_size": 8},
-                    **data},
-           "train": {"epochs": 2, "log_every": 1, "optimizer": {"name": "paper-sgd", "lr": 0.05}},
-           "parallel": strategy}
+def _recipe(
+    registries, layers: list[dict], towers: int, size: int, classes: int, strategy: dict, dtype: str = "float64", **data
+) -> Recipe:
+    raw = {
+        "seed": 1,
+        "model": {"input": [3, size, size], "num_classes": classes, "towers": towers, "dtype": dtype, "layers": layers},
+        "data": {
+            "batch_size": 8,
+            "workers": 0,
+            "dataset": {"name": "synthetic", "train_size": 32, "val_size": 8},
+            **data,
+        },
+        "train": {"epochs": 2, "log_every": 1, "optimizer": {"name": "paper-sgd", "lr": 0.05}},
+        "parallel": strategy,
+    }
     return structure(raw, registries, "test")
 
 
@@ -49,29 +56,61 @@ def tower_networks(draw, swish: bool):
     def width() -> int:
         return towers * draw(st.integers(1, 3))
 
-    layers: list[dict] = [{"name": "conv", "towers": "cross", "out": width(), "kernel": draw(st.integers(1, 3)),
-                           "padding": 1, "weight_init": "kaiming", "bias": 0.1}]
+    layers: list[dict] = [
+        {
+            "name": "conv",
+            "towers": "cross",
+            "out": width(),
+            "kernel": draw(st.integers(1, 3)),
+            "padding": 1,
+            "weight_init": "kaiming",
+            "bias": 0.1,
+        }
+    ]
     h = size + 2 - layers[0]["kernel"] + 1
     for _ in range(draw(st.integers(0, 3))):
         kind = draw(st.sampled_from(["conv", "act", "lrn", "pool"]))
         if kind == "conv":
             k = draw(st.integers(1, min(3, h + 2)))
-            layers.append({"name": "conv", "towers": towers_of(draw(st.booleans())), "out": width(), "kernel": k,
-                           "padding": 1, "weight_init": "kaiming", "bias": draw(st.sampled_from([0.0, 0.1]))})
+            layers.append(
+                {
+                    "name": "conv",
+                    "towers": towers_of(draw(st.booleans())),
+                    "out": width(),
+                    "kernel": k,
+                    "padding": 1,
+                    "weight_init": "kaiming",
+                    "bias": draw(st.sampled_from([0.0, 0.1])),
+                }
+            )
             h = h + 2 - k + 1
         elif kind == "act":
-            layers.append({"name": draw(st.sampled_from(acts + ["dropout"])), "towers": towers_of(draw(st.booleans()))})
+            layers.append({"name": draw(st.sampled_from([*acts, "dropout"])), "towers": towers_of(draw(st.booleans()))})
         elif kind == "lrn":
-            layers.append({"name": "lrn", "impl": "reference", "size": draw(st.integers(1, 5)), "alpha": 0.5,
-                           "towers": towers_of(draw(st.booleans()))})
+            layers.append(
+                {
+                    "name": "lrn",
+                    "impl": "reference",
+                    "size": draw(st.integers(1, 5)),
+                    "alpha": 0.5,
+                    "towers": towers_of(draw(st.booleans())),
+                }
+            )
         elif h >= 3:
             layers.append({"name": draw(st.sampled_from(["maxpool", "avgpool"])), "kernel": 3, "stride": 2})
             h = (h - 3) // 2 + 1
     layers.append({"name": "flatten"})
     for _ in range(draw(st.integers(0, 2))):
-        layers.append({"name": "fc", "towers": towers_of(draw(st.booleans())), "out": width(),
-                       "weight_init": "kaiming", "bias": 0.1})
-        layers.append({"name": draw(st.sampled_from(acts + ["dropout"])), "towers": towers_of(draw(st.booleans()))})
+        layers.append(
+            {
+                "name": "fc",
+                "towers": towers_of(draw(st.booleans())),
+                "out": width(),
+                "weight_init": "kaiming",
+                "bias": 0.1,
+            }
+        )
+        layers.append({"name": draw(st.sampled_from([*acts, "dropout"])), "towers": towers_of(draw(st.booleans()))})
     classes = draw(st.integers(1, 7))  # often not a multiple of the towers: the last layer runs whole
     layers.append({"name": "fc", "towers": "cross", "out": classes, "weight_init": "kaiming"})
     if draw(st.booleans()):
@@ -91,8 +130,7 @@ LAYOUTS = {
 
 def _single_and_parallel(registries, towers, size, classes, layers, layout: str = "per-tower"):
     single = _recipe(registries, layers, towers, size, classes, {"strategy": "single", "device": "cpu"})
-    mp = _recipe(registries, layers, towers, size, classes,
-                 {"strategy": "model-parallel", **LAYOUTS[layout](towers)})
+    mp = _recipe(registries, layers, towers, size, classes, {"strategy": "model-parallel", **LAYOUTS[layout](towers)})
     net = cn.build_model(single, "cpu", registries)
     reference = copy.deepcopy(net)
     strategy = build_strategy(mp, registries)
@@ -104,8 +142,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / scale
 
 
-@given(net=tower_networks(swish=False), batch=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
-       layout=st.sampled_from(sorted(LAYOUTS)))
+@given(
+    net=tower_networks(swish=False),
+    batch=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+    layout=st.sampled_from(sorted(LAYOUTS)),
+)
 @settings(max_examples=30)
 def test_model_parallel_equals_single_outputs_loss_gradients(registries, net, batch, seed, layout) -> None:
     _check_equal(registries, net, batch, seed, layout)
@@ -152,8 +194,12 @@ def _check_equal(registries, net, batch, seed, layout) -> None:
 
 
 def test_parameters_live_on_their_towers_with_no_duplicates(registries) -> None:
-    layers = [{"name": "conv", "towers": "cross", "out": 4, "kernel": 3}, {"name": "conv", "out": 4, "kernel": 1},
-              {"name": "flatten"}, {"name": "fc", "towers": "cross", "out": 3}]
+    layers = [
+        {"name": "conv", "towers": "cross", "out": 4, "kernel": 3},
+        {"name": "conv", "out": 4, "kernel": 1},
+        {"name": "flatten"},
+        {"name": "fc", "towers": "cross", "out": 3},
+    ]
     reference, strategy, module = _single_and_parallel(registries, 2, 5, 3, layers)
     named = list(strategy.named_parameters(module))
     assert len({id(p) for _, p in named}) == len(named) == len(list(module.parameters()))
@@ -167,10 +213,14 @@ def test_parameters_live_on_their_towers_with_no_duplicates(registries) -> None:
 
 @pytest.mark.parametrize("layout", ["per-tower", "fused"])
 def test_features_after_a_layer_equal_single(registries, layout: str) -> None:
-    layers = [{"name": "conv", "id": "conv1", "towers": "cross", "out": 4, "kernel": 3},
-              {"name": "relu", "id": "relu1"}, {"name": "flatten", "id": "flat"},
-              {"name": "fc", "id": "fc1", "out": 6}, {"name": "fc", "id": "fc2", "towers": "cross", "out": 3}]
-    reference, strategy, module = _single_and_parallel(registries, 2, 5, 3, layers, layout)
+    layers = [
+        {"name": "conv", "id": "conv1", "towers": "cross", "out": 4, "kernel": 3},
+        {"name": "relu", "id": "relu1"},
+        {"name": "flatten", "id": "flat"},
+        {"name": "fc", "id": "fc1", "out": 6},
+        {"name": "fc", "id": "fc2", "towers": "cross", "out": 3},
+    ]
+    reference, _strategy, module = _single_and_parallel(registries, 2, 5, 3, layers, layout)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     for layer in ("conv1", "relu1", "fc1", "fc2"):
         assert _rel(reference.features(x, layer), module.features(x, layer)) <= 1e-12, layer
@@ -180,12 +230,17 @@ def test_features_after_a_layer_equal_single(registries, layout: str) -> None:
 
 TINY_LAYERS = [
     {"name": "conv", "id": "conv1", "towers": "cross", "out": 8, "kernel": 3, "padding": 1, "weight_init": "kaiming"},
-    {"name": "relu"}, {"name": "lrn", "impl": "reference"}, {"name": "maxpool", "kernel": 2, "stride": 2},
+    {"name": "relu"},
+    {"name": "lrn", "impl": "reference"},
+    {"name": "maxpool", "kernel": 2, "stride": 2},
     {"name": "conv", "id": "conv2", "out": 8, "kernel": 3, "padding": 1, "weight_init": "kaiming", "bias": 0.1},
     {"name": "relu"},
     {"name": "conv", "id": "conv3", "towers": "cross", "out": 8, "kernel": 3, "padding": 1, "weight_init": "kaiming"},
-    {"name": "relu"}, {"name": "maxpool", "kernel": 2, "stride": 2}, {"name": "flatten"},
-    {"name": "fc", "id": "fc4", "towers": "cross", "out": 16, "weight_init": "kaiming"}, {"name": "relu"},
+    {"name": "relu"},
+    {"name": "maxpool", "kernel": 2, "stride": 2},
+    {"name": "flatten"},
+    {"name": "fc", "id": "fc4", "towers": "cross", "out": 16, "weight_init": "kaiming"},
+    {"name": "relu"},
     {"name": "dropout", "p": 0.5},
     {"name": "fc", "id": "fc5", "towers": "cross", "out": 5, "weight_init": "kaiming"},
 ]
@@ -204,13 +259,18 @@ def _final_model(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("first,second", [("single", "model-parallel"), ("model-parallel", "single")])
 def test_checkpoints_resume_across_strategies(registries, tmp_path: Path, first: str, second: str) -> None:
     """5 steps straight under single == 2 under one strategy + 3 resumed under the other."""
-    strategies = {"single": {"strategy": "single", "device": "cpu"},
-                  "model-parallel": {"strategy": "model-parallel", "devices": ["cpu", "cpu"],
-                                     "fuse_shared_devices": False}}
+    strategies = {
+        "single": {"strategy": "single", "device": "cpu"},
+        "model-parallel": {"strategy": "model-parallel", "devices": ["cpu", "cpu"], "fuse_shared_devices": False},
+    }
     Run(_tiny(registries, strategies["single"], max_steps=5), out=tmp_path / "straight", quiet=True).train()
     Run(_tiny(registries, strategies[first], max_steps=2), out=tmp_path / "a", quiet=True).train()
-    Run(_tiny(registries, strategies[second], max_steps=5), out=tmp_path / "b", quiet=True,
-        resume=tmp_path / "a" / "checkpoints" / "last.safetensors").train()
+    Run(
+        _tiny(registries, strategies[second], max_steps=5),
+        out=tmp_path / "b",
+        quiet=True,
+        resume=tmp_path / "a" / "checkpoints" / "last.safetensors",
+    ).train()
     straight, resumed = _final_model(tmp_path / "straight"), _final_model(tmp_path / "b")
     assert sorted(straight) == sorted(resumed)  # model and optimizer state, canonical names
     assert any(k.startswith("optimizer/") for k in straight)
@@ -225,8 +285,15 @@ def test_checkpoints_resume_across_strategies(registries, tmp_path: Path, first:
 
 
 def test_summary_shows_params_activations_and_exchanges_per_device(registries) -> None:
-    recipe = _recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "model-parallel", "devices": ["cpu", "cpu"],
-                                                         "fuse_shared_devices": False}, dtype="float32")
+    recipe = _recipe(
+        registries,
+        TINY_LAYERS,
+        2,
+        16,
+        5,
+        {"strategy": "model-parallel", "devices": ["cpu", "cpu"], "fuse_shared_devices": False},
+        dtype="float32",
+    )
     info = summarize(recipe, registries)
     rows = info["devices"]
     assert [r["device"] for r in rows] == ["tower 0: cpu", "tower 1: cpu"]
@@ -240,13 +307,24 @@ def test_summary_shows_params_activations_and_exchanges_per_device(registries) -
     assert rows[0]["exchanged_bytes_per_sample"] == 2 * 4 * (conv3 + fc4 + fc5_in)
     assert rows[0]["exchanged_bytes_per_step"] == 8 * rows[0]["exchanged_bytes_per_sample"]
     # Fused on one device: one group, nothing crosses a device boundary.
-    fused = summarize(_recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "model-parallel",
-                                                                 "devices": ["cpu", "cpu"]}, dtype="float32"),
-                      registries)["devices"]
-    assert [(r["device"], r["params"], r["exchanged_bytes_per_step"]) for r in fused] == \
-        [("towers 0+1: cpu", info["params"], 0)]
-    single = summarize(_recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "single", "device": "cpu"},
-                               dtype="float32"), registries)["devices"]
+    fused = summarize(
+        _recipe(
+            registries,
+            TINY_LAYERS,
+            2,
+            16,
+            5,
+            {"strategy": "model-parallel", "devices": ["cpu", "cpu"]},
+            dtype="float32",
+        ),
+        registries,
+    )["devices"]
+    assert [(r["device"], r["params"], r["exchanged_bytes_per_step"]) for r in fused] == [
+        ("towers 0+1: cpu", info["params"], 0)
+    ]
+    single = summarize(
+        _recipe(registries, TINY_LAYERS, 2, 16, 5, {"strategy": "single", "device": "cpu"}, dtype="float32"), registries
+    )["devices"]
     assert single[0]["exchanged_bytes_per_sample"] == 0
 
 
@@ -262,8 +340,21 @@ def test_ddp_summary_counts_the_gradient_all_reduce(registries, monkeypatch) -> 
 
 
 def test_summary_command_line(capsys) -> None:
-    assert main(["summary", "alexnet-digits", "--set", "parallel.strategy=model-parallel",
-                 "--set", 'parallel.devices=["cpu", "cpu"]', "--set", "parallel.fuse_shared_devices=false"]) == 0
+    assert (
+        main(
+            [
+                "summary",
+                "alexnet-digits",
+                "--set",
+                "parallel.strategy=model-parallel",
+                "--set",
+                'parallel.devices=["cpu", "cpu"]',
+                "--set",
+                "parallel.fuse_shared_devices=false",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "device tower 0: cpu:" in out and "device tower 1: cpu:" in out
     assert "bytes exchanged per step" in out

@@ -4,6 +4,7 @@ tox installs it into the test venv (commands_pre). When it is not installed (a b
 ``pytest`` in a fresh venv) the session installs it with ``pip install --target`` into a
 temporary folder put on the path: its entry point is then found exactly as in site-packages.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -38,8 +39,9 @@ def swish_path(tmp_path_factory) -> str | None:
     import shutil
 
     shutil.copytree(ROOT / "examples" / "convnet-swish", build, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(build)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(build)], check=True
+    )
     return str(target)
 
 
@@ -77,28 +79,46 @@ def test_a_recipe_using_swish_trains(swish, tmp_path: Path) -> None:
     assert summary["step"] == 4
     kinds = [type(m).__name__ for m in run.parts.network.layers.values()]
     assert kinds.count("Swish") == 2 and "ReLU" not in kinds and "Tanh" not in kinds
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-              if '"train"' in line]
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in line
+    ]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     x = torch.linspace(-3, 3, 7)
     assert torch.allclose(run.parts.network.layers["swish2"](x), x * torch.sigmoid(2.0 * x))
 
 
 def test_convnet_plugins_lists_swish_with_its_distribution(swish_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "convnet.core", "plugins", "--json"], capture_output=True,
-                          text=True, env=_env(swish_path), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "convnet.core", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(swish_path),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["components"]
     swish = [r for r in rows if r["name"] == "swish"]
-    assert swish == [{"kind": "layer", "name": "swish", "description": "swish activation x * sigmoid(beta x)",
-                      "plugin": "swish", "distribution": "convnet-swish 0.1.0"}]
+    assert swish == [
+        {
+            "kind": "layer",
+            "name": "swish",
+            "description": "swish activation x * sigmoid(beta x)",
+            "plugin": "swish",
+            "distribution": "convnet-swish 0.1.0",
+        }
+    ]
     assert {r["distribution"].split()[0] for r in rows} >= {"convnet", "convnet-swish"}
 
 
 def test_convnet_run_with_swish_from_the_command_line(swish_path, tmp_path: Path) -> None:
     sets = [a for s in [*SWISH, "train.max_steps=2"] for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "convnet.core", "run", str(TINY), *sets, "--out", str(tmp_path),
-                           "--quiet"], capture_output=True, text=True, env=_env(swish_path), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "convnet.core", "run", str(TINY), *sets, "--out", str(tmp_path), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=_env(swish_path),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "after 2 steps" in proc.stdout and f"run folder: {tmp_path}" in proc.stdout
     assert 'name = "swish"' in (tmp_path / "recipe.toml").read_text()
@@ -108,8 +128,11 @@ def test_plugins_text_listing(capsys) -> None:
     assert cli_main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "layer:" in out and "dataset:" in out
-    assert any(line.split()[0] == "conv" and "[layers from convnet " in line for line in out.splitlines()
-               if line.startswith("  "))
+    assert any(
+        line.split()[0] == "conv" and "[layers from convnet " in line
+        for line in out.splitlines()
+        if line.startswith("  ")
+    )
 
 
 # ------------------------------------------------------------------ the contract, in process
@@ -159,9 +182,21 @@ def test_hooks_fire_in_the_documented_order(tmp_path: Path) -> None:
     recipe = cn.load_recipe(TINY, ["train.epochs=2", "train.max_steps=6"], regs)
     cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
     assert recorder.calls == [
-        "train_start", "step_end 1", "step_end 2", "step_end 3", "step_end 4",
-        "evaluation_end 0 False", "save_state 4", "epoch_end 0", "should_stop 0",
-        "step_end 5", "step_end 6", "save_state 6", "evaluation_end 1 True", "train_end 6"]
+        "train_start",
+        "step_end 1",
+        "step_end 2",
+        "step_end 3",
+        "step_end 4",
+        "evaluation_end 0 False",
+        "save_state 4",
+        "epoch_end 0",
+        "should_stop 0",
+        "step_end 5",
+        "step_end 6",
+        "save_state 6",
+        "evaluation_end 1 True",
+        "train_end 6",
+    ]
 
 
 def test_a_recipe_can_disable_a_hook_only_plugin(tmp_path: Path, capsys) -> None:
@@ -172,21 +207,25 @@ def test_a_recipe_can_disable_a_hook_only_plugin(tmp_path: Path, capsys) -> None
     cn.Run(recipe, out=tmp_path / "a", registries=regs, pm=pm).train()
     assert recorder.calls == [] and "epoch 1/" not in capsys.readouterr().err
     with pytest.raises(cn.RecipeError, match=r"plugins.disable\[0\]: plugin 'layers' registers components"):
-        cn.Run(cn.load_recipe(TINY, ['plugins.disable=["layers"]'], regs), out=tmp_path / "b", registries=regs,
-               pm=pm).train()
+        cn.Run(
+            cn.load_recipe(TINY, ['plugins.disable=["layers"]'], regs), out=tmp_path / "b", registries=regs, pm=pm
+        ).train()
     with pytest.raises(cn.RecipeError, match=r"plugins.disable\[0\]: no plugin named 'nope' is loaded"):
         cn.Run(cn.load_recipe(TINY, ['plugins.disable=["nope"]'], regs), out=tmp_path / "c", registries=regs, pm=pm)
 
 
-@pytest.mark.parametrize("result, error", [
-    (lambda: {"spread": torch.ones(3)}, r"evaluate\[1\] \(bad\): result 'spread' is a tensor of shape \[3\]"),
-    (lambda: {"when": object()}, r"evaluate\[1\] \(bad\): result 'when' is a object, which cannot be saved"),
-    (lambda: ["not", "a dict"], r"evaluate\[1\] \(bad\): the evaluator returned list, not a dict"),
-])
+@pytest.mark.parametrize(
+    "result, error",
+    [
+        (lambda: {"spread": torch.ones(3)}, r"evaluate\[1\] \(bad\): result 'spread' is a tensor of shape \[3\]"),
+        (lambda: {"when": object()}, r"evaluate\[1\] \(bad\): result 'when' is a object, which cannot be saved"),
+        (lambda: ["not", "a dict"], r"evaluate\[1\] \(bad\): the evaluator returned list, not a dict"),
+    ],
+)
 def test_an_evaluator_result_that_cannot_be_saved_names_the_evaluator_and_key(result, error, tmp_path) -> None:
     pm, regs = plugins.create_manager()
     regs.current_plugin = ("test-evaluators", "tests")
-    regs.evaluator.add("bad", lambda options, ctx: (lambda ev_ctx: result()), regs.evaluator.get("topk").options)
+    regs.evaluator.add("bad", lambda options, ctx: lambda ev_ctx: result(), regs.evaluator.get("topk").options)
     recipe = cn.load_recipe(TINY, ["train.max_steps=4", 'evaluate=[{name = "topk"}, {name = "bad"}]'], regs)
     with pytest.raises(cn.PluginError, match=error):
         cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
@@ -198,8 +237,9 @@ def test_an_evaluator_result_that_cannot_be_saved_names_the_evaluator_and_key(re
 def test_a_zero_dim_tensor_result_is_converted(tmp_path: Path) -> None:
     pm, regs = plugins.create_manager()
     regs.current_plugin = ("test-evaluators", "tests")
-    regs.evaluator.add("scalar", lambda options, ctx: (lambda ev_ctx: {"answer": torch.tensor(42.5)}),
-                       regs.evaluator.get("topk").options)
+    regs.evaluator.add(
+        "scalar", lambda options, ctx: lambda ev_ctx: {"answer": torch.tensor(42.5)}, regs.evaluator.get("topk").options
+    )
     recipe = cn.load_recipe(TINY, ["train.max_steps=4", 'evaluate=[{name = "scalar"}]'], regs)
     summary = cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
     assert summary["answer"] == 42.5 and isinstance(summary["answer"], float)

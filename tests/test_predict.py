@@ -1,4 +1,5 @@
 """`convnet predict` (issue 17): image files a user hands over, classified through the recipe's test views."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from test_imagenet_data import CLASSES, tiny_recipe, write_tree
+
 from convnet.core import checkpoint as ckpt
 from convnet.core import plugins
 from convnet.core.cli import main
@@ -19,10 +25,6 @@ from convnet.core.model import build_model
 from convnet.core.predict import Prediction, image_files, load_predictor, predict
 from convnet.core.recipe import load_recipe
 from convnet.plugins.data.digits import as_digit
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from PIL import Image
-from test_imagenet_data import CLASSES, tiny_recipe, write_tree
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 # alexnet-digits at 16x16 for 5 epochs with a larger rate: about 2 % top-1 error in seconds
@@ -94,8 +96,17 @@ def test_bad_files_are_named_the_others_go_on(trained, pictures, tmp_path, capsy
     empty = tmp_path / "empty"
     empty.mkdir()
     good = folder / "digit000.png"
-    argv = ["predict", "alexnet-digits", *sets(DIGITS), "--checkpoint", str(trained), str(broken), str(good),
-            str(tmp_path / "missing.png"), str(empty)]
+    argv = [
+        "predict",
+        "alexnet-digits",
+        *sets(DIGITS),
+        "--checkpoint",
+        str(trained),
+        str(broken),
+        str(good),
+        str(tmp_path / "missing.png"),
+        str(empty),
+    ]
     assert main(argv) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
@@ -112,8 +123,10 @@ def test_plot_draws_the_images_with_their_bars(trained, pictures, tmp_path, caps
     folder, _ = pictures
     figure = tmp_path / "fig" / "top5.png"
     files = [str(folder / f"digit{i:03d}.png") for i in range(6)]
-    assert main(["predict", "alexnet-digits", *sets(DIGITS), "--checkpoint", str(trained), "--plot", str(figure),
-                 *files]) == 0
+    assert (
+        main(["predict", "alexnet-digits", *sets(DIGITS), "--checkpoint", str(trained), "--plot", str(figure), *files])
+        == 0
+    )
     assert f"plot: {figure}" in capsys.readouterr().out
     with Image.open(figure) as im:
         assert im.size == (4 * 320, 2 * 420 + 40)  # 4 columns, 2 rows of image + bars
@@ -122,7 +135,7 @@ def test_plot_draws_the_images_with_their_bars(trained, pictures, tmp_path, caps
 
 def test_the_python_api_and_the_evaluators_ten_crops(trained, pictures, registries):
     """With the ten-crop evaluator in the recipe, the softmax is averaged over its ten views."""
-    folder, labels = pictures
+    folder, _labels = pictures
     files = [folder / f"digit{i:03d}.png" for i in range(4)]
     plain = predict(load_recipe("alexnet-digits", DIGITS), trained, files)
     assert all(isinstance(p, Prediction) and p.error is None for p in plain)
@@ -141,8 +154,9 @@ def test_the_python_api_and_the_evaluators_ten_crops(trained, pictures, registri
     assert not torch.allclose(expected, centre, atol=1e-4)  # the views do change the answer
     ten = predict(recipe, trained, files)
     assert [p.top[0][1] for p in ten] == pytest.approx(expected.max(1).values.tolist(), abs=1e-6)
-    torch.testing.assert_close(torch.tensor([p.top[0][1] for p in plain], dtype=torch.float64), centre.max(1).values,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([p.top[0][1] for p in plain], dtype=torch.float64), centre.max(1).values, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_a_dataset_without_a_file_reader_is_named(tmp_path, capsys):
@@ -192,9 +206,12 @@ def test_imagenet_reads_a_file_as_its_validation_images_and_names_classes_by_syn
     write_tree(root)
     recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
     assert build_dataset(recipe, registries, purpose="predict").classes == list(CLASSES)  # no words: folders
-    (tmp_path / "LOC_synset_mapping.txt").write_text(f"{CLASSES[0]} tench, Tinca tinca\n"
-                                                     f"{CLASSES[1]} English springer, English springer spaniel\n"
-                                                     "n99999999 not a class here\n", encoding="utf-8")
+    (tmp_path / "LOC_synset_mapping.txt").write_text(
+        f"{CLASSES[0]} tench, Tinca tinca\n"
+        f"{CLASSES[1]} English springer, English springer spaniel\n"
+        "n99999999 not a class here\n",
+        encoding="utf-8",
+    )
     splits = build_dataset(recipe, registries, purpose="predict")
     assert splits.classes == ["tench", "English springer"] and len(splits.val) == 0  # nothing scanned
     full = build_dataset(recipe, registries)

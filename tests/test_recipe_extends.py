@@ -1,4 +1,5 @@
 """``extends``: tables merge key by key, arrays are replaced, paths resolve from the child's folder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,9 @@ TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 
 def test_extends_a_bundled_recipe(tmp_path: Path, registries) -> None:
     child = tmp_path / "short-digits.toml"
-    child.write_text('extends = "alexnet-digits"\n[train]\nepochs = 2\n[train.optimizer]\nlr = 0.02\n',
-                     encoding="utf-8")
+    child.write_text(
+        'extends = "alexnet-digits"\n[train]\nepochs = 2\n[train.optimizer]\nlr = 0.02\n', encoding="utf-8"
+    )
     base = load_recipe("alexnet-digits", registries=registries)
     r = load_recipe(child, registries=registries)
     assert r.name == "short-digits" and r.description == ""
@@ -28,8 +30,11 @@ def test_extends_a_relative_path_and_arrays_replace(tmp_path: Path, registries) 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "base.toml").write_text(TINY.read_text(), encoding="utf-8")
     child = tmp_path / "sub" / "child.toml"
-    child.write_text('extends = "base.toml"\n[model]\ninput = [3, 8, 8]\nnum_classes = 4\n'
-                     '[[model.layers]]\nname = "flatten"\n[[model.layers]]\nname = "fc"\nout = 4\n', encoding="utf-8")
+    child.write_text(
+        'extends = "base.toml"\n[model]\ninput = [3, 8, 8]\nnum_classes = 4\n'
+        '[[model.layers]]\nname = "flatten"\n[[model.layers]]\nname = "fc"\nout = 4\n',
+        encoding="utf-8",
+    )
     r = load_recipe(child, registries=registries)
     assert [layer.name for layer in r.model.layers] == ["flatten", "fc"]
     assert r.model.towers == 2  # a table key the child did not set is inherited
@@ -49,44 +54,82 @@ def test_extends_errors_name_the_file(tmp_path: Path, registries) -> None:
 
 # ------------------------------------------------------------------ a child swaps a component
 
+
 def child_of(tmp_path: Path, parent: str, body: str) -> Path:
     path = tmp_path / "child.toml"
     path.write_text(f'extends = "{parent}"\n{body}', encoding="utf-8")
     return path
 
 
-@pytest.mark.parametrize("parent, table, body, check", [
-    # the issue's example: the parent's plateau options (factor, patience) do not follow
-    ("alexnet-digits", "train.schedule", '[train.schedule]\nname = "step"\nevery = 5\n',
-     lambda r: (r.train.schedule.name, r.train.schedule.options.every, r.train.schedule.options.gamma)
-     == ("step", 5, 0.1)),
-    ("alexnet-digits", "train.schedule", '[train.schedule]\nname = "constant"\n',
-     lambda r: r.train.schedule.name == "constant"),
-    ("alexnet-digits", "train.schedule", '[train.schedule]\nname = "cosine"\nwarmup_steps = 20\n',
-     lambda r: (r.train.schedule.name, r.train.schedule.options.warmup_steps) == ("cosine", 20)),
-    # same options class, other component: replaced all the same (the parent's lr is not kept)
-    ("alexnet-digits", "train.optimizer", '[train.optimizer]\nname = "sgd"\nmomentum = 0.5\n',
-     lambda r: (r.train.optimizer.name, r.train.optimizer.options.lr, r.train.optimizer.options.momentum)
-     == ("sgd", 0.01, 0.5)),
-    ("alexnet-imagenet", "data.dataset", '[data.dataset]\nname = "synthetic"\ntrain_size = 8\n',
-     lambda r: (r.data.dataset.name, r.data.dataset.options.train_size) == ("synthetic", 8)),
-    # [parallel] is named by `strategy`; the parent's device = "cpu" does not follow
-    ("ablation-digits", "parallel", '[parallel]\nstrategy = "model-parallel"\ndevices = ["cpu", "cpu"]\n',
-     lambda r: (r.parallel.name, r.parallel.options.devices, r.parallel.options.device)
-     == ("model-parallel", ["cpu", "cpu"], "auto")),
-])
-def test_a_child_table_naming_another_component_replaces_the_parents(tmp_path, registries, parent, table, body,
-                                                                     check) -> None:
+@pytest.mark.parametrize(
+    "parent, table, body, check",
+    [
+        # the issue's example: the parent's plateau options (factor, patience) do not follow
+        (
+            "alexnet-digits",
+            "train.schedule",
+            '[train.schedule]\nname = "step"\nevery = 5\n',
+            lambda r: (
+                (r.train.schedule.name, r.train.schedule.options.every, r.train.schedule.options.gamma)
+                == ("step", 5, 0.1)
+            ),
+        ),
+        (
+            "alexnet-digits",
+            "train.schedule",
+            '[train.schedule]\nname = "constant"\n',
+            lambda r: r.train.schedule.name == "constant",
+        ),
+        (
+            "alexnet-digits",
+            "train.schedule",
+            '[train.schedule]\nname = "cosine"\nwarmup_steps = 20\n',
+            lambda r: (r.train.schedule.name, r.train.schedule.options.warmup_steps) == ("cosine", 20),
+        ),
+        # same options class, other component: replaced all the same (the parent's lr is not kept)
+        (
+            "alexnet-digits",
+            "train.optimizer",
+            '[train.optimizer]\nname = "sgd"\nmomentum = 0.5\n',
+            lambda r: (
+                (r.train.optimizer.name, r.train.optimizer.options.lr, r.train.optimizer.options.momentum)
+                == ("sgd", 0.01, 0.5)
+            ),
+        ),
+        (
+            "alexnet-imagenet",
+            "data.dataset",
+            '[data.dataset]\nname = "synthetic"\ntrain_size = 8\n',
+            lambda r: (r.data.dataset.name, r.data.dataset.options.train_size) == ("synthetic", 8),
+        ),
+        # [parallel] is named by `strategy`; the parent's device = "cpu" does not follow
+        (
+            "ablation-digits",
+            "parallel",
+            '[parallel]\nstrategy = "model-parallel"\ndevices = ["cpu", "cpu"]\n',
+            lambda r: (
+                (r.parallel.name, r.parallel.options.devices, r.parallel.options.device)
+                == ("model-parallel", ["cpu", "cpu"], "auto")
+            ),
+        ),
+    ],
+)
+def test_a_child_table_naming_another_component_replaces_the_parents(
+    tmp_path, registries, parent, table, body, check
+) -> None:
     recipe = load_recipe(child_of(tmp_path, parent, body), registries=registries, validate_model=False)
     assert check(recipe), table
 
 
-def test_the_same_component_still_merges_and_the_swap_rule_covers_every_component_table(tmp_path,
-                                                                                        registries) -> None:
+def test_the_same_component_still_merges_and_the_swap_rule_covers_every_component_table(tmp_path, registries) -> None:
     from convnet.core.recipe import component_tables
 
-    assert component_tables() == {("data", "dataset"): "name", ("train", "optimizer"): "name",
-                                  ("train", "schedule"): "name", ("parallel",): "strategy"}
+    assert component_tables() == {
+        ("data", "dataset"): "name",
+        ("train", "optimizer"): "name",
+        ("train", "schedule"): "name",
+        ("parallel",): "strategy",
+    }
     same = child_of(tmp_path, "alexnet-digits", '[train.schedule]\nname = "plateau"\npatience = 5\n')
     schedule = load_recipe(same, registries=registries, validate_model=False).train.schedule.options
     assert (schedule.patience, schedule.factor) == (5, 0.1)
@@ -105,7 +148,11 @@ def test_a_swapped_component_is_checked_against_its_own_options(tmp_path, regist
 
 def test_a_layer_table_without_a_parent_is_refused_with_its_path(tmp_path, registries) -> None:
     lone = tmp_path / "lone.toml"
-    lone.write_text(TINY.read_text().split("[[model.layers]]")[0] + '[model.layers.fc]\nout = 3\n'
-                    + "[data.dataset]\nname = \"synthetic\"\n", encoding="utf-8")
+    lone.write_text(
+        TINY.read_text().split("[[model.layers]]")[0]
+        + "[model.layers.fc]\nout = 3\n"
+        + '[data.dataset]\nname = "synthetic"\n',
+        encoding="utf-8",
+    )
     with pytest.raises(RecipeError, match=rf"^{lone}: model\.layers: a table edits the layers of a parent recipe"):
         load_recipe(lone, registries=registries)

@@ -1,4 +1,5 @@
 """Layers addressed by id: ``--set model.layers.fc8.out=3`` and a child recipe's table of layer edits."""
+
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,7 @@ from typing import Any
 import attrs
 import pytest
 import tomli_w
+from fixtures.strategies import component, options_dict
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +19,6 @@ from convnet.core.errors import RecipeError
 from convnet.core.layer_edits import raw_layer_ids
 from convnet.core.model import build_model, describe
 from convnet.core.recipe import bundled_names, load_raw, load_recipe, structure
-from fixtures.strategies import component, options_dict
 
 
 def ids_of(recipe: schema.Recipe) -> list[str]:
@@ -32,6 +33,7 @@ def child(tmp_path: Path, body: str, parent: str = "alexnet-digits") -> Path:
 
 # ------------------------------------------------------------------ one rule for ids
 
+
 @pytest.mark.parametrize("name", bundled_names())
 def test_ids_of_the_plain_data_are_the_models_ids(name: str, registries) -> None:
     raw, _ = load_raw(name)
@@ -41,11 +43,17 @@ def test_ids_of_the_plain_data_are_the_models_ids(name: str, registries) -> None
 
 
 def test_default_ids_count_layers_by_registry_name() -> None:
-    assert schema.layer_ids([("conv", "c"), ("relu", None), ("max-pool", None), ("relu", None), ("conv", None)]) \
-        == ["c", "relu1", "max_pool1", "relu2", "conv2"]
+    assert schema.layer_ids([("conv", "c"), ("relu", None), ("max-pool", None), ("relu", None), ("conv", None)]) == [
+        "c",
+        "relu1",
+        "max_pool1",
+        "relu2",
+        "conv2",
+    ]
 
 
 # ------------------------------------------------------------------ --set by id
+
 
 def test_set_by_id_is_set_by_index(registries) -> None:
     by_index = load_recipe("alexnet-imagenet", ["model.num_classes=3", "model.layers[22].out=3"], registries)
@@ -61,8 +69,10 @@ def test_set_by_unknown_id_names_the_path_the_ids_and_the_closest(registries, ca
     with pytest.raises(RecipeError) as info:
         load_recipe("alexnet-imagenet", ["model.layers.fc9.out=3"], registries)
     message = str(info.value)
-    assert message.startswith("--set model.layers.fc9.out: model.layers.fc9: no layer with id 'fc9'; "
-                              "did you mean 'fc8'? (ids: conv1, relu1, lrn1, pool1, conv2,")
+    assert message.startswith(
+        "--set model.layers.fc9.out: model.layers.fc9: no layer with id 'fc9'; "
+        "did you mean 'fc8'? (ids: conv1, relu1, lrn1, pool1, conv2,"
+    )
     assert message.endswith(", fc7, relu7, drop7, fc8)") and "\n" not in message
     assert cli.main(["show", "alexnet-digits", "--set", "model.layers.lrn3.k=1"]) == 2
     assert "model.layers.lrn3: no layer with id 'lrn3'" in capsys.readouterr().err
@@ -70,8 +80,11 @@ def test_set_by_unknown_id_names_the_path_the_ids_and_the_closest(registries, ca
 
 # ------------------------------------------------------------------ a child's layer edits
 
+
 def test_child_merges_replaces_removes_and_inserts_layers_by_id(tmp_path, registries) -> None:
-    path = child(tmp_path, """
+    path = child(
+        tmp_path,
+        """
 [model.layers]
 fc8 = { weight_std = 0.02 }                      # merged into fc8
 relu1 = { name = "tanh" }                        # another layer: replaced whole
@@ -80,7 +93,8 @@ lrn2 = { remove = true }
 drop0 = { name = "dropout", p = 0.1, after = "pool1" }
 drop00 = { name = "dropout", p = 0.2, after = "pool1" }  # after the same anchor: table order kept
 act = { name = "relu", before = "conv1", towers = "cross" }
-""")
+""",
+    )
     recipe = load_recipe(path, registries=registries)
     base = load_recipe("alexnet-digits", registries=registries)
     assert ids_of(recipe)[:7] == ["act", "conv1", "relu1", "pool1", "drop0", "drop00", "conv2"]
@@ -98,13 +112,13 @@ def test_ids_stay_with_their_layers_when_others_come_and_go(tmp_path, registries
     base = load_recipe("alexnet-digits", registries=registries)
     assert ids_of(recipe) == [i for i in ids_of(base) if i != "relu1"]
     assert recipe.model.layers[1].id == "lrn1" and recipe.model.layers[4].id == "relu2"  # written out
-    assert [row["id"] for row in describe(build_model(recipe, device="meta", registries=registries))] == \
-        ids_of(recipe)
+    assert [row["id"] for row in describe(build_model(recipe, device="meta", registries=registries))] == ids_of(recipe)
 
 
 def test_after_or_before_on_an_existing_id_moves_it(tmp_path, registries) -> None:
-    path = child(tmp_path, '[model.layers]\ndropout1 = { before = "fc6", p = 0.3 }\n'
-                 'dropout2 = { after = "dropout1" }\n')
+    path = child(
+        tmp_path, '[model.layers]\ndropout1 = { before = "fc6", p = 0.3 }\ndropout2 = { after = "dropout1" }\n'
+    )
     ids = ids_of(load_recipe(path, registries=registries))
     assert ids[-8:] == ["flatten1", "dropout1", "dropout2", "fc6", "relu6", "fc7", "relu7", "fc8"]
 
@@ -123,27 +137,44 @@ def test_edits_chain_through_grandchildren(tmp_path, registries) -> None:
     assert load_recipe(last, registries=registries) == attrs.evolve(no_lrn, name="last", description="")
 
 
-@pytest.mark.parametrize("body, message", [
-    ("[model.layers.lrn_1]\nremove = true\n",
-     "model.layers.lrn_1: no layer with id 'lrn_1'; did you mean 'lrn1'? (ids: conv1, relu1, lrn1,"),
-    ("[model.layers.fc9]\nout = 3\n",
-     "model.layers.fc9: no layer with id 'fc9'; did you mean 'fc8'? (a new layer needs after = \"ID\" or "
-     "before = \"ID\"; ids: conv1,"),
-    ('[model.layers.extra]\nname = "relu"\nafter = "pool_1"\n',
-     "model.layers.extra.after: no layer with id 'pool_1'; did you mean 'pool1'? (ids: conv1,"),
-    ('[model.layers.extra]\nafter = "pool1"\n', "model.layers.extra: a new layer needs a name"),
-    ("[model.layers.lrn1]\nremove = true\nsize = 3\n", "model.layers.lrn1: remove = true takes no other keys, "
-                                                       "found size"),
-    ('[model.layers.lrn1]\nafter = "conv1"\nbefore = "pool1"\n', "model.layers.lrn1: give after or before, "
-                                                                 "not both"),
-    ('[model.layers]\nlrn1 = "gone"\n', "model.layers.lrn1: expected a table (the layer's keys, or remove = "
-                                        "true), found 'gone' (str)"),
-    ('[model.layers.lrn1]\nid = "lrn7"\n', "model.layers.lrn1.id: the table's key is the layer's id; found id = "
-                                           "'lrn7'"),
-    ('[model.layers.lrn1]\nremove = "yes"\n', "model.layers.lrn1.remove: expected true or false, found 'yes'"),
-    ('[model.layers.lrn1]\nafter = 3\n', "model.layers.lrn1.after: expected a layer id, found 3 (int)"),
-    ('[model.layers.lrn1]\nbefore = "lrn1"\n', "model.layers.lrn1.before: a layer cannot be placed before itself"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "[model.layers.lrn_1]\nremove = true\n",
+            "model.layers.lrn_1: no layer with id 'lrn_1'; did you mean 'lrn1'? (ids: conv1, relu1, lrn1,",
+        ),
+        (
+            "[model.layers.fc9]\nout = 3\n",
+            "model.layers.fc9: no layer with id 'fc9'; did you mean 'fc8'? (a new layer needs after = \"ID\" or "
+            'before = "ID"; ids: conv1,',
+        ),
+        (
+            '[model.layers.extra]\nname = "relu"\nafter = "pool_1"\n',
+            "model.layers.extra.after: no layer with id 'pool_1'; did you mean 'pool1'? (ids: conv1,",
+        ),
+        ('[model.layers.extra]\nafter = "pool1"\n', "model.layers.extra: a new layer needs a name"),
+        (
+            "[model.layers.lrn1]\nremove = true\nsize = 3\n",
+            "model.layers.lrn1: remove = true takes no other keys, found size",
+        ),
+        (
+            '[model.layers.lrn1]\nafter = "conv1"\nbefore = "pool1"\n',
+            "model.layers.lrn1: give after or before, not both",
+        ),
+        (
+            '[model.layers]\nlrn1 = "gone"\n',
+            "model.layers.lrn1: expected a table (the layer's keys, or remove = true), found 'gone' (str)",
+        ),
+        (
+            '[model.layers.lrn1]\nid = "lrn7"\n',
+            "model.layers.lrn1.id: the table's key is the layer's id; found id = 'lrn7'",
+        ),
+        ('[model.layers.lrn1]\nremove = "yes"\n', "model.layers.lrn1.remove: expected true or false, found 'yes'"),
+        ("[model.layers.lrn1]\nafter = 3\n", "model.layers.lrn1.after: expected a layer id, found 3 (int)"),
+        ('[model.layers.lrn1]\nbefore = "lrn1"\n', "model.layers.lrn1.before: a layer cannot be placed before itself"),
+    ],
+)
 def test_bad_layer_edits_name_the_file_and_the_path(tmp_path, registries, body: str, message: str) -> None:
     path = child(tmp_path, body)
     with pytest.raises(RecipeError, match="^" + re.escape(f"{path}: {message}")):
@@ -157,6 +188,7 @@ def test_an_edited_layers_options_are_checked_with_the_layers_index(tmp_path, re
 
 
 # ------------------------------------------------------------------ edits by id == edits by index
+
 
 @st.composite
 def layer_edits(draw: st.DrawFn, registries, parent: list[dict[str, Any]]) -> tuple[dict, list[int], dict]:
@@ -206,8 +238,9 @@ def test_layer_edits_by_id_equal_editing_the_list_by_index(registries, tmp_path_
     path = tmp_path_factory.mktemp("edits") / "child.toml"
     path.write_text(tomli_w.dumps({"extends": parent_name, "model": {"layers": edits}}), encoding="utf-8")
     got = load_recipe(path, registries=registries, validate_model=False)
-    assert [(x.name, x.towers, x.options) for x in got.model.layers] == \
-        [(x.name, x.towers, x.options) for x in want.model.layers]
+    assert [(x.name, x.towers, x.options) for x in got.model.layers] == [
+        (x.name, x.towers, x.options) for x in want.model.layers
+    ]
     # and every layer keeps the id it had in the parent, whatever was removed or renamed around it
     parent_ids = raw_layer_ids(parent)
     assert ids_of(got) == [i for n, i in enumerate(parent_ids) if n not in removed]

@@ -1,4 +1,5 @@
 """Property tests of recipes: round trips, ``--set``, and junk that must only ever be a RecipeError."""
+
 from __future__ import annotations
 
 import copy
@@ -9,13 +10,13 @@ from typing import Any
 
 import pytest
 import tomli_w
+from fixtures.strategies import leaves, raw_recipes, set_path, toml_literal
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from convnet.core import schema
 from convnet.core.errors import RecipeError
 from convnet.core.recipe import apply_override, load_recipe, recipe_from_text, structure, to_toml, unstructure
-from fixtures.strategies import leaves, raw_recipes, set_path, toml_literal
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 FILTERED = settings(suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -55,8 +56,10 @@ def test_bundled_and_fixture_recipes_round_trip(registries) -> None:
 
 
 def _base_recipes(registries) -> st.SearchStrategy[dict[str, Any]]:
-    fixed = [tomllib.loads(TINY.read_text()),
-             unstructure(load_recipe("alexnet-digits", registries=registries, validate_model=False), registries)]
+    fixed = [
+        tomllib.loads(TINY.read_text()),
+        unstructure(load_recipe("alexnet-digits", registries=registries, validate_model=False), registries),
+    ]
     return st.one_of(st.sampled_from(fixed), raw_recipes(registries))
 
 
@@ -88,8 +91,11 @@ def test_set_by_layer_id_equals_set_by_index(registries, data) -> None:
     """``model.layers.ID.KEY`` and ``model.layers[N].KEY`` are one key, ids by the model's rule."""
     raw = data.draw(_base_recipes(registries), label="recipe")
     recipe = structured(registries, raw)
-    layer_leaves = [leaf for leaf in leaves(recipe) if re.match(r"model\.layers\[\d+\]\.", leaf.path)
-                    and leaf.strategy() is not None and leaf.field.name != "id"]
+    layer_leaves = [
+        leaf
+        for leaf in leaves(recipe)
+        if re.match(r"model\.layers\[\d+\]\.", leaf.path) and leaf.strategy() is not None and leaf.field.name != "id"
+    ]
     assume(layer_leaves)
     leaf = data.draw(st.sampled_from(layer_leaves), label="key")
     new = data.draw(leaf.strategy().filter(lambda x: x is not None), label="value")
@@ -111,25 +117,46 @@ def test_set_by_layer_id_equals_set_by_index(registries, data) -> None:
 
 
 def test_set_parses_types_and_rejects_bad_paths(registries) -> None:
-    r = load_recipe(TINY, ["train.epochs=5", "train.optimizer.lr=0.25", "train.deterministic=false",
-                           "model.layers[0].out=6", "model.input=[3, 8, 8]", "name=plain words"],
-                    registries, validate_model=False)
+    r = load_recipe(
+        TINY,
+        [
+            "train.epochs=5",
+            "train.optimizer.lr=0.25",
+            "train.deterministic=false",
+            "model.layers[0].out=6",
+            "model.input=[3, 8, 8]",
+            "name=plain words",
+        ],
+        registries,
+        validate_model=False,
+    )
     assert (r.train.epochs, r.train.optimizer.options.lr, r.train.deterministic) == (5, 0.25, False)
     assert r.model.layers[0].options.out == 6 and r.name == "plain words"
-    for bad, where in [("train.epochs=two", "train.epochs"), ("model.layers[99].out=3", "model.layers[99]"),
-                       ("train..lr=1", "empty key"), ("train.epochs", "KEY=VALUE"),
-                       ("model.layers[x].out=1", "list index"), ("train.optimizer.lrr=1", "'lrr'"),
-                       ("model.layers[0].out=-1", "model.layers[0].out")]:
+    for bad, where in [
+        ("train.epochs=two", "train.epochs"),
+        ("model.layers[99].out=3", "model.layers[99]"),
+        ("train..lr=1", "empty key"),
+        ("train.epochs", "KEY=VALUE"),
+        ("model.layers[x].out=1", "list index"),
+        ("train.optimizer.lrr=1", "'lrr'"),
+        ("model.layers[0].out=-1", "model.layers[0].out"),
+    ]:
         with pytest.raises(RecipeError, match=r"(?s).*" + re.escape(where)):
             load_recipe(TINY, [bad], registries)
 
 
 # ------------------------------------------------------------------ junk only ever gives RecipeError
 
-toml_scalars = st.one_of(st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-                         st.text(max_size=8), st.dates())
-toml_values = st.recursive(toml_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(min_size=1, max_size=6), inner, max_size=3)), max_leaves=12)
+toml_scalars = st.one_of(
+    st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8), st.dates()
+)
+toml_values = st.recursive(
+    toml_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(min_size=1, max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
 
 
 def _load_text(tmp: Path, text: str) -> None:

@@ -1,4 +1,5 @@
 """Registries: names, duplicates, unknown names with the closest match, options must be attrs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,10 +27,15 @@ def _registries_as(plugin: str, dist: str) -> Registries:
 
 def test_every_kind_has_its_builtins(registries) -> None:
     assert set(KINDS) == {"layer", "augmenter", "strategy", "evaluator", "dataset", "optimizer", "schedule", "lrn"}
-    expected = {"layer": {"conv", "fc", "relu", "tanh", "maxpool", "dropout", "flatten", "lrn"},
-                "dataset": {"digits", "synthetic"}, "optimizer": {"sgd", "paper-sgd"},
-                "schedule": {"constant", "step", "plateau"}, "strategy": {"single"}, "evaluator": {"topk"},
-                "lrn": {"reference"}}
+    expected = {
+        "layer": {"conv", "fc", "relu", "tanh", "maxpool", "dropout", "flatten", "lrn"},
+        "dataset": {"digits", "synthetic"},
+        "optimizer": {"sgd", "paper-sgd"},
+        "schedule": {"constant", "step", "plateau"},
+        "strategy": {"single"},
+        "evaluator": {"topk"},
+        "lrn": {"reference"},
+    }
     for kind, names in expected.items():
         assert names <= set(registries[kind].names()), kind
         for entry in registries[kind]:
@@ -79,11 +85,13 @@ def test_unknown_name_lists_known_names_and_the_closest(registries) -> None:
 
 
 def test_unknown_names_in_a_recipe_name_the_path(registries) -> None:
-    cases = {"model.layers[1].name=rellu": "model.layers[1]: unknown layer 'rellu'; did you mean 'relu'?",
-             "data.dataset.name=digit": "unknown dataset 'digit'; did you mean 'digits'?",
-             "train.optimizer.name=paper_sgd": "did you mean 'paper-sgd'?",
-             "train.schedule.name=plateu": "did you mean 'plateau'?",
-             "parallel.strategy=singel": "did you mean 'single'?"}
+    cases = {
+        "model.layers[1].name=rellu": "model.layers[1]: unknown layer 'rellu'; did you mean 'relu'?",
+        "data.dataset.name=digit": "unknown dataset 'digit'; did you mean 'digits'?",
+        "train.optimizer.name=paper_sgd": "did you mean 'paper-sgd'?",
+        "train.schedule.name=plateu": "did you mean 'plateau'?",
+        "parallel.strategy=singel": "did you mean 'single'?",
+    }
     for override, expected in cases.items():
         with pytest.raises(RecipeError) as info:
             load_recipe(TINY, [override], registries)

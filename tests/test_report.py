@@ -1,4 +1,5 @@
 """`convnet report` and the end-of-run report (issue 7)."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from convnet.core.hookspecs import hookimpl
-
 from convnet.core.cli import main
+from convnet.core.hookspecs import hookimpl
 from convnet.core.report import ReportError, curves, render
 
 
@@ -85,15 +85,26 @@ def test_all_evaluators_on_the_digits_recipe_and_the_end_of_run_report(tmp_path,
     from PIL import Image
 
     run = tmp_path / "run"
-    sets = ["train.max_steps=3", "model.input=[3, 16, 16]", "data.dataset.val_fraction=0.05",
-            "evaluate[3].train_limit=256"]
+    sets = [
+        "train.max_steps=3",
+        "model.input=[3, 16, 16]",
+        "data.dataset.val_fraction=0.05",
+        "evaluate[3].train_limit=256",
+    ]
     argv = ["run", "alexnet-digits-eval", "--out", str(run), "--quiet"]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 0
     final = json.loads((run / "eval.json").read_text())
-    for key in ("top1_error", "centre_top1_error", "tencrop_top1_error", "ensemble_top1_error",
-                "filters_conv1_colour_specificity", "neighbours_label_agreement", "most_confused"):
+    for key in (
+        "top1_error",
+        "centre_top1_error",
+        "tencrop_top1_error",
+        "ensemble_top1_error",
+        "filters_conv1_colour_specificity",
+        "neighbours_label_agreement",
+        "most_confused",
+    ):
         assert key in final
     assert final["centre_top1_error"] == final["top1_error"]  # ten-crop's centre view is the plain image
     for name in ("plots/loss.png", "plots/lr.png", "filters_conv1.png", "neighbours.png"):
@@ -116,8 +127,9 @@ def test_a_failing_report_does_not_lose_the_run(tmp_path, capsys, monkeypatch):
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(report, "render", broken)
-    recipe = load_recipe("alexnet-digits", ["train.max_steps=2", "model.input=[3, 16, 16]",
-                                            "data.dataset.val_fraction=0.1"])
+    recipe = load_recipe(
+        "alexnet-digits", ["train.max_steps=2", "model.input=[3, 16, 16]", "data.dataset.val_fraction=0.1"]
+    )
     summary = train(recipe, out=tmp_path / "run")
     assert summary["step"] == 2
     assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
@@ -135,12 +147,36 @@ def test_every_scalar_of_every_evaluator_is_plotted(tmp_path):
 
     records = [
         {"kind": "train", "step": 5, "epoch": 0, "loss": 2.0, "lr": 0.1},
-        {"kind": "eval", "epoch": 0, "step": 10, "lr": 0.1, "skipped_samples": 0, "samples": 50,
-         "top1_error": 0.5, "my_plugin_score": 0.25, "my_list": [1, 2]},
-        {"kind": "eval", "epoch": 1, "step": 20, "lr": 0.1, "skipped_samples": 2, "samples": 48,
-         "top1_error": 0.4, "my_plugin_score": 0.5},
-        {"kind": "final", "epoch": 2, "step": 20, "top1_error": 0.4, "tencrop_top1_error": 0.35,
-         "neighbours_label_agreement": 0.75, "skipped_nonfinite": 0},
+        {
+            "kind": "eval",
+            "epoch": 0,
+            "step": 10,
+            "lr": 0.1,
+            "skipped_samples": 0,
+            "samples": 50,
+            "top1_error": 0.5,
+            "my_plugin_score": 0.25,
+            "my_list": [1, 2],
+        },
+        {
+            "kind": "eval",
+            "epoch": 1,
+            "step": 20,
+            "lr": 0.1,
+            "skipped_samples": 2,
+            "samples": 48,
+            "top1_error": 0.4,
+            "my_plugin_score": 0.5,
+        },
+        {
+            "kind": "final",
+            "epoch": 2,
+            "step": 20,
+            "top1_error": 0.4,
+            "tencrop_top1_error": 0.35,
+            "neighbours_label_agreement": 0.75,
+            "skipped_nonfinite": 0,
+        },
     ]
     c = curves(records)
     assert c["metrics"]["error"] == {"top1_error": [(1.0, 0.5), (2.0, 0.4)], "tencrop_top1_error": [(2.0, 0.35)]}
@@ -149,8 +185,14 @@ def test_every_scalar_of_every_evaluator_is_plotted(tmp_path):
     assert set(c["metrics"]["samples"]) == {"samples", "skipped_samples", "skipped_nonfinite"}
     assert "my_list" not in str(c["metrics"])
     made = {p.name for p in plot_curves(records, tmp_path / "plots")}
-    assert made == {"loss.png", "lr.png", "error.png", "samples.png", "my_plugin_score.png",
-                    "neighbours_label_agreement.png"}
+    assert made == {
+        "loss.png",
+        "lr.png",
+        "error.png",
+        "samples.png",
+        "my_plugin_score.png",
+        "neighbours_label_agreement.png",
+    }
     fig = figure("validation error", "epoch", "error (%)", {"top1_error": [(1.0, 0.5)]}, percent=True)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["top1_error"]  # a legend for one series
@@ -160,21 +202,36 @@ def test_every_scalar_of_every_evaluator_is_plotted(tmp_path):
 
 def test_index_shows_the_run_its_versions_and_skip_counts(tmp_path):
     run = tmp_path / "run"
-    write_metrics(run, RECORDS[:3] + [{**RECORDS[4], "skipped_samples": 3}])
+    write_metrics(run, [*RECORDS[:3], {**RECORDS[4], "skipped_samples": 3}])
     page = render(run) and (run / "index.html").read_text(encoding="utf-8")
     assert "<tr><th>command</th><td>unknown</td></tr>" in page and "Latest evaluation (epoch 2)" in page
     assert "skipped_samples (sum over epochs)</th><td>3</td>" in page and "running" in page
-    (run / "run.json").write_text(json.dumps({
-        "command": "convnet run alexnet-digits --set train.epochs=2", "started": "2026-11-29T10:00:00+00:00",
-        "convnet_version": "0.1.0", "plugins": [{"distribution": "convnet-swish", "version": "1.2"}]}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "command": "convnet run alexnet-digits --set train.epochs=2",
+                "started": "2026-11-29T10:00:00+00:00",
+                "convnet_version": "0.1.0",
+                "plugins": [{"distribution": "convnet-swish", "version": "1.2"}],
+            }
+        )
+    )
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(RECORDS[5]) + "\n")
     (run / "eval.json").write_text(json.dumps({"top1_error": 0.3}))
     render(run)
     page = (run / "index.html").read_text(encoding="utf-8")
-    for shown in ("convnet run alexnet-digits --set train.epochs=2", "2026-11-29", "0.1.0", "convnet-swish 1.2",
-                  "Final metrics", "finished", '<a href="metrics.jsonl">', '<a href="eval.json">',
-                  '<a href="run.json">'):
+    for shown in (
+        "convnet run alexnet-digits --set train.epochs=2",
+        "2026-11-29",
+        "0.1.0",
+        "convnet-swish 1.2",
+        "Final metrics",
+        "finished",
+        '<a href="metrics.jsonl">',
+        '<a href="eval.json">',
+        '<a href="run.json">',
+    ):
         assert shown in page, shown
 
 
@@ -199,7 +256,7 @@ def test_the_report_is_written_during_the_run(tmp_path):
     pm, regs = plugins.create_manager()
     reader = _ReadsTheReport()
     pm.register(reader)
-    recipe = load_recipe(str(TINY), ["train.epochs=2", "evaluate=[{name = \"topk\", k = [1]}]"], regs)
+    recipe = load_recipe(str(TINY), ["train.epochs=2", 'evaluate=[{name = "topk", k = [1]}]'], regs)
     Run(recipe, out=tmp_path / "run", registries=regs, pm=pm, quiet=True).train()
     epoch, has_plot, page = reader.seen[0]
     assert epoch == 0 and has_plot and "Latest evaluation (epoch 1)" in page and "top1_error" in page
@@ -210,6 +267,17 @@ def test_the_report_is_written_during_the_run(tmp_path):
 def test_the_epoch_line_shows_every_number_of_the_evaluation():
     from convnet.plugins.log import _fmt
 
-    line = _fmt({"kind": "eval", "epoch": 0, "step": 10, "lr": 0.01, "skipped_samples": 0, "top1_error": 0.5,
-                 "my_plugin_score": 0.125, "confusion": ["4->6"], "flag": True})
+    line = _fmt(
+        {
+            "kind": "eval",
+            "epoch": 0,
+            "step": 10,
+            "lr": 0.01,
+            "skipped_samples": 0,
+            "top1_error": 0.5,
+            "my_plugin_score": 0.125,
+            "confusion": ["4->6"],
+            "flag": True,
+        }
+    )
     assert line == "skipped_samples=0 top1_error=0.5 my_plugin_score=0.125 lr=0.01"

@@ -6,6 +6,7 @@ cut can fall inside an epoch, on its last step (before the epoch's evaluation) o
 epochs. The cut is made either by ``train.max_steps`` or by a real SIGINT sent to this
 process, which the engine turns into a checkpoint at the next step boundary.
 """
+
 from __future__ import annotations
 
 import signal
@@ -127,7 +128,9 @@ def test_resume_replays_the_pending_epoch_end(tmp_path: Path) -> None:
         return [line for line in (folder / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in line]
 
     assert evals(out) == evals(ref) and len(evals(ref)) == 2
-    assert model_bytes(out / "checkpoints" / "last.safetensors") == model_bytes(ref / "checkpoints" / "last.safetensors")
+    assert model_bytes(out / "checkpoints" / "last.safetensors") == model_bytes(
+        ref / "checkpoints" / "last.safetensors"
+    )
 
 
 def test_resume_restores_rng_and_optimizer_state(tmp_path: Path) -> None:
@@ -172,6 +175,5 @@ def test_resume_refuses_a_checkpoint_of_a_run_that_trains_differently(tmp_path):
         train(tmp_path / "other", "train.optimizer.lr=0.5", resume=last)
     assert str(last) in str(info.value)
     # What does not change the run's result may change: more epochs, no step cap, another strategy.
-    result = train(tmp_path / "longer", f"train.epochs={EPOCHS + 1}", "parallel.strategy=model-parallel",
-                   resume=last)
+    result = train(tmp_path / "longer", f"train.epochs={EPOCHS + 1}", "parallel.strategy=model-parallel", resume=last)
     assert result["step"] == STEPS_PER_EPOCH * (EPOCHS + 1)

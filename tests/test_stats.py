@@ -1,4 +1,5 @@
 """`convnet stats`: streaming mean image and RGB PCA, against direct computation."""
+
 from __future__ import annotations
 
 import types
@@ -8,13 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_imagenet_data import _corrupt, tiny_recipe, write_tree
 
 from convnet.core import cli, schema
 from convnet.core import stats as cstats
 from convnet.core.data import build_dataset
 from convnet.core.errors import DataError
 from convnet.core.recipe import load_recipe
-from test_imagenet_data import _corrupt, tiny_recipe, write_tree
 
 
 def direct(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ def test_streaming_equals_direct_for_any_batching(sizes, seed):
     acc = cstats.PixelStats()
     start = 0
     for n in sizes:
-        acc.add(images[start:start + n])
+        acc.add(images[start : start + n])
         start += n
     out = acc.result()
     mean, cov = direct(images)
@@ -61,7 +62,7 @@ def tree_recipe(tmp_path):
 
 
 def test_stats_command_matches_the_training_images(tree_recipe, tmp_path, registries, capsys):
-    root, recipe_path = tree_recipe
+    _root, recipe_path = tree_recipe
     out = tmp_path / "stats.safetensors"
     assert cli.main(["stats", str(recipe_path), "--out", str(out), "--batch-size", "3", "--quiet"]) == 0
     assert str(out) in capsys.readouterr().out
@@ -94,8 +95,9 @@ def test_default_output_is_the_dataset_root_even_when_an_augmenter_names_another
     recipe = load_recipe(recipe_path, registries=registries)
     recipe.data.train_augment.append(schema.Augmenter("mean-image", types.SimpleNamespace(stats="elsewhere/s.st")))
     assert cstats.default_out(recipe) == root / "stats.safetensors"
-    assert cstats.readers(recipe) == {f"data.train_augment[{len(recipe.data.train_augment) - 1}].stats":
-                                      "elsewhere/s.st"}
+    assert cstats.readers(recipe) == {
+        f"data.train_augment[{len(recipe.data.train_augment) - 1}].stats": "elsewhere/s.st"
+    }
     rootless = load_recipe("alexnet-digits", registries=registries)
     assert cstats.default_out(rootless) == cstats.Path("runs/alexnet-digits/stats.safetensors")
     rootless.data.eval_augment.append(schema.Augmenter("mean-image", types.SimpleNamespace(stats="elsewhere/s.st")))
@@ -103,22 +105,24 @@ def test_default_output_is_the_dataset_root_even_when_an_augmenter_names_another
 
 
 def test_an_existing_different_file_is_replaced_only_with_force(tree_recipe, tmp_path, capsys):
-    root, recipe_path = tree_recipe
+    _root, recipe_path = tree_recipe
     out = tmp_path / "st" / "stats.safetensors"
     base = ["stats", str(recipe_path), "--out", str(out), "--quiet"]
-    assert cli.main(base + ["--limit", "4"]) == 0
+    assert cli.main([*base, "--limit", "4"]) == 0
     assert "(written)" in capsys.readouterr().out
     first = out.read_bytes()
-    assert cli.main(base + ["--limit", "4"]) == 0  # the same statistics again: fine, and said so
+    assert cli.main([*base, "--limit", "4"]) == 0  # the same statistics again: fine, and said so
     captured = capsys.readouterr()
     assert "unchanged" in captured.out and "exists" in captured.err and out.read_bytes() == first
-    assert cli.main(base + ["--limit", "6"]) == 1  # different: refused, the new ones kept aside
+    assert cli.main([*base, "--limit", "6"]) == 1  # different: refused, the new ones kept aside
     err = capsys.readouterr().err.strip().splitlines()
     aside = out.with_name("stats.new.safetensors")
-    assert err[-1] == (f"convnet: error: {out}: exists and holds different statistics; not replaced without "
-                       f"--force (the new ones are in {aside})")
+    assert err[-1] == (
+        f"convnet: error: {out}: exists and holds different statistics; not replaced without "
+        f"--force (the new ones are in {aside})"
+    )
     assert out.read_bytes() == first and set(cstats.STATS_KEYS) <= set(load_file(str(aside)))
-    assert cli.main(base + ["--limit", "6", "--force"]) == 0
+    assert cli.main([*base, "--limit", "6", "--force"]) == 0
     assert "replaced" in capsys.readouterr().out and out.read_bytes() != first
     assert cli.main(["stats", str(recipe_path), "--out", str(tmp_path), "--quiet"]) == 1
     assert "is a folder" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The tensorboard plugin: a real run's event files, read back with TensorBoard's own reader,
 hold exactly the numbers metrics.jsonl holds; without tensorboard the plugin is silent."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import convnet.core as cn  # noqa: E402
+import convnet.core as cn
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 # What the engine adds to an evaluation's record in metrics.jsonl; the rest is the evaluators'.

@@ -4,6 +4,7 @@ same checkpoint files (same tensor names and shapes), and each resumes the other
 Compiling alexnet-digits takes one to three minutes on the project's 2-core CPU, so the run
 tests are marked slow and kept to three steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ STEPS = 3
 
 
 def _train(out: Path, compile_: bool, steps: int, resume: Path | None = None) -> list[float]:
-    recipe = cn.load_recipe("alexnet-digits", [f"train.max_steps={steps}", "train.log_every=1",
-                                               f"train.compile={str(compile_).lower()}"])
+    recipe = cn.load_recipe(
+        "alexnet-digits", [f"train.max_steps={steps}", "train.log_every=1", f"train.compile={str(compile_).lower()}"]
+    )
     cn.train(recipe, out=out, resume=resume)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["kind"] == "train"]
@@ -30,7 +32,7 @@ def _train(out: Path, compile_: bool, steps: int, resume: Path | None = None) ->
 
 def _layout(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
 
 
 @pytest.mark.slow
@@ -39,7 +41,7 @@ def test_compiled_training_matches_eager_and_checkpoints_cross_resume(tmp_path):
     assert len(eager) == STEPS
 
     compiled = _train(tmp_path / "compiled", True, STEPS - 1)
-    assert compiled == pytest.approx(eager[:STEPS - 1], rel=1e-5)
+    assert compiled == pytest.approx(eager[: STEPS - 1], rel=1e-5)
     compiled_ckpt = tmp_path / "compiled" / "checkpoints" / "last.safetensors"
     _train(tmp_path / "eager-short", False, STEPS - 1)
     eager_ckpt = tmp_path / "eager-short" / "checkpoints" / "last.safetensors"

@@ -2,6 +2,7 @@
 ``convnet convert`` command) and the paper's ablations as pairs of recipes (``ablate``).
 No component is registered here: the network itself is the ``alexnet-*`` recipes, built
 from the generic layer plugins."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,17 @@ def _convert(args: argparse.Namespace) -> int:
 @hookimpl
 def convnet_add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="torchvision alexnet weights (.pth or .safetensors) -> convnet weights")
-    p.add_argument("source", metavar="FILE", help="torchvision alexnet state_dict (.pth read weights-only, or .safetensors)")
+    p.add_argument(
+        "source", metavar="FILE", help="torchvision alexnet state_dict (.pth read weights-only, or .safetensors)"
+    )
     p.add_argument("--out", metavar="FILE", required=True, help="convnet weights file to write (.safetensors)")
     p.add_argument("--recipe", default="alexnet-torchvision", help="recipe whose network receives the weights")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of that recipe (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of that recipe (repeatable)",
+    )
     p.set_defaults(handler=_convert)

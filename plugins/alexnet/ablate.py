@@ -8,6 +8,7 @@ Each arm is an ordinary ``convnet run`` of a bundled recipe (its own run folder 
 one line of text. The paper's claims come with each ablation, to put the measured
 numbers beside them (docs/ablations.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import attrs
 
@@ -33,22 +35,45 @@ class Ablation:
     threshold: float = 0.25
 
 
-ABLATIONS = {a.name: a for a in (
-    Ablation("relu-vs-tanh", (("relu", "ablation-digits"), ("tanh", "ablation-tanh")), "epochs-to-train-error",
-             "a four-layer CNN with ReLUs reaches 25% training error on CIFAR-10 six times faster than with "
-             "tanh (Figure 1)"),
-    Ablation("no-lrn", (("lrn", "ablation-digits"), ("no-lrn", "ablation-no-lrn")), "val",
-             "response normalisation reduces top-1 and top-5 error by 1.4 and 1.2 points (ILSVRC-2012 val)"),
-    Ablation("no-overlap-pool", (("overlap-3x3s2", "ablation-digits"), ("no-overlap-2x2s2", "ablation-no-overlap-pool")),
-             "val", "overlapping pooling (3x3 stride 2) reduces top-1 and top-5 error by 0.4 and 0.3 points "
-             "against 2x2 stride 2, and overfits slightly less"),
-    Ablation("one-vs-two-towers", (("two-towers", "ablation-digits"), ("one-tower-half", "ablation-1tower")), "val",
-             "the two-GPU net is 1.7 (top-1) and 1.2 (top-5) points better than a one-GPU net with half the "
-             "kernels in each convolutional layer"),
-    Ablation("no-dropout", (("dropout", "ablation-digits"), ("no-dropout", "ablation-no-dropout")), "gap",
-             "without dropout the network overfits substantially; dropout roughly doubles the iterations "
-             "needed to converge"),
-)}
+ABLATIONS = {
+    a.name: a
+    for a in (
+        Ablation(
+            "relu-vs-tanh",
+            (("relu", "ablation-digits"), ("tanh", "ablation-tanh")),
+            "epochs-to-train-error",
+            "a four-layer CNN with ReLUs reaches 25% training error on CIFAR-10 six times faster than with "
+            "tanh (Figure 1)",
+        ),
+        Ablation(
+            "no-lrn",
+            (("lrn", "ablation-digits"), ("no-lrn", "ablation-no-lrn")),
+            "val",
+            "response normalisation reduces top-1 and top-5 error by 1.4 and 1.2 points (ILSVRC-2012 val)",
+        ),
+        Ablation(
+            "no-overlap-pool",
+            (("overlap-3x3s2", "ablation-digits"), ("no-overlap-2x2s2", "ablation-no-overlap-pool")),
+            "val",
+            "overlapping pooling (3x3 stride 2) reduces top-1 and top-5 error by 0.4 and 0.3 points "
+            "against 2x2 stride 2, and overfits slightly less",
+        ),
+        Ablation(
+            "one-vs-two-towers",
+            (("two-towers", "ablation-digits"), ("one-tower-half", "ablation-1tower")),
+            "val",
+            "the two-GPU net is 1.7 (top-1) and 1.2 (top-5) points better than a one-GPU net with half the "
+            "kernels in each convolutional layer",
+        ),
+        Ablation(
+            "no-dropout",
+            (("dropout", "ablation-digits"), ("no-dropout", "ablation-no-dropout")),
+            "gap",
+            "without dropout the network overfits substantially; dropout roughly doubles the iterations "
+            "needed to converge",
+        ),
+    )
+}
 
 
 def read_evals(run_dir: Path) -> list[dict[str, Any]]:
@@ -67,12 +92,18 @@ def epochs_to(evals: list[dict[str, Any]], key: str, threshold: float) -> int | 
 
 def arm_result(run_dir: Path, final: dict[str, Any], threshold: float, seconds: float | None) -> dict[str, Any]:
     evals = read_evals(run_dir)
-    out = {"run": str(run_dir), "seconds": None if seconds is None else round(seconds, 1), "epochs": len(evals),
-           "val_top1_error": final.get("top1_error"), "val_top5_error": final.get("top5_error"),
-           "val_samples": final.get("samples"), "train_top1_error": final.get("train_top1_error"),
-           "train_error_curve": [r.get("train_top1_error") for r in evals],
-           "val_error_curve": [r.get("top1_error") for r in evals],
-           f"epochs_to_{round(threshold * 100)}pct_train_error": epochs_to(evals, "train_top1_error", threshold)}
+    out = {
+        "run": str(run_dir),
+        "seconds": None if seconds is None else round(seconds, 1),
+        "epochs": len(evals),
+        "val_top1_error": final.get("top1_error"),
+        "val_top5_error": final.get("top5_error"),
+        "val_samples": final.get("samples"),
+        "train_top1_error": final.get("train_top1_error"),
+        "train_error_curve": [r.get("train_top1_error") for r in evals],
+        "val_error_curve": [r.get("top1_error") for r in evals],
+        f"epochs_to_{round(threshold * 100)}pct_train_error": epochs_to(evals, "train_top1_error", threshold),
+    }
     if out["val_top1_error"] is not None and out["train_top1_error"] is not None:
         out["gap"] = out["val_top1_error"] - out["train_top1_error"]
     return out
@@ -85,8 +116,11 @@ def _mean(values: list[Any]) -> float | None:
 
 def summarise_arm(runs: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     key = f"epochs_to_{round(threshold * 100)}pct_train_error"
-    summary = {k: _mean([r[k] for r in runs]) for k in ("val_top1_error", "val_top5_error", "train_top1_error",
-                                                        "gap", key) if all(k in r for r in runs)}
+    summary = {
+        k: _mean([r[k] for r in runs])
+        for k in ("val_top1_error", "val_top5_error", "train_top1_error", "gap", key)
+        if all(k in r for r in runs)
+    }
     n = runs[0].get("val_samples") or 0
     p = summary.get("val_top1_error")
     if n and p is not None:  # binomial standard error of one run's validation error
@@ -103,24 +137,31 @@ def compare(ablation: Ablation, arms: dict[str, dict[str, Any]]) -> tuple[dict[s
     if ablation.measure == "epochs-to-train-error":
         key = f"epochs_to_{round(ablation.threshold * 100)}pct_train_error"
         ea, eb = ra.get(key), rb.get(key)
-        diff = {f"{a}_epochs": ea, f"{b}_epochs": eb,
-                "speedup": (eb / ea) if ea and eb else None}
+        diff = {f"{a}_epochs": ea, f"{b}_epochs": eb, "speedup": (eb / ea) if ea and eb else None}
         reach = lambda e: f"after {e:g} epoch(s)" if e is not None else "never"  # noqa: E731
-        line = (f"{ablation.name}: {round(ablation.threshold * 100)}% training error {reach(ea)} with {a}, "
-                f"{reach(eb)} with {b}" + (f" ({diff['speedup']:.2f}x)" if diff["speedup"] else "")
-                + f"; paper: {ablation.paper}")
+        line = (
+            f"{ablation.name}: {round(ablation.threshold * 100)}% training error {reach(ea)} with {a}, "
+            f"{reach(eb)} with {b}"
+            + (f" ({diff['speedup']:.2f}x)" if diff["speedup"] else "")
+            + f"; paper: {ablation.paper}"
+        )
     else:
         # The paper's choice minus the ablated one: negative = the paper's choice is better.
         d1 = None if ra.get("val_top1_error") is None else ra["val_top1_error"] - rb["val_top1_error"]
         d5 = None if ra.get("val_top5_error") is None else ra["val_top5_error"] - rb["val_top5_error"]
-        diff = {"top1_change_points": pts(d1), "top5_change_points": pts(d5),
-                "stderr_points": pts(ra.get("val_top1_stderr"))}
-        line = (f"{ablation.name}: val top-1 error {pts(ra.get('val_top1_error'))}% with {a}, "
-                f"{pts(rb.get('val_top1_error'))}% with {b}: {a} changes it by {pts(d1):+g} points, top-5 by "
-                f"{pts(d5):+g} (negative = {a} better; one run's standard error ~{pts(ra.get('val_top1_stderr'))} points)")
+        diff = {
+            "top1_change_points": pts(d1),
+            "top5_change_points": pts(d5),
+            "stderr_points": pts(ra.get("val_top1_stderr")),
+        }
+        line = (
+            f"{ablation.name}: val top-1 error {pts(ra.get('val_top1_error'))}% with {a}, "
+            f"{pts(rb.get('val_top1_error'))}% with {b}: {a} changes it by {pts(d1):+g} points, top-5 by "
+            f"{pts(d5):+g} (negative = {a} better; one run's standard error ~{pts(ra.get('val_top1_stderr'))} points)"
+        )
         if ablation.measure == "gap":
             diff.update({f"{a}_gap_points": pts(ra.get("gap")), f"{b}_gap_points": pts(rb.get("gap"))})
-            line += (f"; train/val gap {pts(ra.get('gap'))} points with {a}, {pts(rb.get('gap'))} with {b}")
+            line += f"; train/val gap {pts(ra.get('gap'))} points with {a}, {pts(rb.get('gap'))} with {b}"
         line += f"; paper: {ablation.paper}"
     return diff, line
 
@@ -136,9 +177,16 @@ def recompare(out: str | Path) -> dict[str, Any]:
     return result
 
 
-def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
-                 quiet: bool = True, registries=None, cache: dict | None = None,
-                 reuse: bool = False) -> dict[str, Any]:
+def run_ablation(
+    name: str,
+    out: str | Path,
+    seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    quiet: bool = True,
+    registries=None,
+    cache: dict | None = None,
+    reuse: bool = False,
+) -> dict[str, Any]:
     """Train both arms for each seed; write ``comparison.json`` and ``comparison.txt`` in ``out``.
 
     ``cache`` (shared between calls) reuses a run of the same recipe, seed and overrides:
@@ -171,8 +219,16 @@ def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overri
                 cache[key] = runs[-1]
         arms[label] = summarise_arm(runs, ablation.threshold) | {"recipe": recipe_name}
     diff, line = compare(ablation, arms)
-    result = {"ablation": name, "measure": ablation.measure, "paper": ablation.paper, "seeds": list(seeds),
-              "overrides": list(overrides), "arms": arms, "comparison": diff, "line": line}
+    result = {
+        "ablation": name,
+        "measure": ablation.measure,
+        "paper": ablation.paper,
+        "seeds": list(seeds),
+        "overrides": list(overrides),
+        "arms": arms,
+        "comparison": diff,
+        "line": line,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "comparison.txt").write_text(line + "\n", encoding="utf-8")
@@ -180,17 +236,29 @@ def run_ablation(name: str, out: str | Path, seeds: Sequence[int] = (0,), overri
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convnet.plugins.alexnet.ablate",
-                                description="Run one of the paper's ablations on digits and write the comparison.")
+    p = argparse.ArgumentParser(
+        prog="python -m convnet.plugins.alexnet.ablate",
+        description="Run one of the paper's ablations on digits and write the comparison.",
+    )
     p.add_argument("name", choices=[*ABLATIONS, "all"])
     p.add_argument("--out", default=None, help="folder (default runs/ablations/<name>)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value in both arms' recipes (repeatable)")
-    p.add_argument("--reuse", action="store_true",
-                   help="read arms whose run folder already holds a finished run instead of training them")
-    p.add_argument("--recompare", action="store_true",
-                   help="only rewrite the comparison of arms already trained in the folder")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value in both arms' recipes (repeatable)",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read arms whose run folder already holds a finished run instead of training them",
+    )
+    p.add_argument(
+        "--recompare", action="store_true", help="only rewrite the comparison of arms already trained in the folder"
+    )
     args = p.parse_args(argv)
     names = list(ABLATIONS) if args.name == "all" else [args.name]
     base = Path(args.out) if args.out else Path("runs") / "ablations"

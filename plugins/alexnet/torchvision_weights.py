@@ -8,18 +8,25 @@ weights are plain ``[out, in]`` and the flatten order is torchvision's).
 Files are read without unpickling code: ``.safetensors`` directly, ``.pth``/``.pt`` with
 ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from convnet.core import ConvnetError, Network, build_model, load_plugins, load_recipe, save_checkpoint, to_toml
 
 TORCHVISION_TO_LAYER = {
-    "features.0": "conv1", "features.3": "conv2", "features.6": "conv3", "features.8": "conv4",
-    "features.10": "conv5", "classifier.1": "fc6", "classifier.4": "fc7", "classifier.6": "fc8",
+    "features.0": "conv1",
+    "features.3": "conv2",
+    "features.6": "conv3",
+    "features.8": "conv4",
+    "features.10": "conv5",
+    "classifier.1": "fc6",
+    "classifier.4": "fc7",
+    "classifier.6": "fc8",
 }
 RECIPE = "alexnet-torchvision"
 
@@ -45,8 +52,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # weights_only refusals and corrupt archives raise assorted types
-            raise ConversionError(f"{path}: cannot read as a weights-only torch file "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise ConversionError(
+                f"{path}: cannot read as a weights-only torch file "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -61,8 +70,10 @@ def convert_state_dict(state: dict[str, torch.Tensor], source: str = "state_dict
         module, _, kind = key.rpartition(".")
         layer = TORCHVISION_TO_LAYER.get(module)
         if layer is None or kind not in ("weight", "bias"):
-            raise ConversionError(f"{source}: unexpected tensor {key!r}; torchvision's alexnet has "
-                                  f"{', '.join(f'{m}.weight/bias' for m in TORCHVISION_TO_LAYER)}")
+            raise ConversionError(
+                f"{source}: unexpected tensor {key!r}; torchvision's alexnet has "
+                f"{', '.join(f'{m}.weight/bias' for m in TORCHVISION_TO_LAYER)}"
+            )
         out[f"layers.{layer}.{kind}"] = tensor
     return out
 
@@ -77,8 +88,10 @@ def check_against(model: Network, converted: dict[str, torch.Tensor], source: st
         if name not in converted:
             raise ConversionError(f"{source}: missing {theirs!r} (needed for {name})")
         if tuple(converted[name].shape) != tuple(tensor.shape):
-            raise ConversionError(f"{source}: {theirs!r} has shape {list(converted[name].shape)}, "
-                                  f"the recipe's {name} needs {list(tensor.shape)}")
+            raise ConversionError(
+                f"{source}: {theirs!r} has shape {list(converted[name].shape)}, "
+                f"the recipe's {name} needs {list(tensor.shape)}"
+            )
     extra = sorted(set(converted) - set(expected))
     if extra:
         raise ConversionError(f"{source}: {extra[0]!r} has no layer in the recipe's network")
@@ -92,8 +105,9 @@ def load_torchvision_alexnet(model: Network, state: dict[str, torch.Tensor], sou
     return model
 
 
-def convert_file(src: str | Path, out: str | Path, recipe_ref: str = RECIPE, registries=None,
-                 overrides: Sequence[str] = ()) -> Path:
+def convert_file(
+    src: str | Path, out: str | Path, recipe_ref: str = RECIPE, registries=None, overrides: Sequence[str] = ()
+) -> Path:
     """Write ``src`` (torchvision weights) as a convnet weights file for ``recipe_ref``.
 
     The result is a safetensors file in the checkpoint format (``model/<name>`` tensors and
@@ -106,6 +120,9 @@ def convert_file(src: str | Path, out: str | Path, recipe_ref: str = RECIPE, reg
     converted = convert_state_dict(read_state_dict(src), str(src))
     check_against(model, converted, str(src))
     out = Path(out)
-    save_checkpoint(out, {f"model/{k}": v for k, v in converted.items()},
-              {"convnet.recipe": to_toml(recipe, regs), "convnet.converted_from": str(src)})
+    save_checkpoint(
+        out,
+        {f"model/{k}": v for k, v in converted.items()},
+        {"convnet.recipe": to_toml(recipe, regs), "convnet.converted_from": str(src)},
+    )
     return out

@@ -34,6 +34,7 @@ Mean image and crops. The paper subtracts the mean of the 256x256 images, then c
 ``mean-image`` before ``random-crop`` to do exactly that (the bundled ImageNet recipe does).
 After a crop, mean-image subtracts the mean's centre window, exact only for centre crops.
 """
+
 from __future__ import annotations
 
 from convnet.core import Registries, hookimpl
@@ -44,19 +45,43 @@ from convnet.plugins.augment import photometric as p
 @hookimpl
 def convnet_register(registries: Registries) -> None:
     add = registries.augmenter.add
-    add("resize-shorter", g.ResizeShorter, g.ResizeShorterOptions,
-        "shorter side to size (the paper's 256), aspect kept, antialiased bilinear")
+    add(
+        "resize-shorter",
+        g.ResizeShorter,
+        g.ResizeShorterOptions,
+        "shorter side to size (the paper's 256), aspect kept, antialiased bilinear",
+    )
     add("center-crop", g.CenterCrop, g.CenterCropOptions, "the central size x size window (default 227)")
-    add("random-crop", g.RandomCrop, g.RandomCropOptions,
-        "a size x size window uniform over all positions (the paper's 227), optional padding")
-    add("random-shift", g.RandomShift, g.RandomShiftOptions,
-        "translate by up to max_shift pixels, border repeated: a random crop at the image's own size")
+    add(
+        "random-crop",
+        g.RandomCrop,
+        g.RandomCropOptions,
+        "a size x size window uniform over all positions (the paper's 227), optional padding",
+    )
+    add(
+        "random-shift",
+        g.RandomShift,
+        g.RandomShiftOptions,
+        "translate by up to max_shift pixels, border repeated: a random crop at the image's own size",
+    )
     add("hflip", g.HFlip, g.HFlipOptions, "mirror left-right with probability p (the paper's 0.5)")
-    add("ten-crop", g.TenCrop, g.TenCropOptions,
-        "test views: 4 corners + centre and their mirrors -> [10, C, size, size] per image")
-    add("mean-image", p.MeanImage, p.MeanImageOptions,
-        "subtract the per-pixel mean image from `convnet stats` (uint8 -> float32, 0-255 scale)")
+    add(
+        "ten-crop",
+        g.TenCrop,
+        g.TenCropOptions,
+        "test views: 4 corners + centre and their mirrors -> [10, C, size, size] per image",
+    )
+    add(
+        "mean-image",
+        p.MeanImage,
+        p.MeanImageOptions,
+        "subtract the per-pixel mean image from `convnet stats` (uint8 -> float32, 0-255 scale)",
+    )
     add("mean-rgb", p.MeanRgb, p.MeanRgbOptions, "subtract a per-channel mean (optionally divide by std)")
-    add("pca-lighting", p.PcaLighting, p.PcaLightingOptions,
-        "the paper's colour noise along the RGB principal components, alpha ~ N(0, 0.1) per image")
+    add(
+        "pca-lighting",
+        p.PcaLighting,
+        p.PcaLightingOptions,
+        "the paper's colour noise along the RGB principal components, alpha ~ N(0, 0.1) per image",
+    )
     add("to-float", p.ToFloat, p.ToFloatOptions, "convert to float32, times scale (1/255 for [0, 1])")

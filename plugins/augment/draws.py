@@ -7,10 +7,11 @@ of (key, draw number), computed in Python integers and floats, one sample at a t
 placements, so a crop offset, a flip or a lighting offset is bit-identical whichever way the
 chain runs (and costs a few microseconds, less than a numpy call on a one-element array).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

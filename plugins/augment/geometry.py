@@ -5,6 +5,7 @@ image may be ``[C, H, W]`` or carry leading dimensions (``[10, C, H, W]`` after 
 An image smaller than a crop is resized up (aspect kept) and counted; the count is reported
 as a warning when the loader's pass ends (per epoch for training), summed over workers.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,12 +50,19 @@ class SmallImages:
         total = self.take()
         if total:
             when = f" in epoch {epoch + 1}" if "train_augment" in self.where else " in this pass"
-            warnings.warn(f"{self.where}: {total} image(s) smaller than {self.size}x{self.size} were resized "
-                          f"up to fit the crop{when}", SmallImageWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.where}: {total} image(s) smaller than {self.size}x{self.size} were resized "
+                f"up to fit the crop{when}",
+                SmallImageWarning,
+                stacklevel=2,
+            )
 
     def warn_batch(self, h: int, w: int) -> None:
-        warnings.warn(f"{self.where}: a batch of {h}x{w} images is smaller than the crop {self.size}x{self.size}; "
-                      "resized up", SmallImageWarning, stacklevel=3)
+        warnings.warn(
+            f"{self.where}: a batch of {h}x{w} images is smaller than the crop {self.size}x{self.size}; resized up",
+            SmallImageWarning,
+            stacklevel=3,
+        )
 
 
 def _size_field(default: int) -> Any:
@@ -73,8 +81,11 @@ def resize(x: torch.Tensor, height: int, width: int, mode: str = "bilinear", ant
     if flat.dtype == torch.uint8 and flat.device.type != "cpu":
         out = F.interpolate(flat.float(), size=(height, width), **kwargs).round_().clamp_(0, 255).to(torch.uint8)
     else:
-        out = F.interpolate(flat if flat.is_floating_point() or flat.dtype == torch.uint8 else flat.float(),
-                            size=(height, width), **kwargs)
+        out = F.interpolate(
+            flat if flat.is_floating_point() or flat.dtype == torch.uint8 else flat.float(),
+            size=(height, width),
+            **kwargs,
+        )
     return out.reshape(*lead, c, height, width)
 
 
@@ -113,8 +124,14 @@ def _one_kernel(x: torch.Tensor) -> bool:
     return x.device.type != "cpu"
 
 
-def window_gather(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int,
-                  one_kernel: bool | None = None, width: int | None = None) -> torch.Tensor:
+def window_gather(
+    x: torch.Tensor,
+    tops: torch.Tensor,
+    lefts: torch.Tensor,
+    size: int,
+    one_kernel: bool | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
     """``[N, ..., H, W]`` -> ``[N, ..., size, width]`` (``width`` defaults to ``size``): sample n's
     window at (tops[n], lefts[n])."""
     n, height, width = x.shape[0], size, width or size
@@ -126,7 +143,7 @@ def window_gather(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size
     else:
         out = torch.empty(n, flat.shape[1], height, width, dtype=x.dtype, device=x.device)
         for i, (t, l) in enumerate(zip(tops.tolist(), lefts.tolist())):
-            out[i].copy_(flat[i, :, t:t + height, l:l + width])
+            out[i].copy_(flat[i, :, t : t + height, l : l + width])
     return out.reshape(*x.shape[:-2], height, width)
 
 
@@ -160,12 +177,11 @@ class ResizeShorter:
     def target(self, h: int, w: int) -> tuple[int, int]:
         s = self.options.size
         if h <= w:
-            return s, max(1, int(round(w * s / h)))
-        return max(1, int(round(h * s / w))), s
+            return s, max(1, round(w * s / h))
+        return max(1, round(h * s / w)), s
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        return resize(x, *self.target(*x.shape[-2:]), mode=self.options.interpolation,
-                      antialias=self.options.antialias)
+        return resize(x, *self.target(*x.shape[-2:]), mode=self.options.interpolation, antialias=self.options.antialias)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._apply(image)
@@ -195,7 +211,7 @@ class CenterCrop:
         x = _fit(x, s, self.small, batched)
         h, w = x.shape[-2:]
         top, left = (h - s) // 2, (w - s) // 2
-        return x[..., top:top + s, left:left + s]
+        return x[..., top : top + s, left : left + s]
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._apply(image, False)
@@ -235,14 +251,16 @@ class RandomCrop:
 
     def offsets(self, keys: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self.offset(k, h, w) for k in keys_list(keys)]
-        return (np.array([t for t, _ in pairs], dtype=np.int64).reshape(-1),
-                np.array([l for _, l in pairs], dtype=np.int64).reshape(-1))
+        return (
+            np.array([t for t, _ in pairs], dtype=np.int64).reshape(-1),
+            np.array([l for _, l in pairs], dtype=np.int64).reshape(-1),
+        )
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = self._prepare(image, False)
         t, l = self.offset(key_of(generator), *x.shape[-2:])
         s = self.options.size
-        return x[..., t:t + s, l:l + s]
+        return x[..., t : t + s, l : l + s]
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         x = self._prepare(images, True)
@@ -285,7 +303,7 @@ class RandomShift:
             rows = torch.arange(t - p, t - p + h).clamp_(0, h - 1)
             cols = torch.arange(l - p, l - p + w).clamp_(0, w - 1)
             return image.index_select(-2, rows.to(image.device)).index_select(-1, cols.to(image.device))
-        return self._pad(image)[..., t:t + h, l:l + w]
+        return self._pad(image)[..., t : t + h, l : l + w]
 
     def batch(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]

@@ -6,6 +6,7 @@ from the safetensors file ``convnet stats`` writes (``stats = "path"``; keys ``m
 ``[C, H, W]`` on the images' scale, ``eigvals`` ``[C]`` and ``eigvecs`` ``[C, C]`` with the
 eigenvectors as columns, of the covariance of pixel values on that scale), or from the recipe.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,10 @@ def load_stats(path: str, ctx: DataContext, keys: tuple[str, ...]) -> dict[str, 
         raise ctx.error(f"stats: {path}: not a readable safetensors file ({exc})") from None
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise ctx.error(f"stats: {path} has no {', '.join(map(repr, missing))} "
-                        f"(found {', '.join(sorted(tensors)) or 'nothing'}); rewrite it with `convnet stats`")
+        raise ctx.error(
+            f"stats: {path} has no {', '.join(map(repr, missing))} "
+            f"(found {', '.join(sorted(tensors)) or 'nothing'}); rewrite it with `convnet stats`"
+        )
     return tensors
 
 
@@ -71,8 +74,7 @@ def _add(x: torch.Tensor, other: torch.Tensor, in_place: bool) -> torch.Tensor:
 def _check_channels(where: str, image: torch.Tensor, channels: int, what: str) -> None:
     c = image.shape[-3] if image.dim() >= 3 else -1
     if c != channels:
-        raise DataError(f"{where}: images have {c} channel(s) (shape {list(image.shape)}), but {what} has "
-                        f"{channels}")
+        raise DataError(f"{where}: images have {c} channel(s) (shape {list(image.shape)}), but {what} has {channels}")
 
 
 # ---------------------------------------------------------------------------- mean-image
@@ -107,7 +109,7 @@ class MeanImage:
             if h > mh or w > mw:
                 raise DataError(f"{self.where}: images are {h}x{w}, larger than the {mh}x{mw} mean image")
             top, left = (mh - h) // 2, (mw - w) // 2
-            self._fitted[key] = (-self.mean[:, top:top + h, left:left + w]).contiguous().to(image.device)
+            self._fitted[key] = (-self.mean[:, top : top + h, left : left + w]).contiguous().to(image.device)
         return self._fitted[key]
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -190,18 +192,25 @@ class PcaLighting:
             eigvals, eigvecs = t["eigvals"].double(), t["eigvecs"].double()
             source = o.stats
         elif o.eigvals is not None and o.eigvecs is not None:
-            eigvals, eigvecs = torch.tensor(o.eigvals, dtype=torch.float64), torch.tensor(o.eigvecs, dtype=torch.float64)
+            eigvals, eigvecs = (
+                torch.tensor(o.eigvals, dtype=torch.float64),
+                torch.tensor(o.eigvecs, dtype=torch.float64),
+            )
             source = "the recipe"
         else:
-            raise ctx.error("needs the eigen data: 'stats = \"path\"' (from `convnet stats`) or both "
-                            "'eigvals = [...]' and 'eigvecs = [[...], ...]'")
+            raise ctx.error(
+                "needs the eigen data: 'stats = \"path\"' (from `convnet stats`) or both "
+                "'eigvals = [...]' and 'eigvecs = [[...], ...]'"
+            )
         c = eigvals.numel()
         if eigvals.dim() != 1 or eigvecs.shape != (c, c):
-            raise ctx.error(f"eigvals {list(eigvals.shape)} and eigvecs {list(eigvecs.shape)} from {source} "
-                            "should be [C] and [C, C]")
+            raise ctx.error(
+                f"eigvals {list(eigvals.shape)} and eigvecs {list(eigvecs.shape)} from {source} "
+                "should be [C] and [C, C]"
+            )
         if bool((eigvals < -1e-6 * eigvals.abs().max().clamp(min=1)).any()):
             raise ctx.error(f"eigvals from {source} has negative values {eigvals.tolist()}; a covariance has none")
-        lam = eigvals.clamp(min=0).numpy() / o.eigvals_range ** 2  # on [0, 1] pixels
+        lam = eigvals.clamp(min=0).numpy() / o.eigvals_range**2  # on [0, 1] pixels
         w = lam if o.weighting == "eigval" else np.sqrt(lam)
         self.std, self.channels = o.std, c
         self.eigvecs = eigvecs.numpy()

@@ -7,6 +7,7 @@ brighter than the whole (dark ink on light paper), stretched to the full 0..1 ra
 upsampled and normalised as the bundled images are. The digit should fill the picture, as the
 bundled ones fill their box.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,11 +79,17 @@ def build_digits(options: DigitsOptions, ctx: DataContext) -> DatasetSplits:
     images = to_input(images, shape)
     labels = torch.as_tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=generator(options.split_seed, 0xD161))
-    n_val = max(1, int(round(len(labels) * options.val_fraction)))
+    n_val = max(1, round(len(labels) * options.val_fraction))
     val, train = order[:n_val], order[n_val:]
 
     def read_file(path: Path) -> torch.Tensor:
         return to_input(as_digit(read_grey(path))[None], shape)[0]
 
-    return DatasetSplits(_Labelled(images[train], labels[train]), _Labelled(images[val], labels[val]),
-                         10, list(CLASSES), "digits", read_file=read_file)
+    return DatasetSplits(
+        _Labelled(images[train], labels[train]),
+        _Labelled(images[val], labels[val]),
+        10,
+        list(CLASSES),
+        "digits",
+        read_file=read_file,
+    )

@@ -13,6 +13,7 @@ Two layouts are read (``layout = "auto"`` picks by what is in ``root``):
 Each sample is a ``uint8 [3, 256, 256]`` tensor; the mean image is subtracted later by an
 augmenter. A file that cannot be decoded comes back as ``None``: the loader skips and counts it.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,10 @@ from convnet.core import DataContext, DataError, DatasetSplits
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 META_FILE = "meta.bin"
 DEVKIT_ARCHIVE = "ILSVRC2012_devkit_t12.tar.gz"
-LAYOUT_HELP = ("expected <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG (ImageFolder layout), "
-               f"or the ILSVRC2012 devkit layout ({META_FILE} or {DEVKIT_ARCHIVE} beside train/<wnid>/ and val/)")
+LAYOUT_HELP = (
+    "expected <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG (ImageFolder layout), "
+    f"or the ILSVRC2012 devkit layout ({META_FILE} or {DEVKIT_ARCHIVE} beside train/<wnid>/ and val/)"
+)
 # What decoding a broken or truncated file raises; PIL's truncated-image guard stays on.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -68,7 +71,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         nw, nh = int(size * w / h), size
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    left, top = round((nw - size) / 2.0), round((nh - size) / 2.0)
     return img.crop((left, top, left + size, top + size))
 
 
@@ -193,8 +196,9 @@ def build_imagenet(options: ImageNetOptions, ctx: DataContext) -> DatasetSplits:
             wnid_to_classes, _ = read_meta(root)
             names = [f"{w} {wnid_to_classes[w][0]}" if w in wnid_to_classes else w for w in wnids]
         empty = ImageFiles([], [], size)
-        return DatasetSplits(empty, empty, len(wnids), class_names(wnids, words) if words else names,
-                             "imagenet", read_file=read_file)
+        return DatasetSplits(
+            empty, empty, len(wnids), class_names(wnids, words) if words else names, "imagenet", read_file=read_file
+        )
     train_paths, train_labels = _scan_classes(train_root, class_to_idx, options.per_class_limit)
     if layout == "devkit":
         wnid_to_classes, val_wnids = read_meta(root)
@@ -212,9 +216,14 @@ def build_imagenet(options: ImageNetOptions, ctx: DataContext) -> DatasetSplits:
         raise DataError(f"{val_root}: no images ({', '.join(EXTENSIONS)}); {LAYOUT_HELP}")
     if words:
         names = class_names(wnids, words)
-    return DatasetSplits(ImageFiles(train_paths, train_labels, size),
-                         ImageFiles(val_paths, val_labels, size), len(wnids), names, "imagenet",
-                         read_file=read_file)
+    return DatasetSplits(
+        ImageFiles(train_paths, train_labels, size),
+        ImageFiles(val_paths, val_labels, size),
+        len(wnids),
+        names,
+        "imagenet",
+        read_file=read_file,
+    )
 
 
 SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
@@ -252,8 +261,9 @@ def class_names(wnids: list[str], words: dict[str, str]) -> list[str]:
     return [f"{name} ({w})" if counts[name] > 1 and name != w else name for name, w in zip(short, wnids)]
 
 
-def _flat_val(val_root: Path, files: list[str], val_wnids: list[str], class_to_idx: dict[str, int],
-              root: Path) -> tuple[list[str], list[int]]:
+def _flat_val(
+    val_root: Path, files: list[str], val_wnids: list[str], class_to_idx: dict[str, int], root: Path
+) -> tuple[list[str], list[int]]:
     """Flat ``ILSVRC2012_val_<n>.JPEG`` files; the n-th (1-based) has wnid ``val_wnids[n - 1]``."""
     paths, labels = [], []
     for path in files:
@@ -264,8 +274,10 @@ def _flat_val(val_root: Path, files: list[str], val_wnids: list[str], class_to_i
                 raise IndexError(n)
             wnid = val_wnids[n - 1]
         except (ValueError, IndexError):
-            raise DataError(f"{path}: a flat val/ folder needs files named ILSVRC2012_val_<n>.JPEG with n in "
-                            f"1..{len(val_wnids)} (the devkit's ground truth, {root / META_FILE})") from None
+            raise DataError(
+                f"{path}: a flat val/ folder needs files named ILSVRC2012_val_<n>.JPEG with n in "
+                f"1..{len(val_wnids)} (the devkit's ground truth, {root / META_FILE})"
+            ) from None
         if wnid not in class_to_idx:
             raise DataError(f"{path}: its class {wnid} has no folder in {root}/train")
         paths.append(path)

@@ -16,6 +16,7 @@ its output is byte for byte that of an uninterrupted pack. A shard is written to
 temp file, fsynced and ``os.replace``d; its manifest follows the same way. Any failure (a
 full disk, Ctrl-C) removes the temp file: what is on disk is always whole shards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,9 @@ import json
 import os
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 import numpy as np
@@ -42,8 +44,9 @@ REPORT = "bad_files.txt"
 SPLITS = ("train", "val")
 INDEX_FILE = "index.npy"
 # One record per sample; 28 bytes, so ImageNet's 1.28 M training samples take 36 MB.
-INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u4"), ("size", "<u4"), ("label", "<i4"),
-                        ("crc32", "<u4"), ("source", "<i8")])
+INDEX_DTYPE = np.dtype(
+    [("shard", "<u4"), ("offset", "<u4"), ("size", "<u4"), ("label", "<i4"), ("crc32", "<u4"), ("source", "<i8")]
+)
 SHARD_LIMIT = 2**32 - 1  # offsets are uint32: a shard must stay under 4 GiB
 BLOCK = tarfile.BLOCKSIZE
 CHUNK = 16  # samples per data-loader batch: the progress bar's step
@@ -82,8 +85,10 @@ def encode(image: torch.Tensor, settings: PackSettings) -> bytes:
     from PIL import Image
 
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise DataError(f"--format jpeg needs uint8 [1 or 3, H, W] images, got {image.dtype} {list(image.shape)}; "
-                        "use --format raw for other data")
+        raise DataError(
+            f"--format jpeg needs uint8 [1 or 3, H, W] images, got {image.dtype} {list(image.shape)}; "
+            "use --format raw for other data"
+        )
     array = image.permute(1, 2, 0).numpy()
     pil = Image.fromarray(array[:, :, 0] if image.shape[0] == 1 else array)
     buf = io.BytesIO()
@@ -164,7 +169,7 @@ class ShardWriter:
     def __init__(self, path: Path, k: int, settings: PackSettings) -> None:
         self.path, self.k, self.settings = path, k, settings
         self.tmp = path.with_name(f".{path.name}.tmp")
-        self.file = open(self.tmp, "wb")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (open across add() calls; closed by finish/abort)
         self.sha = hashlib.sha256()
         self.offset = 0
         self.samples: list[list[int]] = []
@@ -198,8 +203,13 @@ class ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
-        manifest = {"shard": self.path.name, "bytes": self.offset, "sha256": self.sha.hexdigest(),
-                    "samples": self.samples, "bad": self.bad}
+        manifest = {
+            "shard": self.path.name,
+            "bytes": self.offset,
+            "sha256": self.sha.hexdigest(),
+            "samples": self.samples,
+            "bad": self.bad,
+        }
         write_atomically(self.path.with_suffix(".json"), json.dumps(manifest).encode())
         return manifest
 
@@ -224,13 +234,21 @@ def _remove_temp_files(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _plan(recipe: schema.Recipe, settings: PackSettings, sizes: dict[str, int], classes: list[str] | None,
-          num_classes: int) -> dict[str, Any]:
+def _plan(
+    recipe: schema.Recipe, settings: PackSettings, sizes: dict[str, int], classes: list[str] | None, num_classes: int
+) -> dict[str, Any]:
     options = recipe.data.dataset.options
-    plan = {"version": FORMAT_VERSION, **attrs.asdict(settings),
-            "dataset": {"name": recipe.data.dataset.name,
-                        "options": attrs.asdict(options) if attrs.has(type(options)) else repr(options)},
-            "sizes": sizes, "num_classes": num_classes, "classes": classes}
+    plan = {
+        "version": FORMAT_VERSION,
+        **attrs.asdict(settings),
+        "dataset": {
+            "name": recipe.data.dataset.name,
+            "options": attrs.asdict(options) if attrs.has(type(options)) else repr(options),
+        },
+        "sizes": sizes,
+        "num_classes": num_classes,
+        "classes": classes,
+    }
     return json.loads(json.dumps(plan))  # as it reads back from the file (tuples become lists)
 
 
@@ -243,8 +261,10 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
             old = None
         if old != plan:
             diff = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
-            raise RecipeError(f"{out}: holds a pack made with other settings ({', '.join(diff)}); "
-                              "use another --out or delete that folder")
+            raise RecipeError(
+                f"{out}: holds a pack made with other settings ({', '.join(diff)}); "
+                "use another --out or delete that folder"
+            )
     else:
         write_atomically(path, json.dumps(plan, indent=1).encode())
 
@@ -260,16 +280,21 @@ def _pending(sizes: dict[str, int], out: Path, shard_size: int) -> list[tuple[st
     return todo
 
 
-def _encoded(datasets: dict[str, Dataset], todo: list[tuple[str, int, range]], settings: PackSettings,
-             workers: int) -> Iterator[tuple[str, int, list]]:
+def _encoded(
+    datasets: dict[str, Dataset], todo: list[tuple[str, int, range]], settings: PackSettings, workers: int
+) -> Iterator[tuple[str, int, list]]:
     """(split, shard, encoded chunk) in order, read and encoded by ``workers`` processes."""
     for split in SPLITS:
         jobs = [(k, idx) for s, k, idx in todo if s == split]
         if not jobs:
             continue
-        chunks = [(k, idx[i:i + CHUNK]) for k, idx in jobs for i in range(0, len(idx), CHUNK)]
-        loader = DataLoader(Encoder(datasets[split], settings), batch_sampler=[c for _, c in chunks],
-                            num_workers=workers, collate_fn=_collate)
+        chunks = [(k, idx[i : i + CHUNK]) for k, idx in jobs for i in range(0, len(idx), CHUNK)]
+        loader = DataLoader(
+            Encoder(datasets[split], settings),
+            batch_sampler=[c for _, c in chunks],
+            num_workers=workers,
+            collate_fn=_collate,
+        )
         for (k, _), items in zip(chunks, loader):
             yield split, k, items
 
@@ -292,8 +317,14 @@ class PackResult:
     bad: list[str]
 
 
-def pack(recipe: schema.Recipe, registries: Registries, out: str | Path, settings: PackSettings,
-         workers: int = 0, progress: bool = True) -> PackResult:
+def pack(
+    recipe: schema.Recipe,
+    registries: Registries,
+    out: str | Path,
+    settings: PackSettings,
+    workers: int = 0,
+    progress: bool = True,
+) -> PackResult:
     """Pack (or finish packing) the recipe's dataset into ``out``; see the module docstring."""
     from tqdm import tqdm
 
@@ -313,8 +344,14 @@ def pack(recipe: schema.Recipe, registries: Registries, out: str | Path, setting
             (out / MANIFEST).unlink(missing_ok=True)  # readers must not open a pack being rewritten
         total = sum(sizes.values())
         writer: ShardWriter | None = None
-        with tqdm(total=total, initial=total - sum(len(t[2]) for t in todo), unit="img", desc="pack",
-                  disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total,
+            initial=total - sum(len(t[2]) for t in todo),
+            unit="img",
+            desc="pack",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
             try:
                 for split, k, items in _encoded(datasets, todo, settings, min(workers, os.cpu_count() or 1)):
                     if writer is None or (writer.path.parent.name, writer.k) != (split, k):
@@ -338,25 +375,31 @@ def pack(recipe: schema.Recipe, registries: Registries, out: str | Path, setting
         return _finish(out, plan, sizes, settings, len(todo))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
-        raise ConvnetError(f"{out}: cannot write the pack ({exc.strerror or exc}{where}); the shards finished "
-                           "so far are whole: re-run the same command to continue") from None
+        raise ConvnetError(
+            f"{out}: cannot write the pack ({exc.strerror or exc}{where}); the shards finished "
+            "so far are whole: re-run the same command to continue"
+        ) from None
 
 
-def _finish(out: Path, plan: dict[str, Any], sizes: dict[str, int], settings: PackSettings,
-            written: int) -> PackResult:
+def _finish(out: Path, plan: dict[str, Any], sizes: dict[str, int], settings: PackSettings, written: int) -> PackResult:
     samples, shards, bad, splits_info = {}, {}, [], {}
     for split in SPLITS:
         folder = out / split
         count = (sizes[split] + settings.shard_size - 1) // settings.shard_size
-        manifests = [json.loads((folder / shard_name(k)).with_suffix(".json").read_text(encoding="utf-8"))
-                     for k in range(count)]
+        manifests = [
+            json.loads((folder / shard_name(k)).with_suffix(".json").read_text(encoding="utf-8")) for k in range(count)
+        ]
         samples[split] = write_index(folder, manifests)
         shards[split] = count
         split_bad = [b for m in manifests for b in m["bad"]]
         bad += split_bad
-        splits_info[split] = {"samples": samples[split], "shards": [m["shard"] for m in manifests],
-                              "bytes": [m["bytes"] for m in manifests], "sha256": [m["sha256"] for m in manifests],
-                              "skipped": len(split_bad)}
+        splits_info[split] = {
+            "samples": samples[split],
+            "shards": [m["shard"] for m in manifests],
+            "bytes": [m["bytes"] for m in manifests],
+            "sha256": [m["sha256"] for m in manifests],
+            "skipped": len(split_bad),
+        }
         if not samples[split]:
             raise DataError(f"{out / split}: no readable sample in the {split} split; nothing to train on")
     write_atomically(out / REPORT, "".join(b + "\n" for b in bad).encode())

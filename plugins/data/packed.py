@@ -15,6 +15,7 @@ scales by 1/2, 1/4, 1/8 while decoding, and the stored images are already the si
 network crops from. ``decode_batch(indices, device="cuda")`` decodes a batch with nvJPEG
 on a GPU. Raw (``.npy``) samples are a view of the bytes read: bitwise what was packed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,9 @@ import json
 import os
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -32,7 +34,7 @@ import torch
 from attrs import validators as v
 from torch.utils.data import Dataset
 
-from convnet.core import DataContext, DatasetSplits, DataError
+from convnet.core import DataContext, DataError, DatasetSplits
 from convnet.plugins.data.pack import FORMAT_VERSION, INDEX_FILE, MANIFEST, SPLITS, sample_key
 
 OPEN_SHARDS = 64  # file descriptors each process keeps open (ImageNet has ~1,300 shards)
@@ -81,8 +83,7 @@ def _decode_npy(data: bytearray) -> torch.Tensor:
     shape, fortran, dtype = read_header(f)
     if fortran or dtype.hasobject:
         raise ValueError("not a C-ordered plain array")
-    return torch.from_numpy(np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=f.tell())
-                            .reshape(shape))
+    return torch.from_numpy(np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=f.tell()).reshape(shape))
 
 
 class PackedSplit(Dataset):
@@ -113,8 +114,12 @@ class PackedSplit(Dataset):
         return {"folder": self.folder, "shards": self.shards, "format": self.format, "decode": self.decode}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.folder, self.shards, self.format, self.decode = (state["folder"], state["shards"], state["format"],
-                                                              state["decode"])
+        self.folder, self.shards, self.format, self.decode = (
+            state["folder"],
+            state["shards"],
+            state["format"],
+            state["decode"],
+        )
         self._open_index()
 
     def __len__(self) -> int:
@@ -145,10 +150,12 @@ class PackedSplit(Dataset):
         data = bytearray(size)
         got = os.preadv(self._fd(shard), [data], offset)
         if got != size or zlib.crc32(data) != crc:
-            raise DataError(f"{self.folder / self.shards[shard]}: corrupt shard (sample {index}, member "
-                            f"{sample_key(source)}, bytes {offset}-{offset + size}: "
-                            f"{'truncated' if got != size else 'crc32 mismatch'}); re-run `convnet pack` into a "
-                            "new folder or restore the shard")
+            raise DataError(
+                f"{self.folder / self.shards[shard]}: corrupt shard (sample {index}, member "
+                f"{sample_key(source)}, bytes {offset}-{offset + size}: "
+                f"{'truncated' if got != size else 'crc32 mismatch'}); re-run `convnet pack` into a "
+                "new folder or restore the shard"
+            )
         return data, label, shard
 
     def payload(self, index: int) -> bytearray:
@@ -166,8 +173,9 @@ class PackedSplit(Dataset):
     def labels(self) -> np.ndarray:
         return self.index["label"]
 
-    def decode_batch(self, indices: Sequence[int], device: str | torch.device = "cpu"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_batch(
+        self, indices: Sequence[int], device: str | torch.device = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, C, H, W]`` uint8 images on ``device`` and their labels: on a CUDA device the
         JPEGs are decoded there, in one batched nvJPEG call."""
         device = torch.device(device)
@@ -186,20 +194,27 @@ class PackedSplit(Dataset):
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
-        hint = " (an unfinished pack: re-run the same `convnet pack` to complete it)" if (root / "pack-plan.json"
-                                                                                           ).exists() else ""
+        hint = (
+            " (an unfinished pack: re-run the same `convnet pack` to complete it)"
+            if (root / "pack-plan.json").exists()
+            else ""
+        )
         raise DataError(f"{path}: missing{hint}; make a pack with `convnet pack RECIPE --out {root}`")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a pack manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: pack format version {manifest.get('version') if isinstance(manifest, dict) else '?'}"
-                        f", this convnet reads version {FORMAT_VERSION}; re-run `convnet pack`")
+        raise DataError(
+            f"{path}: pack format version {manifest.get('version') if isinstance(manifest, dict) else '?'}"
+            f", this convnet reads version {FORMAT_VERSION}; re-run `convnet pack`"
+        )
     missing = [k for k in ("format", "splits", "num_classes") if k not in manifest]
     if missing or manifest["format"] not in ("jpeg", "raw"):
-        raise DataError(f"{path}: not a complete pack manifest (missing {', '.join(missing) or 'a known format'}); "
-                        "re-run `convnet pack`")
+        raise DataError(
+            f"{path}: not a complete pack manifest (missing {', '.join(missing) or 'a known format'}); "
+            "re-run `convnet pack`"
+        )
     return manifest
 
 
@@ -212,16 +227,20 @@ def check_shards(folder: Path, info: dict[str, Any], verify: bool) -> None:
         except OSError as exc:
             raise DataError(f"{path}: shard missing ({exc.strerror}); re-run `convnet pack` to rewrite it") from None
         if actual != size:
-            raise DataError(f"{path}: corrupt shard ({actual} bytes, the manifest says {size}); "
-                            "re-run `convnet pack` into a new folder or restore the shard")
+            raise DataError(
+                f"{path}: corrupt shard ({actual} bytes, the manifest says {size}); "
+                "re-run `convnet pack` into a new folder or restore the shard"
+            )
         if verify:
             sha = hashlib.sha256()
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     sha.update(block)
             if sha.hexdigest() != digest:
-                raise DataError(f"{path}: corrupt shard (sha256 {sha.hexdigest()[:12]}..., the manifest says "
-                                f"{digest[:12]}...); re-run `convnet pack` into a new folder or restore the shard")
+                raise DataError(
+                    f"{path}: corrupt shard (sha256 {sha.hexdigest()[:12]}..., the manifest says "
+                    f"{digest[:12]}...); re-run `convnet pack` into a new folder or restore the shard"
+                )
 
 
 def build_packed(options: PackedOptions, ctx: DataContext) -> DatasetSplits:
@@ -233,12 +252,15 @@ def build_packed(options: PackedOptions, ctx: DataContext) -> DatasetSplits:
             info = manifest["splits"][split]
             info = {k: info[k] for k in ("shards", "bytes", "sha256", "samples")}
         except (KeyError, TypeError):
-            raise DataError(f"{root / MANIFEST}: no complete entry for the {split} split; "
-                            "re-run `convnet pack`") from None
+            raise DataError(
+                f"{root / MANIFEST}: no complete entry for the {split} split; re-run `convnet pack`"
+            ) from None
         check_shards(root / split, info, options.verify)
         splits[split] = PackedSplit(root / split, info["shards"], manifest["format"], options.decode)
         if len(splits[split]) != info["samples"]:
-            raise DataError(f"{root / split / INDEX_FILE}: {len(splits[split])} samples, the manifest says "
-                            f"{info['samples']}; re-run `convnet pack`")
+            raise DataError(
+                f"{root / split / INDEX_FILE}: {len(splits[split])} samples, the manifest says "
+                f"{info['samples']}; re-run `convnet pack`"
+            )
     classes = manifest.get("classes")
     return DatasetSplits(splits["train"], splits["val"], int(manifest["num_classes"]), classes, "packed")

@@ -1,4 +1,5 @@
 """Random images and labels of the recipe's shape: smoke tests and benchmarks."""
+
 from __future__ import annotations
 
 import attrs
@@ -45,6 +46,10 @@ class SyntheticImages(Dataset):
 def build_synthetic(options: SyntheticOptions, ctx: DataContext) -> DatasetSplits:
     shape = tuple(ctx.recipe.model.input)
     k = ctx.recipe.model.num_classes
-    return DatasetSplits(SyntheticImages(options.train_size, shape, k, options.seed, options.dtype),
-                         SyntheticImages(options.val_size, shape, k, options.seed + 1, options.dtype),
-                         k, None, "synthetic")
+    return DatasetSplits(
+        SyntheticImages(options.train_size, shape, k, options.seed, options.dtype),
+        SyntheticImages(options.val_size, shape, k, options.seed + 1, options.dtype),
+        k,
+        None,
+        "synthetic",
+    )

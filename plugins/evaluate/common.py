@@ -1,5 +1,6 @@
 """Helpers the evaluators share: where an evaluator sits in the recipe, the network's layers,
 tensors to images, and writing results into the run folder."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def require_layer(ctx: BuildContext, name: str, option: str, layer: str) -> None
     """A recipe error naming the option when the model has no layer of that id."""
     ids = layer_ids((spec.name, spec.id) for spec in ctx.recipe.model.layers)
     if layer not in ids:
-        raise RecipeError(f"{ctx.path}.{option}: evaluator {name!r} asks for layer {layer!r}, which this "
-                          f"model does not have (layers: {', '.join(ids)})")
+        raise RecipeError(
+            f"{ctx.path}.{option}: evaluator {name!r} asks for layer {layer!r}, which this "
+            f"model does not have (layers: {', '.join(ids)})"
+        )
 
 
 def network_of(module: nn.Module) -> Network:
@@ -37,8 +40,10 @@ def network_of(module: nn.Module) -> Network:
     while not isinstance(seen, Network):
         inner = getattr(seen, "module", None)
         if not isinstance(inner, nn.Module):
-            raise ConvnetError(f"this parallelism strategy's module ({type(module).__name__}) does not expose the "
-                               "network's layers; run this evaluator with parallel.strategy = \"single\" or \"ddp\"")
+            raise ConvnetError(
+                f"this parallelism strategy's module ({type(module).__name__}) does not expose the "
+                'network\'s layers; run this evaluator with parallel.strategy = "single" or "ddp"'
+            )
         seen = inner
     return seen
 
@@ -116,6 +121,6 @@ def new_figure(width_px: float, height_px: float, dpi: int = 100) -> Any:
 
 def count_errors(ctx_strategy: Any, wrong: list[int], total: int) -> tuple[list[float], int]:
     """Error rates from this process's counts, summed over processes."""
-    t = ctx_strategy.all_reduce_sum(torch.tensor(list(wrong) + [total], dtype=torch.float64))
+    t = ctx_strategy.all_reduce_sum(torch.tensor([*list(wrong), total], dtype=torch.float64))
     n = int(t[-1])
     return [float(w) / n if n else float("nan") for w in t[:-1].tolist()], n

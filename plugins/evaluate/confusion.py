@@ -4,6 +4,7 @@ Counts are summed over processes. Pairs are ordered by count, then by true class
 predicted class (lower index first), so the list is deterministic. Writes ``confusion.json``
 (the matrix, rows = true class, and the pairs); returns the top pairs.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,8 +39,7 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, classes: int) -
 def confused_pairs(matrix: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
     """The ``n`` largest off-diagonal counts as (true, predicted, count), zeros left out."""
     classes = matrix.shape[0]
-    pairs = [(-int(matrix[t, p]), t, p) for t in range(classes) for p in range(classes)
-             if t != p and matrix[t, p] > 0]
+    pairs = [(-int(matrix[t, p]), t, p) for t in range(classes) for p in range(classes) if t != p and matrix[t, p] > 0]
     return [(t, p, -c) for c, t, p in sorted(pairs)[:n]]
 
 
@@ -56,9 +56,21 @@ class Confusion(Evaluator):
         matrix = matrix.round().to(torch.long)
         names = ctx.splits.classes or [str(i) for i in range(k)]
         support = matrix.sum(1)
-        pairs = [{"true": names[t], "predicted": names[p], "true_index": t, "predicted_index": p,
-                  "count": c, "rate": c / int(support[t])} for t, p, c in confused_pairs(matrix, self.options.pairs)]
+        pairs = [
+            {
+                "true": names[t],
+                "predicted": names[p],
+                "true_index": t,
+                "predicted_index": p,
+                "count": c,
+                "rate": c / int(support[t]),
+            }
+            for t, p, c in confused_pairs(matrix, self.options.pairs)
+        ]
         prefix = split_prefix(self.options.split)
-        write_json(ctx.out, f"{prefix}confusion.json", {"split": self.options.split, "classes": names,
-                                                        "matrix": matrix.tolist(), "pairs": pairs})
+        write_json(
+            ctx.out,
+            f"{prefix}confusion.json",
+            {"split": self.options.split, "classes": names, "matrix": matrix.tolist(), "pairs": pairs},
+        )
         return {f"{prefix}most_confused": [f"{p['true']}->{p['predicted']}: {p['count']}" for p in pairs[:3]]}

@@ -5,6 +5,7 @@ Member 0 is the network being evaluated (the run's final weights, or the first
 Each member's own errors are reported beside the ensemble's. An ensemble of one member
 is that member.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -75,5 +76,6 @@ class Ensemble(Evaluator):
         for j, k in enumerate(ks):
             out[f"{prefix}ensemble_top{k}_error"] = ensemble[j]
         out[f"{prefix}ensemble_members"] = [
-            {"member": name, **{f"top{k}_error": errs[j] for j, k in enumerate(ks)}} for name, errs in members]
+            {"member": name, **{f"top{k}_error": errs[j] for j, k in enumerate(ks)}} for name, errs in members
+        ]
         return out

@@ -17,6 +17,7 @@ stacked top to bottom (tower 0 on top) with a black band of ``gap`` pixels betwe
 PNG shows that grid pixel for pixel under a title, each tower's block labelled on the left
 with its colour specificity.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,17 +83,16 @@ def draw(kernels: torch.Tensor, towers: int, columns: int, scale: int, gap: int)
     for t in range(towers):
         top0 = t * (block_h + gap)
         if t:
-            image[top0 - gap:top0] = 0
+            image[top0 - gap : top0] = 0
         for i in range(per_tower):
             r, col = divmod(i, cols)
             y = top0 + gap + r * (kh * scale + gap)
             x = gap + col * (kw * scale + gap)
-            image[y:y + kh * scale, x:x + kw * scale] = pixels[t * per_tower + i]
+            image[y : y + kh * scale, x : x + kw * scale] = pixels[t * per_tower + i]
     return image
 
 
-def labelled(grid: np.ndarray, layer: str, shape: tuple[int, ...], towers: int,
-             specificity: list[float] | None) -> Any:
+def labelled(grid: np.ndarray, layer: str, shape: tuple[int, ...], towers: int, specificity: list[float] | None) -> Any:
     """The grid at one figure pixel per grid pixel, titled, tower blocks named on the left."""
     height, width = grid.shape[:2]
     left, top, bottom, right = 170, 50, 12, 12
@@ -124,11 +124,15 @@ class Filters(Evaluator):
         weight = state.get(key)
         if weight is None or weight.dim() != 4:
             found = "no weight" if weight is None else f"a weight of shape {list(weight.shape)}"
-            raise RecipeError(f"{self.path}.layer: layer {self.options.layer!r} has {found}; "
-                              "filters draws a convolution's [out, in, kh, kw] kernels")
+            raise RecipeError(
+                f"{self.path}.layer: layer {self.options.layer!r} has {found}; "
+                "filters draws a convolution's [out, in, kh, kw] kernels"
+            )
         if weight.shape[1] not in (1, 3):
-            raise RecipeError(f"{self.path}.layer: layer {self.options.layer!r} reads {weight.shape[1]} channels per "
-                              "kernel; filters draws grey (1) or RGB (3) kernels, i.e. a first layer")
+            raise RecipeError(
+                f"{self.path}.layer: layer {self.options.layer!r} reads {weight.shape[1]} channels per "
+                "kernel; filters draws grey (1) or RGB (3) kernels, i.e. a first layer"
+            )
         return weight
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
@@ -143,14 +147,23 @@ class Filters(Evaluator):
             scores = colour_specificity(weight)
             per_tower = [float(s) for s in scores.reshape(towers, -1).mean(1)]
             out[f"{name}_colour_specificity"] = per_tower
-            payload = {"layer": self.options.layer, "shape": [k, c, kh, kw], "towers": towers,
-                       "definition": "per kernel: variance across RGB / total variance; tower = mean over kernels; "
-                                     "random kernels score about 2/3",
-                       "tower_colour_specificity": per_tower,
-                       "kernel_colour_specificity": [float(s) for s in scores]}
+            payload = {
+                "layer": self.options.layer,
+                "shape": [k, c, kh, kw],
+                "towers": towers,
+                "definition": "per kernel: variance across RGB / total variance; tower = mean over kernels; "
+                "random kernels score about 2/3",
+                "tower_colour_specificity": per_tower,
+                "kernel_colour_specificity": [float(s) for s in scores],
+            }
         else:
-            payload = {"layer": self.options.layer, "shape": [k, c, kh, kw], "towers": towers,
-                       "tower_colour_specificity": None, "note": "grey kernels: no colour to measure"}
+            payload = {
+                "layer": self.options.layer,
+                "shape": [k, c, kh, kw],
+                "towers": towers,
+                "tower_colour_specificity": None,
+                "note": "grey kernels: no colour to measure",
+            }
         if ctx.out is not None:
             grid = draw(weight, towers, self.options.columns, scale, self.options.gap)
             write_figure(ctx.out, f"{name}.png", labelled(grid, self.options.layer, (k, c, kh, kw), towers, per_tower))

@@ -5,7 +5,8 @@ Features are the output of the layer ``layer`` (default ``fc7``; in the bundled 
 the fully connected layer before its ReLU: name the ReLU's id, e.g. ``relu7``, to use the
 rectified activations). Queries are ``queries`` images spread evenly over ``query_split``
 (the validation set by default; with ``"train"``, over the training images searched). The
-training database is the whole training split, or its first ``train_limit`` images when that is set (ImageNet's 1.2 M x 4096 features need 20 GB).
+training database is the whole training split, or its first ``train_limit`` images when that
+is set (ImageNet's 1.2 M x 4096 features need 20 GB).
 Distances are computed by differences (not the ``|a|^2 + |b|^2 - 2ab`` shortcut), so an
 image's distance to itself is exactly 0. Ties are broken by the lower training index.
 
@@ -13,6 +14,7 @@ Writes ``neighbours.png`` (one row per query: the query, then its ``k`` neighbou
 first; each image under its class name, neighbours with their distance) and ``neighbours.json``
 (indices into the splits, labels and distances).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,8 +25,14 @@ import torch
 from attrs import validators as v
 
 from convnet.core import BuildContext, EvalContext, Evaluator, RecipeError
-from convnet.plugins.evaluate.common import (feature_network, new_figure, require_layer, to_display,
-                                             write_figure, write_json)
+from convnet.plugins.evaluate.common import (
+    feature_network,
+    new_figure,
+    require_layer,
+    to_display,
+    write_figure,
+    write_json,
+)
 
 
 @attrs.define
@@ -41,30 +49,35 @@ def query_indices(n: int, queries: int) -> list[int]:
     """``queries`` indices spread evenly over ``range(n)`` (all of them when n is smaller)."""
     if queries >= n:
         return list(range(n))
-    return sorted({int(round(i * (n - 1) / (queries - 1))) if queries > 1 else 0 for i in range(queries)})
+    return sorted({round(i * (n - 1) / (queries - 1)) if queries > 1 else 0 for i in range(queries)})
 
 
-def nearest(queries: torch.Tensor, database: torch.Tensor, k: int, chunk: int = 65536
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    queries: torch.Tensor, database: torch.Tensor, k: int, chunk: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances, positions) of the ``k`` database rows nearest each query row, nearest first,
     ties to the lower position."""
     q = queries.double()
-    parts = [torch.cdist(q, database[i:i + chunk].double(), compute_mode="donot_use_mm_for_euclid_dist")
-             for i in range(0, len(database), chunk)]
+    parts = [
+        torch.cdist(q, database[i : i + chunk].double(), compute_mode="donot_use_mm_for_euclid_dist")
+        for i in range(0, len(database), chunk)
+    ]
     dist = torch.cat(parts, dim=1)
     order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
     return dist.gather(1, order), order
 
 
-def labelled(rows: list[list[torch.Tensor]], results: list[dict[str, Any]], names: list[str], layer: str,
-             cell: int) -> Any:
+def labelled(
+    rows: list[list[torch.Tensor]], results: list[dict[str, Any]], names: list[str], layer: str, cell: int
+) -> Any:
     """One row per query: the query, then its neighbours; every image under its class name,
     neighbours with their distance, the columns headed (query, 1, 2, ...)."""
     cols = max(len(r) for r in rows)
     fig = new_figure(cols * (cell + 40) + 60, len(rows) * (cell + 48) + 60)
     height = fig.bbox.height
-    grid = fig.add_gridspec(len(rows), cols, left=0.06, right=0.99, top=1 - 45 / height, bottom=28 / height,
-                            hspace=0.55, wspace=0.15)
+    grid = fig.add_gridspec(
+        len(rows), cols, left=0.06, right=0.99, top=1 - 45 / height, bottom=28 / height, hspace=0.55, wspace=0.15
+    )
     for r, (images, res) in enumerate(zip(rows, results)):
         for c, image in enumerate(images):
             ax = fig.add_subplot(grid[r, c])
@@ -81,8 +94,7 @@ def labelled(rows: list[list[torch.Tensor]], results: list[dict[str, Any]], name
                 for side in ax.spines.values():
                     side.set_color("#d62728")
                     side.set_linewidth(2)
-    fig.suptitle(f"nearest training images in {layer} space (Euclidean; label and distance under each)",
-                 fontsize=10)
+    fig.suptitle(f"nearest training images in {layer} space (Euclidean; label and distance under each)", fontsize=10)
     return fig
 
 
@@ -94,8 +106,9 @@ class Neighbours(Evaluator):
         self.path = ctx.path
         require_layer(ctx, "neighbours", "layer", options.layer)
 
-    def features(self, ctx: EvalContext, split: str, indices: list[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(
+        self, ctx: EvalContext, split: str, indices: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, labels, indices) of those samples, gathered from all processes, sorted by index."""
         net = feature_network(ctx)
         feats, labels, idx = [], [], []
@@ -128,17 +141,26 @@ class Neighbours(Evaluator):
             wanted = query_indices(len(ctx.splits.val), o.queries)
             qf, q_labels, q_index = self.features(ctx, "val", wanted)
         dist, pos = nearest(qf, db, min(o.k, len(db)))
-        results = [{"query": int(q_index[r]), "split": o.query_split, "label": int(q_labels[r]),
-                    "neighbours": [int(db_index[p]) for p in pos[r]],
-                    "labels": [int(db_labels[p]) for p in pos[r]],
-                    "distances": [float(d) for d in dist[r]]} for r in range(len(q_index))]
+        results = [
+            {
+                "query": int(q_index[r]),
+                "split": o.query_split,
+                "label": int(q_labels[r]),
+                "neighbours": [int(db_index[p]) for p in pos[r]],
+                "labels": [int(db_labels[p]) for p in pos[r]],
+                "distances": [float(d) for d in dist[r]],
+            }
+            for r in range(len(q_index))
+        ]
         agree = [sum(lbl == res["label"] for lbl in res["labels"]) / len(res["labels"]) for res in results]
         if ctx.out is not None:
-            write_json(ctx.out, "neighbours.json", {"layer": o.layer, "distance": "euclidean",
-                                                    "train_images": len(db), "queries": results})
+            write_json(
+                ctx.out,
+                "neighbours.json",
+                {"layer": o.layer, "distance": "euclidean", "train_images": len(db), "queries": results},
+            )
             qsplit, tsplit = getattr(ctx.splits, o.query_split), ctx.splits.train
-            rows = [[_image(qsplit, res["query"])] + [_image(tsplit, j) for j in res["neighbours"]]
-                    for res in results]
+            rows = [[_image(qsplit, res["query"])] + [_image(tsplit, j) for j in res["neighbours"]] for res in results]
             names = ctx.splits.classes or [str(i) for i in range(ctx.recipe.model.num_classes)]
             write_figure(ctx.out, "neighbours.png", labelled(rows, results, names, o.layer, o.cell))
         return {"neighbours_label_agreement": float(np.mean(agree)) if agree else float("nan")}

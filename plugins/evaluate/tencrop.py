@@ -12,6 +12,7 @@ Where the views come from, per eval batch:
   input size (the digits: 32x32 into 32x32) get distinct corner crops; with ``pad = 0`` there
   the five crops coincide and only the flip differs. ``flip = false`` keeps the five crops.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,8 +51,10 @@ class TenCrop(Evaluator):
         _, h, w = ctx.recipe.model.input
         self.height, self.width = (options.size, options.size) if options.size else (h, w)
         if (self.height, self.width) != (h, w):
-            raise RecipeError(f"{ctx.path}.size: crops of {self.height}x{self.width} do not fit the model's input "
-                              f"{h}x{w} (model.input); leave size = 0 to use the input size")
+            raise RecipeError(
+                f"{ctx.path}.size: crops of {self.height}x{self.width} do not fit the model's input "
+                f"{h}x{w} (model.input); leave size = 0 to use the input size"
+            )
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5:

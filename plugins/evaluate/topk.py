@@ -1,4 +1,5 @@
 """Top-k error, exact on the whole split and summed over processes."""
+
 from __future__ import annotations
 
 from typing import Any

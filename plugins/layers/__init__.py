@@ -1,16 +1,17 @@
 """The basic layers: conv, fc, relu, tanh, maxpool, avgpool, dropout, flatten."""
+
 from __future__ import annotations
 
 from convnet.core import Registries, hookimpl
+from convnet.plugins.layers import shapeless as s
 from convnet.plugins.layers.conv import ConvOptions, build_conv
 from convnet.plugins.layers.linear import LinearOptions, build_linear
-from convnet.plugins.layers import shapeless as s
 
 
 @hookimpl
 def convnet_register(registries: Registries) -> None:
     add = registries.layer.add
-    add("conv", build_conv, ConvOptions, "2-D convolution; grouped by tower unless towers = \"cross\"")
+    add("conv", build_conv, ConvOptions, '2-D convolution; grouped by tower unless towers = "cross"')
     add("fc", build_linear, LinearOptions, "fully connected; block-diagonal by tower unless cross")
     add("relu", s.build_relu, s.NoOptions, "rectified linear unit max(0, x)")
     add("tanh", s.build_tanh, s.NoOptions, "hyperbolic tangent (the paper's saturating baseline)")

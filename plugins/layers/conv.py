@@ -1,4 +1,5 @@
 """Convolution: grouped by tower when tower-local, full when ``towers = "cross"``."""
+
 from __future__ import annotations
 
 import attrs
@@ -23,8 +24,10 @@ def build_conv(options: ConvOptions, ctx: LayerContext) -> BuiltLayer:
     c, h, w = ctx.in_shape
     g = ctx.groups
     if c % g or options.out % g:
-        raise ctx.error(f"a tower-local conv splits channels over {g} towers: input {list(ctx.in_shape)} "
-                        f"and out = {options.out} must both divide by {g} (or set towers = \"cross\")")
+        raise ctx.error(
+            f"a tower-local conv splits channels over {g} towers: input {list(ctx.in_shape)} "
+            f'and out = {options.out} must both divide by {g} (or set towers = "cross")'
+        )
     k, s, p = options.kernel, options.stride, options.padding
     if k > h + 2 * p or k > w + 2 * p:
         raise ctx.error(f"kernel {k}x{k} (padding {p}) is larger than its input {list(ctx.in_shape)}")

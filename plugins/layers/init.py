@@ -1,4 +1,5 @@
 """Weight initialisation as layer options (the paper's N(0, 0.01) and constant biases)."""
+
 from __future__ import annotations
 
 import attrs

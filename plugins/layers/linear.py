@@ -1,4 +1,5 @@
 """Fully connected layer; tower-local ones are block-diagonal (one block per tower)."""
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,10 @@ def build_linear(options: LinearOptions, ctx: LayerContext) -> BuiltLayer:
     (f,) = ctx.in_shape
     g = ctx.groups
     if f % g or options.out % g:
-        raise ctx.error(f"a tower-local fc splits features over {g} towers: input {f} and out = "
-                        f"{options.out} must both divide by {g} (or set towers = \"cross\")")
+        raise ctx.error(
+            f"a tower-local fc splits features over {g} towers: input {f} and out = "
+            f'{options.out} must both divide by {g} (or set towers = "cross")'
+        )
     module = GroupedLinear(f, options.out, g, device=ctx.device)
     initialise(module, options)
     return BuiltLayer(module, (options.out,), options.out * (f // g))

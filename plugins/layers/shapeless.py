@@ -1,9 +1,9 @@
 """Layers that keep or simply reshape their input: activations, pooling, dropout, flatten."""
+
 from __future__ import annotations
 
 import math
-
-from typing import Sequence
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -89,6 +89,7 @@ def _pool(kind: type[nn.Module]):
             raise ctx.error(f"pooling window {k}x{k} is larger than its input {list(ctx.in_shape)}")
         oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         return BuiltLayer(kind(k, s, p), (c, oh, ow))
+
     return build
 
 

@@ -1,4 +1,5 @@
 """Progress bars (tqdm) and per-epoch lines, observing a run through the lifecycle hooks."""
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +22,11 @@ NOT_SHOWN = {"kind", "epoch", "step"}
 
 def _fmt(metrics: dict[str, Any]) -> str:
     """Every scalar number of the record (plugins' evaluators' too); lr last."""
-    keys = [k for k, v in metrics.items() if k not in NOT_SHOWN and k != "lr"
-            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    keys = [
+        k
+        for k, v in metrics.items()
+        if k not in NOT_SHOWN and k != "lr" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     if "lr" in metrics:
         keys.append("lr")
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
@@ -33,9 +37,16 @@ def convnet_train_start(run: Any) -> None:
     if _interactive(run):
         # A pseudo-terminal may report a 0x0 size, where tqdm hides every bar: give it one.
         sized = shutil.get_terminal_size((0, 0)).columns > 0
-        _bars[id(run)] = tqdm(total=run.total_steps, initial=run.step, desc=run.recipe.name, unit="step",
-                              dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
-                              file=sys.stderr)
+        _bars[id(run)] = tqdm(
+            total=run.total_steps,
+            initial=run.step,
+            desc=run.recipe.name,
+            unit="step",
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
+            nrows=None if sized else 24,
+            file=sys.stderr,
+        )
 
 
 @hookimpl

@@ -4,11 +4,12 @@
 calls it per tower. Implementations live in the ``lrn`` registry; ``auto`` picks the
 fastest one available for the tensor's device.
 """
+
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 import torch
@@ -54,19 +55,24 @@ def _auto(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> to
     if key not in _warned:
         _warned.add(key)
         why = kernels.failure(name) if name else "no kernel for this device type"
-        warnings.warn(f"LRN: the {key} kernel is not available ({why}); using the reference "
-                      "implementation (slower, same result)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"LRN: the {key} kernel is not available ({why}); using the reference implementation (slower, same result)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return lrn_reference(x, size, alpha, beta, k)
 
 
 def _require(name: str) -> LrnFn:
     def run(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
         if not _available(name):
-            raise KernelUnavailable(f"LRN impl {name!r} is not available here ({kernels.failure(name)}); "
-                                    "use impl = \"auto\" or \"reference\"")
+            raise KernelUnavailable(
+                f'LRN impl {name!r} is not available here ({kernels.failure(name)}); use impl = "auto" or "reference"'
+            )
         if x.device.type != name:
             raise RuntimeError(f"LRN impl {name!r} needs a {name} tensor, got one on {x.device}")
         return ops.lrn(x, size, alpha, beta, k)
+
     return run
 
 
@@ -74,12 +80,18 @@ class KernelUnavailable(ConvnetError, RuntimeError):
     """An explicitly chosen kernel (``impl = "cpu"`` or ``"cuda"``) cannot run here."""
 
 
-_FNS: dict[str, LrnFn] = {"auto": _auto, "reference": lrn_reference, "torch": lrn_torch,
-                          "cpu": _require("cpu"), "cuda": _require("cuda")}
+_FNS: dict[str, LrnFn] = {
+    "auto": _auto,
+    "reference": lrn_reference,
+    "torch": lrn_torch,
+    "cpu": _require("cpu"),
+    "cuda": _require("cuda"),
+}
 
 
-def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-                        k: float = 2.0, impl: str = "auto") -> torch.Tensor:
+def local_response_norm(
+    x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, impl: str = "auto"
+) -> torch.Tensor:
     """The paper's LRN on an NCHW tensor (alpha multiplies the window SUM)."""
     if impl not in _FNS:
         raise ValueError(f"unknown LRN impl {impl!r}; expected one of {', '.join(IMPLS)}")
@@ -100,7 +112,15 @@ class LocalResponseNorm(nn.Module):
 
     def __init__(self, fn: LrnFn, size: int, alpha: float, beta: float, k: float, groups: int, impl: str) -> None:
         super().__init__()
-        self.fn, self.size, self.alpha, self.beta, self.k, self.groups, self.impl = fn, size, alpha, beta, k, groups, impl
+        self.fn, self.size, self.alpha, self.beta, self.k, self.groups, self.impl = (
+            fn,
+            size,
+            alpha,
+            beta,
+            k,
+            groups,
+            impl,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
@@ -110,8 +130,10 @@ class LocalResponseNorm(nn.Module):
         return y.reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
-        return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
-                f"groups={self.groups}, impl={self.impl}")
+        return (
+            f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
+            f"groups={self.groups}, impl={self.impl}"
+        )
 
 
 def build_lrn(options: LrnOptions, ctx: LayerContext) -> BuiltLayer:
@@ -122,18 +144,23 @@ def build_lrn(options: LrnOptions, ctx: LayerContext) -> BuiltLayer:
     entry = ctx.registries.lrn.get(options.impl, f"{ctx.path}.impl")
     if ctx.device.type != "meta":  # a real build: fail here, with the recipe path, not mid-epoch
         if options.impl == "cuda" and not torch.cuda.is_available():
-            raise ctx.error("impl = \"cuda\" needs a CUDA device and none is available here; use \"auto\"")
+            raise ctx.error('impl = "cuda" needs a CUDA device and none is available here; use "auto"')
         if options.impl == "cpu" and _kernel("cpu") is None:
-            raise ctx.error(f"impl = \"cpu\": the C++ kernel cannot be built here ({kernels.failure('cpu')}); "
-                            "use \"auto\" or \"reference\"")
+            raise ctx.error(
+                f'impl = "cpu": the C++ kernel cannot be built here ({kernels.failure("cpu")}); '
+                'use "auto" or "reference"'
+            )
     fn = entry.factory(options, ctx)
-    return BuiltLayer(LocalResponseNorm(fn, options.size, options.alpha, options.beta, options.k,
-                                        ctx.groups, options.impl), ctx.in_shape)
+    return BuiltLayer(
+        LocalResponseNorm(fn, options.size, options.alpha, options.beta, options.k, ctx.groups, options.impl),
+        ctx.in_shape,
+    )
 
 
 def _impl_factory(name: str) -> Callable[[LrnOptions, LayerContext], LrnFn]:
     def factory(options: LrnOptions, ctx: LayerContext) -> LrnFn:
         return lambda x, size, alpha, beta, k: local_response_norm(x, size, alpha, beta, k, impl=name)
+
     if name in kernels.KERNELS:
         # `convnet build-kernels` calls this ahead of time: it knows nothing of LRN, only the attribute.
         factory.build = functools.partial(kernels.build_ahead, name)  # type: ignore[attr-defined]
@@ -142,13 +169,15 @@ def _impl_factory(name: str) -> Callable[[LrnOptions, LayerContext], LrnFn]:
 
 # `convnet export --format onnx` looks for this attribute on registered factories (core/export.py).
 build_lrn.onnx_translations = {  # type: ignore[attr-defined]
-    torch.ops.convnet.lrn_forward.default: lrn_onnx.lrn_forward}
+    torch.ops.convnet.lrn_forward.default: lrn_onnx.lrn_forward
+}
 
 
 @hookimpl
 def convnet_register(registries: Registries) -> None:
-    registries.layer.add("lrn", build_lrn, LrnOptions,
-                         "local response normalisation across channels (the paper's, alpha on the sum)")
+    registries.layer.add(
+        "lrn", build_lrn, LrnOptions, "local response normalisation across channels (the paper's, alpha on the sum)"
+    )
     lrn = registries.lrn.add
     lrn("auto", _impl_factory("auto"), ImplOptions, "the fastest kernel for the tensor's device, else reference")
     lrn("reference", _impl_factory("reference"), ImplOptions, "the formula in plain torch (ground truth)")

@@ -7,6 +7,7 @@ backward) or None when the kernel cannot be built or run here; ``failure(name)``
 Builds land in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and are reused
 by later processes until the sources or flags change.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,8 @@ import glob
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -59,19 +60,26 @@ def _cpp_extension():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        from torch.utils import cpp_extension  # noqa: PLC0415  (slow import, only when building)
+        from torch.utils import cpp_extension
     finally:
         logger.setLevel(level)
     return cpp_extension
 
 
-def _load(name: str, sources: list[Path], cflags: list[str], cuda_cflags: list[str] | None = None,
-          verbose: bool = False) -> None:
+def _load(
+    name: str, sources: list[Path], cflags: list[str], cuda_cflags: list[str] | None = None, verbose: bool = False
+) -> None:
     cpp_extension = _cpp_extension()
 
-    cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
-                       extra_cuda_cflags=cuda_cflags, extra_include_paths=[str(CSRC)],
-                       is_python_module=False, verbose=verbose)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_cflags,
+        extra_include_paths=[str(CSRC)],
+        is_python_module=False,
+        verbose=verbose,
+    )
 
 
 def build(name: str, verbose: bool = False) -> None:
@@ -111,8 +119,12 @@ def find_nvcc() -> str | None:
     found = shutil.which("nvcc")
     if found:
         return found
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
-             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    roots = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        "/usr/local/cuda",
+        *sorted(glob.glob("/usr/local/cuda-*"), reverse=True),
+    ]
     for root in filter(None, roots):
         candidate = Path(root) / "bin" / "nvcc"
         if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -133,10 +145,22 @@ def compile_cuda_object(out_dir: Path, arch: str = "90") -> Path:
         raise RuntimeError("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda*)")
     out = Path(out_dir) / "lrn_cuda.o"
     includes = [flag for path in cpp_extension.include_paths("cuda") for flag in ("-isystem", path)]
-    cmd = [nvcc, "-c", str(CSRC / "lrn_cuda.cu"), "-o", str(out), "-std=c++20", "-O3",
-           "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-           "-DTORCH_EXTENSION_NAME=convnet_lrn_cuda", *cpp_extension.COMMON_NVCC_FLAGS,
-           f"-I{CSRC}", *includes]
+    cmd = [
+        nvcc,
+        "-c",
+        str(CSRC / "lrn_cuda.cu"),
+        "-o",
+        str(out),
+        "-std=c++20",
+        "-O3",
+        "-Xcompiler",
+        "-fPIC",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-DTORCH_EXTENSION_NAME=convnet_lrn_cuda",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        f"-I{CSRC}",
+        *includes,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"nvcc failed ({done.returncode}):\n{done.stderr or done.stdout}")
@@ -148,7 +172,7 @@ def get(name: str) -> LrnFn | None:
     """The kernel ``name`` ("cpu" or "cuda") as a differentiable function, or None."""
     try:
         build(name)
-    except Exception as exc:  # noqa: BLE001  (any build failure means "not available here")
+    except Exception as exc:
         _failures[name] = _one_line(exc)
         return None
     _failures.pop(name, None)

@@ -12,6 +12,7 @@ the compiled backward graph.
 bfloat16), saved by the forward for the backward; with ``save_scale = False`` (inference) it is
 an empty tensor and the forward writes one tensor instead of two.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,10 +23,12 @@ NAMESPACE = "convnet"
 FORWARD = f"{NAMESPACE}::lrn_forward"
 BACKWARD = f"{NAMESPACE}::lrn_backward"
 
-torch.library.define(FORWARD, "(Tensor x, int size, float alpha, float beta, float k, bool save_scale=True) "
-                     "-> (Tensor, Tensor)")
-torch.library.define(BACKWARD, "(Tensor grad, Tensor x, Tensor scale, int size, float alpha, float beta, "
-                     "float k) -> Tensor")
+torch.library.define(
+    FORWARD, "(Tensor x, int size, float alpha, float beta, float k, bool save_scale=True) -> (Tensor, Tensor)"
+)
+torch.library.define(
+    BACKWARD, "(Tensor grad, Tensor x, Tensor scale, int size, float alpha, float beta, float k) -> Tensor"
+)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,8 +41,9 @@ def _check_nchw(x: torch.Tensor, what: str) -> None:
 
 
 @torch.library.register_fake(FORWARD)
-def _forward_fake(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
-                  save_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_fake(
+    x: torch.Tensor, size: int, alpha: float, beta: float, k: float, save_scale: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check_nchw(x, "input")
     torch._check(size > 0, lambda: f"LRN: size must be positive, got {size}")
     scale_shape = x.shape if save_scale else (0,)
@@ -47,19 +51,23 @@ def _forward_fake(x: torch.Tensor, size: int, alpha: float, beta: float, k: floa
 
 
 @torch.library.register_fake(BACKWARD)
-def _backward_fake(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, size: int, alpha: float,
-                   beta: float, k: float) -> torch.Tensor:
+def _backward_fake(
+    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, size: int, alpha: float, beta: float, k: float
+) -> torch.Tensor:
     _check_nchw(x, "input")
-    torch._check(grad.shape == x.shape and scale.shape == x.shape,
-                 lambda: "LRN backward: grad, input and scale shapes differ")
+    torch._check(
+        grad.shape == x.shape and scale.shape == x.shape, lambda: "LRN backward: grad, input and scale shapes differ"
+    )
     return torch.empty_like(x)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, size, alpha, beta, k, save_scale = inputs
     if not save_scale:
-        raise RuntimeError("convnet::lrn_forward was called with save_scale=False on an input that needs a "
-                           "gradient; the backward needs the saved scale")
+        raise RuntimeError(
+            "convnet::lrn_forward was called with save_scale=False on an input that needs a "
+            "gradient; the backward needs the saved scale"
+        )
     scale = output[1]
     ctx.mark_non_differentiable(scale)
     ctx.set_materialize_grads(False)  # else autograd writes a zero gradient for the scale, as big as x

@@ -5,6 +5,7 @@ clipped at the edges. alpha multiplies the SUM (PyTorch and Caffe divide it by n
 even n the window reaches n//2 channels below c and n//2 - 1 above, as
 ``torch.nn.functional.local_response_norm`` does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,12 +25,13 @@ def _box(sq: torch.Tensor, size: int) -> torch.Tensor:
     c = sq.shape[2] - size + 1
     out = sq[:, :, 0:c]
     for j in range(1, size):
-        out = out + sq[:, :, j:j + c]
+        out = out + sq[:, :, j : j + c]
     return out.squeeze(1)
 
 
-def lrn_reference(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-                  k: float = 2.0) -> torch.Tensor:
+def lrn_reference(
+    x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"LRN expects an NCHW tensor, got {x.dim()} dimensions")
     s = window_sum_of_squares(x, size)
@@ -37,7 +39,6 @@ def lrn_reference(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: flo
     return (acc / (k + alpha * s).pow(beta)).to(x.dtype)
 
 
-def lrn_torch(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-              k: float = 2.0) -> torch.Tensor:
+def lrn_torch(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> torch.Tensor:
     """PyTorch's own LRN; its alpha is divided by ``size``, so pass ``size * alpha``."""
     return F.local_response_norm(x, size, alpha=alpha * size, beta=beta, k=k)

@@ -1,4 +1,5 @@
 """Optimizers (torch's SGD and the paper's form) and lr schedules."""
+
 from __future__ import annotations
 
 import attrs
@@ -30,24 +31,35 @@ def _groups(named: list[tuple[str, nn.Parameter]], options: SGDOptions) -> list[
 
 
 def build_paper_sgd(options: SGDOptions, ctx: OptimizerContext) -> torch.optim.Optimizer:
-    return PaperSGD(_groups(ctx.parameters, options), lr=options.lr, momentum=options.momentum,
-                    weight_decay=options.weight_decay)
+    return PaperSGD(
+        _groups(ctx.parameters, options), lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
+    )
 
 
 def build_sgd(options: SGDOptions, ctx: OptimizerContext) -> torch.optim.Optimizer:
-    return torch.optim.SGD(_groups(ctx.parameters, options), lr=options.lr, momentum=options.momentum,
-                           weight_decay=options.weight_decay)
+    return torch.optim.SGD(
+        _groups(ctx.parameters, options), lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
+    )
 
 
 @hookimpl
 def convnet_register(registries: Registries) -> None:
-    registries.optimizer.add("paper-sgd", build_paper_sgd, SGDOptions,
-                             "the paper's SGD: v <- m v - wd lr w - lr g; w <- w + v")
+    registries.optimizer.add(
+        "paper-sgd", build_paper_sgd, SGDOptions, "the paper's SGD: v <- m v - wd lr w - lr g; w <- w + v"
+    )
     registries.optimizer.add("sgd", build_sgd, SGDOptions, "torch.optim.SGD (lr outside the momentum buffer)")
     schedule = registries.schedule.add
     schedule("constant", lambda options, ctx: Schedule(ctx.optimizer), s.ConstantOptions, "keep lr fixed")
     schedule("step", s.StepSchedule, s.StepOptions, "multiply lr by gamma every `every` epochs")
-    schedule("plateau", s.PlateauSchedule, s.PlateauOptions,
-             "divide lr by 10 when the monitored validation error stops improving (the paper)")
-    schedule("cosine", s.CosineSchedule, s.CosineOptions,
-             "per step: linear warm-up, then a half cosine to min_lr at the run's last step")
+    schedule(
+        "plateau",
+        s.PlateauSchedule,
+        s.PlateauOptions,
+        "divide lr by 10 when the monitored validation error stops improving (the paper)",
+    )
+    schedule(
+        "cosine",
+        s.CosineSchedule,
+        s.CosineOptions,
+        "per step: linear warm-up, then a half cosine to min_lr at the run's last step",
+    )

@@ -7,16 +7,16 @@ torch.optim.SGD keeps lr outside the buffer (b <- momentum * b + g + wd * w; w <
 The two agree while lr is constant; after an lr drop the paper's velocity still holds steps
 taken at the old rate and decays them, where torch's rescales the whole buffer at once.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 
 class PaperSGD(torch.optim.Optimizer):
-    def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4) -> None:
+    def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("lr, momentum and weight_decay must be >= 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))

@@ -96,8 +96,11 @@ class PlateauSchedule(_Scaling):
             self.bad_epochs = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best if math.isfinite(self.best) else None,
-                "bad_epochs": self.bad_epochs, "reductions": self.reductions}
+        return {
+            "best": self.best if math.isfinite(self.best) else None,
+            "bad_epochs": self.bad_epochs,
+            "reductions": self.reductions,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = math.inf if state["best"] is None else float(state["best"])
@@ -112,8 +115,9 @@ class CosineSchedule(Schedule):
         super().__init__(ctx.optimizer)
         self.options, self.total = options, ctx.total_steps
         if options.warmup_steps >= ctx.total_steps:
-            raise ValueError(f"warmup_steps = {options.warmup_steps} leaves no step of the run's "
-                             f"{ctx.total_steps} for the cosine")
+            raise ValueError(
+                f"warmup_steps = {options.warmup_steps} leaves no step of the run's {ctx.total_steps} for the cosine"
+            )
         self.base = [float(group["lr"]) for group in ctx.optimizer.param_groups]
         self.after_step(0)
 

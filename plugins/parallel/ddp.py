@@ -10,13 +10,13 @@ Only rank 0 writes.
 Launch: ``torchrun --standalone --nproc-per-node=2 -m convnet.core run RECIPE --set
 parallel.strategy=ddp`` (multi-node: see docs/parallel.md).
 """
+
 from __future__ import annotations
 
-import math
-
 import inspect
+import math
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import attrs
 import torch
@@ -58,8 +58,10 @@ class DDP(DistributedStrategy):
 
     def prepare(self, model: Network) -> nn.Module:
         if self.batch_size % self.world_size:
-            raise RecipeError(f"data.batch_size = {self.batch_size} is the global batch and must divide by the "
-                              f"{self.world_size} ddp processes")
+            raise RecipeError(
+                f"data.batch_size = {self.batch_size} is the global batch and must divide by the "
+                f"{self.world_size} ddp processes"
+            )
         self.start()
         model = model.to(self.device)
         # No buffer broadcast in forward: the model's buffers are not trained state, and ranks
@@ -83,12 +85,12 @@ class DDP(DistributedStrategy):
 
     def shard_batch(self, indices: list[int]) -> list[int]:
         per = len(indices) // self.world_size
-        return indices[self.rank * per:(self.rank + 1) * per]
+        return indices[self.rank * per : (self.rank + 1) * per]
 
     def shard_eval(self, indices: list[int]) -> list[int]:
         n, w = len(indices), self.world_size
         start = self.rank * (n // w) + min(self.rank, n % w)
-        return indices[start:start + n // w + (self.rank < n % w)]
+        return indices[start : start + n // w + (self.rank < n % w)]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self._started:
@@ -107,26 +109,32 @@ class DDP(DistributedStrategy):
             dist.all_gather(sizes, torch.tensor([local.shape[0]], device=self.device))
             longest = int(max(s.item() for s in sizes))
             padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=self.device)
-            padded[:local.shape[0]] = local
+            padded[: local.shape[0]] = local
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(parts, padded)
-        return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
 
     def describe(self, model: Network) -> list[dict]:
         """Each rank holds the whole model; a step all-reduces every gradient (a ring moves
         2 (W-1)/W of the gradient bytes in and out of each rank)."""
         world = int(os.environ.get("WORLD_SIZE", 0)) or 2
-        label = f"each of {world} ranks: {self.device}" + ("" if "WORLD_SIZE" in os.environ else
-                                                           " (2 assumed; torchrun sets WORLD_SIZE)")
+        label = f"each of {world} ranks: {self.device}" + (
+            "" if "WORLD_SIZE" in os.environ else " (2 assumed; torchrun sets WORLD_SIZE)"
+        )
         params = sum(p.numel() for p in model.parameters())
         elem = next(iter(model.parameters())).element_size()
         act = sum(elem * math.prod(i.out_shape) for i in model.info)
         step = 2 * (world - 1) * params * elem // world
         per_rank_batch = max(self.batch_size // world, 1)
-        return [{"device": label, "params": params,
-                 "activation_bytes_per_sample": act, "exchanged_bytes_per_sample": step // per_rank_batch,
-                 "exchanged_bytes_per_step": step}]
-
+        return [
+            {
+                "device": label,
+                "params": params,
+                "activation_bytes_per_sample": act,
+                "exchanged_bytes_per_sample": step // per_rank_batch,
+                "exchanged_bytes_per_step": step,
+            }
+        ]
 
 
 def build_ddp(options: DDPOptions, ctx: BuildContext) -> DDP:

@@ -6,12 +6,13 @@ A strategy reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` (set by torchrun) when it is built, and starts the process group in
 ``prepare``, so ``convnet summary`` works without a launcher.
 """
+
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import attrs
 import torch
@@ -21,8 +22,17 @@ from attrs import validators as v
 from convnet.core import ConvnetError, Strategy
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_PEER_MARKERS = ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "timed out",
-                 "Timed out", "ProcessGroup")
+_PEER_MARKERS = (
+    "gloo",
+    "Gloo",
+    "NCCL",
+    "Connection closed",
+    "Connection reset",
+    "Broken pipe",
+    "timed out",
+    "Timed out",
+    "ProcessGroup",
+)
 
 
 class LostPeerError(ConvnetError):
@@ -48,8 +58,11 @@ def launch_env() -> dict[str, int] | None:
     if not all(k in os.environ for k in ENV):
         return None
     try:
-        return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]),
-                "local_rank": int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))}
+        return {
+            "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"]),
+            "local_rank": int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+        }
     except ValueError as exc:
         raise ConvnetError(f"torchrun environment is malformed: {exc}") from None
 
@@ -73,7 +86,7 @@ class DistributedStrategy(Strategy):
         want = self.options.device
         if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
             if not torch.cuda.is_available():
-                raise ValueError("device = \"cuda\" asked for, but CUDA is not available here")
+                raise ValueError('device = "cuda" asked for, but CUDA is not available here')
             return torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
         return torch.device("cpu")
 
@@ -89,20 +102,27 @@ class DistributedStrategy(Strategy):
             return
         if not self.launched:
             raise ConvnetError(
-                f"parallel.strategy = \"{self.label}\" runs one process per rank: launch it with torchrun, e.g. "
+                f'parallel.strategy = "{self.label}" runs one process per rank: launch it with torchrun, e.g. '
                 f"`torchrun --standalone --nproc-per-node=2 -m convnet.core run RECIPE "
                 f"--set parallel.strategy={self.label}` (missing environment: "
-                f"{', '.join(k for k in ENV if k not in os.environ)})")
+                f"{', '.join(k for k in ENV if k not in os.environ)})"
+            )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             try:
-                dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size,
-                                        timeout=datetime.timedelta(seconds=self.options.timeout))
+                dist.init_process_group(
+                    self.backend,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    timeout=datetime.timedelta(seconds=self.options.timeout),
+                )
             except (RuntimeError, ValueError) as exc:
-                raise LostPeerError(f"{self.where}: could not join the process group at "
-                                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-                                    f"({_first_line(exc)})") from None
+                raise LostPeerError(
+                    f"{self.where}: could not join the process group at "
+                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                    f"({_first_line(exc)})"
+                ) from None
         self._started = True
 
     @property
@@ -127,8 +147,10 @@ class DistributedStrategy(Strategy):
 
     def failure(self, exc: BaseException, what: str = "a collective") -> LostPeerError:
         self.abandon()
-        return LostPeerError(f"{self.where}: {what} failed, another process probably died or hung "
-                             f"(timeout {self.options.timeout:g} s); see its output: {_first_line(exc)}")
+        return LostPeerError(
+            f"{self.where}: {what} failed, another process probably died or hung "
+            f"(timeout {self.options.timeout:g} s); see its output: {_first_line(exc)}"
+        )
 
     def any_rank(self, flag: bool) -> bool:
         if not self._started:
@@ -164,4 +186,3 @@ class DistributedStrategy(Strategy):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-

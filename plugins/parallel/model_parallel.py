@@ -5,17 +5,27 @@ one piece per tower per layer; names and checkpoints stay those of the single-de
 ``Network`` (a sharded parameter is concatenated back by its rows), so a run saved under
 one strategy resumes under any other.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
 from convnet.core import BuildContext, Network, Strategy, resolve_device, valid_device
-from convnet.plugins.parallel.towers import (LayerSplit, canonical, describe_towers, iter_tensors, piece_tensor,
-                                             run_towers, split_network, take_blocks)
+from convnet.plugins.parallel.towers import (
+    LayerSplit,
+    canonical,
+    describe_towers,
+    iter_tensors,
+    piece_tensor,
+    run_towers,
+    split_network,
+    take_blocks,
+)
 
 
 def _devices(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
@@ -51,8 +61,9 @@ def tower_groups(devices: list[torch.device], fuse: bool) -> list[list[int]]:
 class TowerModel(nn.Module):
     """Tower-group pieces on their devices; ``forward`` returns the logits on ``devices[0]``."""
 
-    def __init__(self, splits: list[LayerSplit], groups: list[list[int]], devices: list[torch.device],
-                 info: list) -> None:
+    def __init__(
+        self, splits: list[LayerSplit], groups: list[list[int]], devices: list[torch.device], info: list
+    ) -> None:
         super().__init__()
         self.splits, self.groups, self.info = splits, groups, info
         self.towers = len(devices)
@@ -68,7 +79,7 @@ class TowerModel(nn.Module):
             if s.module is not None:
                 self.whole[s.id] = s.module.to(self.home)
 
-    def _exchange(self) -> "_LocalExchange":
+    def _exchange(self) -> _LocalExchange:
         return _LocalExchange(self.groups, self.group_devices, self.home, self.towers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +98,7 @@ class TowerModel(nn.Module):
 class _LocalExchange:
     """Blocks move with ``Tensor.to`` (non-blocking, so copies overlap compute on CUDA)."""
 
-    def __init__(self, groups: list[list[int]], devices: list[torch.device], home: torch.device,
-                 towers: int) -> None:
+    def __init__(self, groups: list[list[int]], devices: list[torch.device], home: torch.device, towers: int) -> None:
         self.groups, self.devices, self.home, self.towers = groups, devices, home, towers
 
     def scatter(self, whole: torch.Tensor) -> list[torch.Tensor]:
@@ -129,7 +139,7 @@ def group_name(group: list[int], name: str) -> str:
 def _parse_group(head: str) -> list[int] | None:
     if not head.startswith("towers"):
         return None
-    parts = head[len("towers"):].split("+")
+    parts = head[len("towers") :].split("+")
     return [int(p) for p in parts] if all(p.isdigit() for p in parts) else None
 
 
@@ -154,7 +164,7 @@ class ModelParallel(Strategy):
 
     def named_parameters(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         assert isinstance(module, TowerModel)
-        for s, name, sharded in iter_tensors(module.splits):
+        for s, name, _sharded in iter_tensors(module.splits):
             for g, group in enumerate(self.groups if s.mode != "whole" else [[0]]):
                 t = module.group_tensor(s, name, g)
                 if not isinstance(t, nn.Parameter):
@@ -193,8 +203,9 @@ class ModelParallel(Strategy):
                 value = state[canonical(s.id, name)]
                 groups = [[0]] if s.mode == "whole" else self.groups
                 for g, group in enumerate(groups):
-                    part = take_blocks(value, group, len(self.devices), dim=0) if sharded and s.mode != "whole" \
-                        else value
+                    part = (
+                        take_blocks(value, group, len(self.devices), dim=0) if sharded and s.mode != "whole" else value
+                    )
                     module.group_tensor(s, name, g).copy_(part)
 
     def gather_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,8 +239,7 @@ class ModelParallel(Strategy):
         return out
 
     def describe(self, model: Network) -> list[dict]:
-        names = [f"tower{'s' if len(g) > 1 else ''} {'+'.join(map(str, g))}: {self.devices[g[0]]}"
-                 for g in self.groups]
+        names = [f"tower{'s' if len(g) > 1 else ''} {'+'.join(map(str, g))}: {self.devices[g[0]]}" for g in self.groups]
         return describe_towers(model, names, self.batch_size, self.groups)
 
 
@@ -244,6 +254,8 @@ def build_model_parallel(options: ModelParallelOptions, ctx: BuildContext) -> St
     towers = recipe.model.towers
     names = options.devices or _default_devices(options.device, towers)
     if len(names) != towers:
-        raise ValueError(f"devices has {len(names)} entries but model.towers = {towers}: "
-                         "name one device per tower (devices may repeat)")
+        raise ValueError(
+            f"devices has {len(names)} entries but model.towers = {towers}: "
+            "name one device per tower (devices may repeat)"
+        )
     return ModelParallel([resolve_device(n) for n in names], recipe.data.batch_size, options.fuse_shared_devices)

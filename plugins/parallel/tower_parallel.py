@@ -14,9 +14,10 @@ their blocks. The gradient of a gather depends on what reads the gathered tensor
 Launch: ``torchrun --standalone --nproc-per-node=TOWERS -m convnet.core run RECIPE
 --set parallel.strategy=tower-parallel``.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import attrs
 import torch
@@ -25,8 +26,15 @@ from torch import nn
 
 from convnet.core import BuildContext, Network, RecipeError
 from convnet.plugins.parallel.distributed import DistributedOptions, DistributedStrategy
-from convnet.plugins.parallel.towers import (LayerSplit, canonical, describe_towers, iter_tensors, piece_tensor,
-                                             run_towers, split_network)
+from convnet.plugins.parallel.towers import (
+    LayerSplit,
+    canonical,
+    describe_towers,
+    iter_tensors,
+    piece_tensor,
+    run_towers,
+    split_network,
+)
 
 
 @attrs.define
@@ -125,7 +133,7 @@ class _RankExchange:
 class RankTower(nn.Module):
     """This rank's tower: its rows of every layer plus the replicated ``whole`` layers."""
 
-    def __init__(self, splits: list[LayerSplit], strategy: "TowerParallel", info: list) -> None:
+    def __init__(self, splits: list[LayerSplit], strategy: TowerParallel, info: list) -> None:
         super().__init__()
         self.splits, self.info, self.strategy = splits, info, strategy
         self.pieces = nn.ModuleDict()
@@ -169,9 +177,11 @@ class TowerParallel(DistributedStrategy):
 
     def prepare(self, model: Network) -> nn.Module:
         if self.launched and self.world_size != model.towers:
-            raise RecipeError(f"parallel.strategy = \"tower-parallel\" runs one process per tower: the model has "
-                              f"{model.towers} towers but {self.world_size} processes were launched "
-                              f"(torchrun --nproc-per-node={model.towers})")
+            raise RecipeError(
+                f'parallel.strategy = "tower-parallel" runs one process per tower: the model has '
+                f"{model.towers} towers but {self.world_size} processes were launched "
+                f"(torchrun --nproc-per-node={model.towers})"
+            )
         self.start()
         self._splits = split_network(model, [[self.rank]])
         return RankTower(self._splits, self, model.info)
@@ -222,8 +232,10 @@ class TowerParallel(DistributedStrategy):
 
     def scatter_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sharded = self._sharded()
-        return {k: v.chunk(self.world_size, 0)[self.rank].clone() if k.rpartition("/")[0] in sharded else v
-                for k, v in tensors.items()}
+        return {
+            k: v.chunk(self.world_size, 0)[self.rank].clone() if k.rpartition("/")[0] in sharded else v
+            for k, v in tensors.items()
+        }
 
     def describe(self, model: Network) -> list[dict]:
         dev = self.device.type

@@ -24,11 +24,13 @@ concatenated in tower order). A strategy supplies an :class:`Exchange` (how bloc
 between groups) and runs :func:`run_towers`. ``model-parallel`` holds every group in one
 process (one group per device); ``tower-parallel`` holds one single-tower group per process.
 """
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import attrs
 import torch
@@ -51,8 +53,10 @@ def layer_modes(model: Network) -> list[str]:
         elif info.towers == "cross":
             modes.append("cross")
         elif info.params and rows % towers:
-            raise RecipeError(f"model.layers ({info.id}): a tower-local layer with parameters needs its "
-                              f"{rows} outputs to divide by {towers} towers")
+            raise RecipeError(
+                f"model.layers ({info.id}): a tower-local layer with parameters needs its "
+                f"{rows} outputs to divide by {towers} towers"
+            )
         else:
             modes.append("local")
     return modes
@@ -69,9 +73,9 @@ class LayerSplit:
     id: str
     mode: str
     info: LayerInfo
-    module: nn.Module | None          # the canonical module (parameter-free layers only)
+    module: nn.Module | None  # the canonical module (parameter-free layers only)
     pieces: list[nn.Module]
-    sharded: tuple[str, ...] = ()     # tensor names (inside the layer) split by rows
+    sharded: tuple[str, ...] = ()  # tensor names (inside the layer) split by rows
     replicated: tuple[str, ...] = ()  # tensor names every tower holds whole
 
     @property
@@ -133,8 +137,9 @@ def _ungroup(piece: nn.Module, towers: int, mode: str, rows: int, in_rows: int, 
                 setattr(piece, attr, in_rows // towers * share)
 
 
-def _row_piece(module: nn.Module, info: LayerInfo, mode: str, group: Sequence[int], towers: int
-               ) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
+def _row_piece(
+    module: nn.Module, info: LayerInfo, mode: str, group: Sequence[int], towers: int
+) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
     rows = info.out_shape[0]
     params = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
@@ -146,9 +151,11 @@ def _row_piece(module: nn.Module, info: LayerInfo, mode: str, group: Sequence[in
             value = take_blocks(tensor.detach(), group, towers, dim=0).clone()
             sharded.append(name)
         elif is_param:
-            raise RecipeError(f"model.layers ({info.id}): parameter {name!r} of shape {list(tensor.shape)} "
-                              f"is not laid out by the layer's {rows} output rows, so it cannot be split "
-                              "into towers")
+            raise RecipeError(
+                f"model.layers ({info.id}): parameter {name!r} of shape {list(tensor.shape)} "
+                f"is not laid out by the layer's {rows} output rows, so it cannot be split "
+                "into towers"
+            )
         else:
             value = tensor.detach().clone()
             replicated.append(name)
@@ -201,8 +208,9 @@ def split_network(model: Network, groups: Sequence[Sequence[int]] | None = None)
                 _ungroup(piece, towers, mode, info.out_shape[0], info.in_shape[0], group)
                 _tell_towers(piece, group, towers)
                 pieces.append(piece)
-        splits.append(LayerSplit(info.id, mode, info, copy.deepcopy(module), pieces,
-                                 replicated=tuple(_tensors(module))))
+        splits.append(
+            LayerSplit(info.id, mode, info, copy.deepcopy(module), pieces, replicated=tuple(_tensors(module)))
+        )
     return splits
 
 
@@ -222,8 +230,14 @@ class Exchange(Protocol):
         """The held groups' blocks -> the whole activation (on tower 0, or replicated)."""
 
 
-def run_towers(splits: list[LayerSplit], pieces: nn.ModuleDict, whole: nn.ModuleDict, x: torch.Tensor,
-               exchange: Exchange, stop_at: str | None = None) -> torch.Tensor:
+def run_towers(
+    splits: list[LayerSplit],
+    pieces: nn.ModuleDict,
+    whole: nn.ModuleDict,
+    x: torch.Tensor,
+    exchange: Exchange,
+    stop_at: str | None = None,
+) -> torch.Tensor:
     """The forward pass over tower pieces: returns the whole output (or ``stop_at``'s).
 
     ``pieces[id]`` holds the held towers' modules, ``whole[id]`` the unsplit modules.
@@ -271,9 +285,7 @@ def piece_tensor(module: nn.Module, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------- accounting
 
 
-
-def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]] | None = None
-                ) -> list[dict[str, int]]:
+def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]] | None = None) -> list[dict[str, int]]:
     """Per tower group (default: one per tower): parameters, activation bytes and bytes
     received from other groups per sample, forward.
 
@@ -314,20 +326,32 @@ def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]]
     if split:
         last = math.prod(model.info[-1].out_shape)
         recv[home] += last * (towers - len(groups[home])) // towers
-    return [{"params": params[g], "activation_bytes_per_sample": act[g] * elem_bytes,
-             "received_bytes_per_sample": recv[g] * elem_bytes} for g in range(n)]
+    return [
+        {
+            "params": params[g],
+            "activation_bytes_per_sample": act[g] * elem_bytes,
+            "received_bytes_per_sample": recv[g] * elem_bytes,
+        }
+        for g in range(n)
+    ]
 
 
-def describe_towers(model: Network, devices: Sequence[str], batch_size: int,
-                    groups: Sequence[Sequence[int]] | None = None) -> list[dict]:
+def describe_towers(
+    model: Network, devices: Sequence[str], batch_size: int, groups: Sequence[Sequence[int]] | None = None
+) -> list[dict]:
     """``Strategy.describe`` rows, one per tower group: backward moves as many bytes as forward."""
     params = list(model.parameters())
     elem = params[0].element_size() if params else 4
     rows = []
     for label, cost in zip(devices, tower_costs(model, elem, groups)):
         per_sample = 2 * cost["received_bytes_per_sample"]
-        rows.append({"device": label, "params": cost["params"],
-                     "activation_bytes_per_sample": cost["activation_bytes_per_sample"],
-                     "exchanged_bytes_per_sample": per_sample,
-                     "exchanged_bytes_per_step": per_sample * batch_size})
+        rows.append(
+            {
+                "device": label,
+                "params": cost["params"],
+                "activation_bytes_per_sample": cost["activation_bytes_per_sample"],
+                "exchanged_bytes_per_sample": per_sample,
+                "exchanged_bytes_per_step": per_sample * batch_size,
+            }
+        )
     return rows

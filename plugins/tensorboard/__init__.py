@@ -9,6 +9,7 @@ plugin. What it writes, into ``<run folder>/tensorboard/`` (``tensorboard --logd
   and ``final/<name>`` for the end-of-run evaluation, at the run's global step;
 - ``filters/<layer>``: the first convolution's kernels as an image grid, after each evaluation.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,5 +22,4 @@ if importlib.util.find_spec("tensorboard") is not None:
         convnet_train_start,
     )
 
-    __all__ = ["convnet_evaluation_end", "convnet_step_end", "convnet_train_end",
-               "convnet_train_start"]
+    __all__ = ["convnet_evaluation_end", "convnet_step_end", "convnet_train_end", "convnet_train_start"]

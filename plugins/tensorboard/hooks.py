@@ -1,11 +1,13 @@
 """The hook implementations behind the tensorboard plugin (imported only when tensorboard is)."""
+
 from __future__ import annotations
 
 import math
 import numbers
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -60,8 +62,11 @@ def _write(run: RunView, what: Callable[[Any], None]) -> None:
         what(writer)
     except Exception as exc:
         _writers.pop(id(run), None)
-        print(f"convnet: warning: tensorboard: cannot write to {event_dir(run.out)} ({type(exc).__name__}: {exc}); "
-              "no more TensorBoard events for this run (metrics.jsonl is unaffected)", file=sys.stderr)
+        print(
+            f"convnet: warning: tensorboard: cannot write to {event_dir(run.out)} ({type(exc).__name__}: {exc}); "
+            "no more TensorBoard events for this run (metrics.jsonl is unaffected)",
+            file=sys.stderr,
+        )
         try:
             writer.close()
         except Exception:  # the same failure again, already reported
@@ -81,22 +86,31 @@ def convnet_train_start(run: RunView) -> None:
 
     try:
         # After a resume, hide what a killed run logged past the checkpoint: it is logged again.
-        _writers[id(run)] = SummaryWriter(log_dir=str(event_dir(run.out)),
-                                          purge_step=run.step + 1 if run.step else None)
+        _writers[id(run)] = SummaryWriter(
+            log_dir=str(event_dir(run.out)), purge_step=run.step + 1 if run.step else None
+        )
     except Exception as exc:
-        print(f"convnet: warning: tensorboard: cannot write to {event_dir(run.out)} ({type(exc).__name__}: {exc}); "
-              "no TensorBoard events for this run", file=sys.stderr)
+        print(
+            f"convnet: warning: tensorboard: cannot write to {event_dir(run.out)} ({type(exc).__name__}: {exc}); "
+            "no TensorBoard events for this run",
+            file=sys.stderr,
+        )
 
 
 @hookimpl
 def convnet_step_end(run: RunView, step: int, metrics: dict[str, Any]) -> None:
     if _logged(run, step):
-        _write(run, lambda w: (w.add_scalar("train/loss", metrics["loss"], step),
-                               w.add_scalar("train/lr", metrics["lr"], step)))
+        _write(
+            run,
+            lambda w: (
+                w.add_scalar("train/loss", metrics["loss"], step),
+                w.add_scalar("train/lr", metrics["lr"], step),
+            ),
+        )
 
 
 @hookimpl
-def convnet_evaluation_end(run: RunViewView, epoch: int, results: dict[str, Any], final: bool) -> None:
+def convnet_evaluation_end(run: RunView, epoch: int, results: dict[str, Any], final: bool) -> None:
     # Every rank: a sharded strategy gathers the weights collectively.
     conv = first_conv_weight(run.model_state())
     if id(run) not in _writers:

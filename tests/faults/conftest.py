@@ -4,10 +4,10 @@ Every test records each fault it injects in the session's ledger (``ledger.recor
 terminal summary prints the table the issue asks for: fault, times injected, what happened,
 data lost.
 """
+
 from __future__ import annotations
 
 import pytest
-
 from faultkit import KILL_SETS, Ledger, convnet_run, model_bytes
 
 _LEDGER = Ledger()
@@ -30,6 +30,6 @@ def uninterrupted(tmp_path_factory) -> dict[str, bytes]:
     """Final weights of the kill recipe run straight through, in a process like the others."""
     out = tmp_path_factory.mktemp("uninterrupted")
     proc = convnet_run(out, *KILL_SETS)
-    stdout, stderr = proc.communicate(timeout=300)
+    _stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     return model_bytes(out / "checkpoints" / "last.safetensors")

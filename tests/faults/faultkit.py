@@ -1,4 +1,5 @@
 """Helpers of the faults suite: run ``convnet`` as a real process, read weights, keep a ledger."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def sets(*overrides: str) -> list[str]:
     return [a for s in overrides for a in ("--set", s)]
 
 
-def convnet_run(out: Path, *overrides: str, resume: Path | None = None, recipe: Path = TINY,
-                overwrite: bool = False, **popen) -> subprocess.Popen:
+def convnet_run(
+    out: Path, *overrides: str, resume: Path | None = None, recipe: Path = TINY, overwrite: bool = False, **popen
+) -> subprocess.Popen:
     args = [*CONVNET, "run", str(recipe), *sets(*overrides), "--out", str(out), "--quiet"]
     if resume is not None:
         args += ["--resume", str(resume)]
@@ -77,6 +79,6 @@ def save_checkpoints_until_killed(path: str, ready) -> None:
     base = [torch.full((16384,), float(k)) for k in range(64)]
     while True:
         i += 1
-        ckpt.save(path, {f"model/t{k}": t + i for k, t in enumerate(base)}, {"convnet.state": f"{{\"step\": {i}}}"})
+        ckpt.save(path, {f"model/t{k}": t + i for k, t in enumerate(base)}, {"convnet.state": f'{{"step": {i}}}'})
         if i == 1:
             ready.set()

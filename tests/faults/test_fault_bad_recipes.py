@@ -7,6 +7,7 @@ negative numbers, inf/nan, dates, nested tables; random keys inserted; keys dele
 CLI entry point. Anything but exit 0 (still a valid recipe) or exit 2 with one error line
 naming the file and the place, fails. The ledger counts the recipes tried.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,25 +16,41 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from faultkit import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convnet.core.cli import main
-from faultkit import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-BASES = {"alexnet-digits": tomllib.loads((ROOT / "recipes" / "alexnet-digits.toml").read_text()),
-         "tiny": tomllib.loads(TINY.read_text())}
-WHERE = re.compile(r"\b(model|data|train|parallel|evaluate|seed|name|description|extends)\b|\(top level\)|"
-                   r"not valid TOML|cannot read recipe")
+BASES = {
+    "alexnet-digits": tomllib.loads((ROOT / "recipes" / "alexnet-digits.toml").read_text()),
+    "tiny": tomllib.loads(TINY.read_text()),
+}
+WHERE = re.compile(
+    r"\b(model|data|train|parallel|evaluate|seed|name|description|extends)\b|\(top level\)|"
+    r"not valid TOML|cannot read recipe"
+)
 
 evil_scalars = st.one_of(
-    st.integers(-2**70, 2**70), st.sampled_from([0, -1, -2**63, 2**63, 10**30, 2**64 + 1]),
-    st.floats(), st.sampled_from([1e308, -1e308, 5e-324]),
-    st.text(max_size=20), st.sampled_from(["", "☃", "𝕮𝖔𝖓𝖛", "\u0000", "../../etc/passwd", "conv", "relu"]),
-    st.booleans(), st.dates(), st.datetimes(), st.times())
-evil_values = st.recursive(evil_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3)), max_leaves=8)
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, -(2**63), 2**63, 10**30, 2**64 + 1]),
+    st.floats(),
+    st.sampled_from([1e308, -1e308, 5e-324]),
+    st.text(max_size=20),
+    st.sampled_from(["", "☃", "𝕮𝖔𝖓𝖛", "\u0000", "../../etc/passwd", "conv", "relu"]),
+    st.booleans(),
+    st.dates(),
+    st.datetimes(),
+    st.times(),
+)
+evil_values = st.recursive(
+    evil_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 def paths(node: Any, prefix: tuple = ()) -> list[tuple]:
@@ -41,12 +58,12 @@ def paths(node: Any, prefix: tuple = ()) -> list[tuple]:
     out = []
     if isinstance(node, dict):
         for k, v in node.items():
-            out.append(prefix + (k,))
-            out += paths(v, prefix + (k,))
+            out.append((*prefix, k))
+            out += paths(v, (*prefix, k))
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            out.append(prefix + (i,))
-            out += paths(v, prefix + (i,))
+            out.append((*prefix, i))
+            out += paths(v, (*prefix, i))
     return out
 
 
@@ -54,10 +71,10 @@ def tables(node: Any, prefix: tuple = ()) -> list[tuple]:
     out = [prefix] if isinstance(node, dict) else []
     if isinstance(node, dict):
         for k, v in node.items():
-            out += tables(v, prefix + (k,))
+            out += tables(v, (*prefix, k))
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            out += tables(v, prefix + (i,))
+            out += tables(v, (*prefix, i))
     return out
 
 
@@ -87,22 +104,24 @@ def mutated(draw: st.DrawFn) -> tuple[str, list[str]]:
             path = draw(st.sampled_from(paths(doc)))
             del get(doc, path[:-1])[path[-1]]
         elif kind == "extends":
-            doc["extends"] = draw(st.one_of(st.sampled_from(["bad.toml", "alexnet-digit", "/nonexistent/x.toml"]),
-                                            evil_values))
+            doc["extends"] = draw(
+                st.one_of(st.sampled_from(["bad.toml", "alexnet-digit", "/nonexistent/x.toml"]), evil_values)
+            )
         else:
             continue
         done.append(f"{kind} {path if kind != 'extends' else doc['extends']!r}"[:80])
     text = tomli_w.dumps(doc)
     if draw(st.integers(0, 4)) == 0:  # also break the text itself now and then
         at = draw(st.integers(0, len(text)))
-        text = text[:at] + draw(st.text(max_size=10)) + text[at + draw(st.integers(0, 20)):]
+        text = text[:at] + draw(st.text(max_size=10)) + text[at + draw(st.integers(0, 20)) :]
         done.append(f"spliced text at {at}")
     return text, done
 
 
-@settings(max_examples=settings.default.max_examples * 5,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])  # capsys is drained each example
+@settings(
+    max_examples=settings.default.max_examples * 5,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)  # capsys is drained each example
 @given(case=mutated())
 def test_generated_bad_recipes_exit_2_with_one_line(tmp_path_factory, capsys, ledger, case) -> None:
     text, done = case
@@ -132,7 +151,7 @@ def test_a_recipe_that_extends_itself(tmp_path: Path, capsys, ledger) -> None:
 
 def test_an_unreadable_recipe_file(tmp_path: Path, capsys, ledger) -> None:
     path = tmp_path / "latin1.toml"
-    path.write_bytes("description = \"caf\xe9\"\n".encode("latin-1"))
+    path.write_bytes('description = "caf\xe9"\n'.encode("latin-1"))
     assert main(["show", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "cannot read recipe" in err

@@ -5,6 +5,7 @@ bit anywhere (header, metadata or weights: the checksum catches what safetensors
 valid checkpoint of another recipe, and pickles (plain and torch.save zips) whose payload
 would leave a marker file if anything unpickled them.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -12,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from faultkit import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convnet.core as cn
 from convnet.core.cli import main
-from faultkit import TINY
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,10 +28,16 @@ def checkpoints(tmp_path_factory) -> dict[str, bytes]:
     good = tmp_path_factory.mktemp("good")
     cn.train(cn.load_recipe(TINY, ["train.max_steps=3"]), out=good)
     other = tmp_path_factory.mktemp("other")
-    cn.train(cn.load_recipe(TINY, ["train.max_steps=1", "model.layers[5].name=relu", "model.layers[8].out=4",
-                                   "model.layers[4].out=16"]), out=other)
-    return {"good": (good / "checkpoints" / "last.safetensors").read_bytes(),
-            "other": (other / "checkpoints" / "last.safetensors").read_bytes()}
+    cn.train(
+        cn.load_recipe(
+            TINY, ["train.max_steps=1", "model.layers[5].name=relu", "model.layers[8].out=4", "model.layers[4].out=16"]
+        ),
+        out=other,
+    )
+    return {
+        "good": (good / "checkpoints" / "last.safetensors").read_bytes(),
+        "other": (other / "checkpoints" / "last.safetensors").read_bytes(),
+    }
 
 
 class _Touch:
@@ -53,11 +59,14 @@ damage = st.one_of(
 )
 
 
-@settings(max_examples=settings.default.max_examples,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=settings.default.max_examples,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(how=damage)
-def test_corrupt_checkpoint_is_one_line_and_nothing_unpickled(checkpoints, tmp_path_factory, capsys, ledger,
-                                                              how) -> None:
+def test_corrupt_checkpoint_is_one_line_and_nothing_unpickled(
+    checkpoints, tmp_path_factory, capsys, ledger, how
+) -> None:
     tmp = tmp_path_factory.mktemp("corrupt")
     bad, marker = tmp / "last.safetensors", tmp / "UNPICKLED"
     blob = checkpoints["good"]
@@ -78,8 +87,9 @@ def test_corrupt_checkpoint_is_one_line_and_nothing_unpickled(checkpoints, tmp_p
         bad.write_bytes(pickle.dumps({"state_dict": _Touch(str(marker))}, protocol=how[1]))
     else:
         torch.save({"payload": _Touch(str(marker))}, bad)
-    code = main(["run", str(TINY), "--set", "train.max_steps=4", "--out", str(tmp / "run"), "--quiet",
-                 "--resume", str(bad)])
+    code = main(
+        ["run", str(TINY), "--set", "train.max_steps=4", "--out", str(tmp / "run"), "--quiet", "--resume", str(bad)]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith(f"convnet: error: {bad}: "), (how, err)
     assert not marker.exists()

@@ -9,6 +9,7 @@ all ranks (so ddp follows a single process reading the same batches), and the st
 readable sample at all is skipped alike on every rank. Before, the empty rank skipped the
 forward and its peer waited in DDP's all-reduce until the timeout.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from faultkit import CONVNET, env
 from safetensors.torch import load_file
 
 from convnet.core import data as cdata
-from faultkit import CONVNET, env
 
 SEED, SIZE, BATCH = 5, 16, 4
 RECIPE = """
@@ -75,29 +76,55 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_ddp_rank_with_nothing_readable_takes_part_and_the_step_goes_on(tmp_path, tmp_path_factory,
-                                                                            ledger) -> None:
+def test_a_ddp_rank_with_nothing_readable_takes_part_and_the_step_goes_on(tmp_path, tmp_path_factory, ledger) -> None:
     from fixtures.plugin_install import install
 
     site = install(["good-extra"], tmp_path_factory.mktemp("site"))
     recipe = tmp_path / "empty-slice.toml"
     recipe.write_text(RECIPE.format(seed=SEED, batch=BATCH, size=SIZE, unreadable=_unreadable()), encoding="utf-8")
-    run_env = dict(env(), PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-                   GLOO_SOCKET_IFNAME="lo")
+    run_env = dict(
+        env(), PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), GLOO_SOCKET_IFNAME="lo"
+    )
     single = tmp_path / "single"
-    done = subprocess.run([*CONVNET, "run", str(recipe), "--out", str(single), "--quiet"], env=run_env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*CONVNET, "run", str(recipe), "--out", str(single), "--quiet"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ddp = tmp_path / "ddp"
     # A hang would end in the 30 s collective timeout with exit 1 (LostPeerError), not exit 0.
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "convnet.core",
-                           "run", str(recipe), "--out", str(ddp), "--quiet", "--set", "parallel.strategy=ddp",
-                           "--set", "parallel.timeout=30"],
-                          env=run_env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "-m",
+            "convnet.core",
+            "run",
+            str(recipe),
+            "--out",
+            str(ddp),
+            "--quiet",
+            "--set",
+            "parallel.strategy=ddp",
+            "--set",
+            "parallel.timeout=30",
+        ],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     want, got = _records(single), _records(ddp)
@@ -113,6 +140,8 @@ def test_a_ddp_rank_with_nothing_readable_takes_part_and_the_step_goes_on(tmp_pa
     ta, tb = load_file(single / "checkpoints" / "last.safetensors"), load_file(ddp / "checkpoints" / "last.safetensors")
     for key in (k for k in ta if k.startswith("model/")):
         assert (ta[key] - tb[key]).abs().max().item() <= 1e-5 * (ta[key].abs().max().item() or 1.0), key
-    ledger.record("ddp rank whose whole slice is unreadable (2 gloo ranks)",
-                  "step went on (empty rank joined the all-reduce); all-empty step skipped on both; "
-                  "losses and weights = single", lost=False)
+    ledger.record(
+        "ddp rank whose whole slice is unreadable (2 gloo ranks)",
+        "step went on (empty rank joined the all-reduce); all-empty step skipped on both; losses and weights = single",
+        lost=False,
+    )

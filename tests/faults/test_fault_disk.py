@@ -5,6 +5,7 @@ Real file systems: a read-only tmpfs and a tiny tmpfs are mounted when the tests
 folder. The "needs more room than the disk has" case also runs without root: a recipe whose
 checkpoint would take terabytes is refused before a single weight is allocated.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from faultkit import TINY, model_bytes
 
 import convnet.core as cn
 from convnet.core import checkpoint as ckpt
@@ -20,8 +22,6 @@ from convnet.core import plugins
 from convnet.core.cli import main
 from convnet.core.errors import CheckpointError
 from convnet.core.hookspecs import hookimpl
-from faultkit import TINY, model_bytes
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,8 +30,12 @@ def _mount_tmpfs(where: Path, options: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "convnet-test", str(where)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "convnet-test", str(where)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.fixture
@@ -82,8 +86,16 @@ def test_run_folder_under_a_file_fails_before_training(tmp_path: Path, capsys, l
 
 def test_checkpoint_bigger_than_the_disk_fails_before_allocating(tmp_path: Path, capsys, ledger) -> None:
     """~10^12 weights: it would need terabytes; refused on the meta-device size, nothing allocated."""
-    huge = ["--set", "model.layers[8].out=10000000000", "--set", "model.layers[8].towers=\"cross\"",
-            "--set", "model.num_classes=10000000000", "--set", "data.dataset.train_size=16"]
+    huge = [
+        "--set",
+        "model.layers[8].out=10000000000",
+        "--set",
+        'model.layers[8].towers="cross"',
+        "--set",
+        "model.num_classes=10000000000",
+        "--set",
+        "data.dataset.train_size=16",
+    ]
     code = main(["run", str(TINY), *huge, "--out", str(tmp_path / "run"), "--quiet"])
     err = _one_error(capsys)
     assert code == 1 and "MiB free, a checkpoint needs about" in err
@@ -131,7 +143,9 @@ def test_disk_filling_up_mid_run_loses_nothing(tmpfs, tmp_path: Path, ledger) ->
         cn.Run(recipe, out=out, registries=regs, pm=pm).train()
     message = str(info.value)
     last = out / "checkpoints" / "last.safetensors"
-    assert message.startswith(str(last)) and "No space left" in message and "previous checkpoint is unchanged" in message
+    assert (
+        message.startswith(str(last)) and "No space left" in message and "previous checkpoint is unchanged" in message
+    )
     assert ckpt.state_of(ckpt.load(last)[1], last)["step"] == 5
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
     (folder / "filler").unlink()  # the user frees space and resumes
@@ -139,5 +153,7 @@ def test_disk_filling_up_mid_run_loses_nothing(tmpfs, tmp_path: Path, ledger) ->
     ref = tmp_path / "ref"
     cn.train(cn.load_recipe(TINY, sets, regs), out=ref)
     assert model_bytes(last) == model_bytes(ref / "checkpoints" / "last.safetensors")
-    ledger.record("disk full mid-run (2 MiB tmpfs filled at step 6)",
-                  "one-line error, step-5 checkpoint intact, resume gave the uninterrupted weights")
+    ledger.record(
+        "disk full mid-run (2 MiB tmpfs filled at step 6)",
+        "one-line error, step-5 checkpoint intact, resume gave the uninterrupted weights",
+    )

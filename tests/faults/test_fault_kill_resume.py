@@ -9,6 +9,7 @@ appears (the step's checkpoint save follows it at once), ``"write"`` waits for a
 temp file to appear and kills while it is being written. Whether a kill really landed inside a
 write is seen afterwards (the temp file is left behind) and counted in the ledger.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from faultkit import KILL_SETS, convnet_run, last_step, model_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convnet.core import checkpoint as ckpt
-from faultkit import KILL_SETS, convnet_run, last_step, model_bytes
 
 TOTAL_STEPS = 12  # tiny.toml: 3 epochs of 4 steps
 
@@ -50,15 +51,17 @@ def _kill_at(out: Path, proc, step: int, moment: str) -> str:
     return "killed between checkpoint writes"
 
 
-kill_points = st.lists(st.tuples(st.integers(1, TOTAL_STEPS - 2), st.sampled_from(["step", "write"])),
-                       min_size=1, max_size=3).map(sorted)
+kill_points = st.lists(
+    st.tuples(st.integers(1, TOTAL_STEPS - 2), st.sampled_from(["step", "write"])), min_size=1, max_size=3
+).map(sorted)
 
 
 @pytest.mark.slow
 @settings(max_examples=max(2, settings.default.max_examples // 10), suppress_health_check=[HealthCheck.too_slow])
 @given(points=kill_points)
-def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path_factory, uninterrupted, ledger,
-                                                                      points) -> None:
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(
+    tmp_path_factory, uninterrupted, ledger, points
+) -> None:
     out = tmp_path_factory.mktemp("killed")
     last = out / "checkpoints" / "last.safetensors"
     seen = 0
@@ -80,8 +83,10 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path_f
             if best.exists():
                 ckpt.load(best)
         else:
-            ledger.record("SIGKILL of `convnet run` (hypothesis-chosen step/moment)",
-                          "killed before the first checkpoint (restarted from scratch)")
+            ledger.record(
+                "SIGKILL of `convnet run` (hypothesis-chosen step/moment)",
+                "killed before the first checkpoint (restarted from scratch)",
+            )
     proc = convnet_run(out, *KILL_SETS, resume=last if last.exists() else None, overwrite=not last.exists())
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr

@@ -10,6 +10,7 @@ threads are running is unsafe (Python 3.12 warns about it). The server is a fres
 kept to one thread (no BLAS/OpenMP pools), that imports torch once, so each child still starts
 in milliseconds instead of the seconds a fresh interpreter takes to import torch.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -19,11 +20,11 @@ import time
 
 import pytest
 import torch
+from faultkit import save_checkpoints_until_killed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convnet.core import checkpoint as ckpt
-from faultkit import save_checkpoints_until_killed
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -63,6 +64,9 @@ def test_sigkill_while_saving_leaves_a_whole_checkpoint(tmp_path_factory, ledger
     step = ckpt.state_of(meta, path)["step"]
     assert step >= 1
     assert all(torch.equal(tensors[f"model/t{k}"], torch.full((16384,), float(k + step))) for k in range(64))
-    ledger.record("SIGKILL of a process saving checkpoints in a loop",
-                  "killed inside a write (temp file left), previous checkpoint whole" if mid_write
-                  else "killed between writes, last checkpoint whole")
+    ledger.record(
+        "SIGKILL of a process saving checkpoints in a loop",
+        "killed inside a write (temp file left), previous checkpoint whole"
+        if mid_write
+        else "killed between writes, last checkpoint whole",
+    )

@@ -1,4 +1,5 @@
 """A NaN/inf loss (forced by an absurd lr): stop naming the step, keep the last good checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faultkit import TINY
 from safetensors.torch import load_file
 
 import convnet.core as cn
@@ -16,7 +18,6 @@ from convnet.core import data as cdata
 from convnet.core import plugins
 from convnet.core.cli import main
 from convnet.core.errors import NonFiniteLossError
-from faultkit import TINY
 
 ABSURD = ("train.optimizer.lr=1e10", "train.checkpoint_every=1")  # blows up in epoch 2
 
@@ -28,8 +29,9 @@ def _sets(*overrides: str) -> list[str]:
     return [a for s in overrides for a in ("--set", s)]
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys,
-                                                                                 ledger) -> None:
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys, ledger
+) -> None:
     out = tmp_path / "nan"
     code = main(["run", str(TINY), *_sets(*ABSURD), "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip()
@@ -50,11 +52,14 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
             assert torch.isfinite(value).all(), name
             assert value.numpy().tobytes() == expected[name].numpy().tobytes(), name
     # and it resumes: with a sane lr the run goes on from there
-    code = main(["run", str(TINY), *_sets(*ABSURD, "train.max_steps=8"), "--out", str(out), "--quiet",
-                 "--resume", str(last)])
+    code = main(
+        ["run", str(TINY), *_sets(*ABSURD, "train.max_steps=8"), "--out", str(out), "--quiet", "--resume", str(last)]
+    )
     assert code == 1 and f"step {bad_step} " in capsys.readouterr().err  # same data, same step: deterministic
-    ledger.record("NaN/inf loss (lr = 1e10), on_nonfinite = stop", f"stopped at step {bad_step} naming it, exit 1, "
-                  "last checkpoint = step before, bitwise")
+    ledger.record(
+        "NaN/inf loss (lr = 1e10), on_nonfinite = stop",
+        f"stopped at step {bad_step} naming it, exit 1, last checkpoint = step before, bitwise",
+    )
 
 
 @pytest.fixture
@@ -66,7 +71,7 @@ def poisoned(tmp_path_factory, monkeypatch):
     return plugins.create_manager()
 
 
-POISON = ("data.dataset={name = \"fixture_constant\", size = 64, poison = [5, 40]}",)
+POISON = ('data.dataset={name = "fixture_constant", size = 64, poison = [5, 40]}',)
 
 
 def _poisoned_batches(recipe) -> list[int]:
@@ -93,8 +98,10 @@ def test_skip_batch_skips_and_counts(tmp_path: Path, poisoned, capsys, ledger) -
     assert f"skipped {len(bad)} batch(es) whose loss was not finite" in capsys.readouterr().err
     tensors, _ = ckpt.load(tmp_path / "checkpoints" / "last.safetensors")
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith(("model/", "optimizer/")))
-    ledger.record("NaN input batches, on_nonfinite = skip-batch",
-                  f"run completed, the {len(bad)} poisoned batches of 12 skipped and counted")
+    ledger.record(
+        "NaN input batches, on_nonfinite = skip-batch",
+        f"run completed, the {len(bad)} poisoned batches of 12 skipped and counted",
+    )
     # the same data with the default policy stops at the first poisoned batch, naming it
     recipe = cn.load_recipe(TINY, [*POISON], regs)
     with pytest.raises(NonFiniteLossError, match=f"^step {bad[0]} .*loss is nan; stopped"):
@@ -103,11 +110,11 @@ def test_skip_batch_skips_and_counts(tmp_path: Path, poisoned, capsys, ledger) -
 
 
 def test_skip_batch_cannot_skip_an_update_that_overflows(tmp_path: Path, capsys, ledger) -> None:
-    code = main(["run", str(TINY), *_sets(*ABSURD, "train.on_nonfinite=skip-batch"), "--out", str(tmp_path),
-                 "--quiet"])
+    code = main(["run", str(TINY), *_sets(*ABSURD, "train.on_nonfinite=skip-batch"), "--out", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "the update made weights non-finite" in err and "is untouched" in err
     tensors, _ = ckpt.load(tmp_path / "checkpoints" / "last.safetensors")
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith(("model/", "optimizer/")))
-    ledger.record("weights overflow (lr = 1e10), on_nonfinite = skip-batch",
-                  "stopped naming the step; last checkpoint finite")
+    ledger.record(
+        "weights overflow (lr = 1e10), on_nonfinite = skip-batch", "stopped naming the step; last checkpoint finite"
+    )

@@ -5,6 +5,7 @@ built-ins already have (after registering a name of its own), one registers opti
 not an attrs class, and one is well behaved. Each broken one gives one message naming the
 plugin (entry point) and its distribution; everything else loads; ``--strict`` fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,20 +15,26 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-from convnet.core import plugins
-from convnet.core.errors import PluginError
 from faultkit import CONVNET, env
 from fixtures.plugin_install import install
 
+from convnet.core import plugins
+from convnet.core.errors import PluginError
+
 BROKEN = {
-    "raises-at-import": ("plugin 'raises_at_import' (convnet_fixture_raises_at_import, distribution "
-                         "convnet-fixture-raises-at-import 0.0.1) failed to import: ImportError: "),
-    "duplicate-name": ("layer 'relu' is registered twice: by plugin 'layers' (distribution convnet ",
-                       "and by plugin 'duplicate_name' (distribution convnet-fixture-duplicate-name 0.0.1)"),
-    "not-attrs": ("plugin 'not_attrs' (distribution convnet-fixture-not-attrs 0.0.1) registered layer "
-                  "'plain_options_layer' with options",
-                  "which is not an attrs class"),
+    "raises-at-import": (
+        "plugin 'raises_at_import' (convnet_fixture_raises_at_import, distribution "
+        "convnet-fixture-raises-at-import 0.0.1) failed to import: ImportError: "
+    ),
+    "duplicate-name": (
+        "layer 'relu' is registered twice: by plugin 'layers' (distribution convnet ",
+        "and by plugin 'duplicate_name' (distribution convnet-fixture-duplicate-name 0.0.1)",
+    ),
+    "not-attrs": (
+        "plugin 'not_attrs' (distribution convnet-fixture-not-attrs 0.0.1) registered layer "
+        "'plain_options_layer' with options",
+        "which is not an attrs class",
+    ),
 }
 
 
@@ -48,7 +55,7 @@ def _load(folder: Path, monkeypatch, strict: bool = False):
     monkeypatch.syspath_prepend(str(folder))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pm, regs = plugins.create_manager(strict=strict)
+        _pm, regs = plugins.create_manager(strict=strict)
     return regs, [str(w.message) for w in caught if issubclass(w.category, plugins.PluginWarning)]
 
 
@@ -81,13 +88,13 @@ def test_all_broken_plugins_at_once_through_the_cli(site, ledger) -> None:
     names = {(r["kind"], r["name"]): r["distribution"] for r in listing["components"]}
     assert names[("dataset", "fixture_constant")] == "convnet-fixture-good-extra 0.0.1"
     assert names[("layer", "relu")].startswith("convnet ")
-    strict = subprocess.run([*CONVNET, "--strict", "plugins"], capture_output=True, text=True, env=run_env,
-                            timeout=120)
+    strict = subprocess.run([*CONVNET, "--strict", "plugins"], capture_output=True, text=True, env=run_env, timeout=120)
     lines = strict.stderr.strip().splitlines()
     assert strict.returncode == 2 and len(lines) == 1 and lines[0].startswith("convnet: error: plugin ")
     assert "Traceback" not in strict.stderr
-    ledger.record("third-party plugins: all three broken at once (CLI)",
-                  "3 problems listed, the rest loaded, --strict exit 2")
+    ledger.record(
+        "third-party plugins: all three broken at once (CLI)", "3 problems listed, the rest loaded, --strict exit 2"
+    )
 
 
 def _with(site_folder: Path) -> dict[str, str]:
@@ -99,12 +106,21 @@ def _with(site_folder: Path) -> dict[str, str]:
 TINY = Path(__file__).parents[1] / "fixtures" / "recipes" / "tiny.toml"
 
 
-@pytest.mark.parametrize("command", [["show", str(TINY)], ["summary", str(TINY)], ["recipes"], ["plugins"],
-                                     ["run", str(TINY), "--set", "train.max_steps=1", "--quiet"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["show", str(TINY)],
+        ["summary", str(TINY)],
+        ["recipes"],
+        ["plugins"],
+        ["run", str(TINY), "--set", "train.max_steps=1", "--quiet"],
+    ],
+)
 def test_every_command_names_a_plugin_that_failed(command, site, tmp_path, ledger) -> None:
     extra = ["--out", str(tmp_path / "run")] if command[0] == "run" else []
-    proc = subprocess.run([*CONVNET, *command, *extra], capture_output=True, text=True, env=_with(site["all"]),
-                          timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [*CONVNET, *command, *extra], capture_output=True, text=True, env=_with(site["all"]), timeout=300, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     warned = [line for line in proc.stderr.splitlines() if line.startswith("convnet: warning: ")]
     assert len(warned) == 3, proc.stderr
@@ -115,14 +131,24 @@ def test_every_command_names_a_plugin_that_failed(command, site, tmp_path, ledge
 
 def test_a_component_of_a_failed_plugin_is_named_as_such(site, tmp_path) -> None:
     """Not 'did you mean': the plugin that would provide it failed, and the message says so."""
-    dup = subprocess.run([*CONVNET, "show", str(TINY), "--set", "model.layers[1].name=fixture_identity"],
-                         capture_output=True, text=True, env=_with(site["duplicate-name"]), timeout=120)
+    dup = subprocess.run(
+        [*CONVNET, "show", str(TINY), "--set", "model.layers[1].name=fixture_identity"],
+        capture_output=True,
+        text=True,
+        env=_with(site["duplicate-name"]),
+        timeout=120,
+    )
     assert dup.returncode == 2
     error = dup.stderr.strip().splitlines()[-1]
     assert "layer 'fixture_identity' comes from plugin 'duplicate_name' (distribution " in error, error
     assert "which failed to load: layer 'relu' is registered twice" in error and "did you mean" not in error
-    broken = subprocess.run([*CONVNET, "show", str(TINY), "--set", "model.layers[1].name=elu"],
-                            capture_output=True, text=True, env=_with(site["raises-at-import"]), timeout=120)
+    broken = subprocess.run(
+        [*CONVNET, "show", str(TINY), "--set", "model.layers[1].name=elu"],
+        capture_output=True,
+        text=True,
+        env=_with(site["raises-at-import"]),
+        timeout=120,
+    )
     error = broken.stderr.strip().splitlines()[-1]
     assert broken.returncode == 2 and "unknown layer 'elu'" in error and "did you mean" not in error, error
     assert "a plugin that failed to load may provide it: plugin 'raises_at_import'" in error, error
@@ -133,20 +159,33 @@ def test_a_run_folder_names_its_plugins_and_eval_without_them_says_what_to_insta
     recipe.write_text(TINY.read_text() + "\n")
     sets = ["--set", 'data.dataset={name = "fixture_constant", size = 16}', "--set", "train.max_steps=2"]
     out = tmp_path / "run"
-    done = subprocess.run([*CONVNET, "run", str(recipe), *sets, "--out", str(out), "--quiet"], capture_output=True,
-                          text=True, env=_with(site["all"]), timeout=300)
+    done = subprocess.run(
+        [*CONVNET, "run", str(recipe), *sets, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=_with(site["all"]),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     used = json.loads((out / "run.json").read_text())
-    assert {"kind": "dataset", "name": "fixture_constant", "plugin": "good_extra",
-            "distribution": "convnet-fixture-good-extra 0.0.1"} in used["components"]
+    assert {
+        "kind": "dataset",
+        "name": "fixture_constant",
+        "plugin": "good_extra",
+        "distribution": "convnet-fixture-good-extra 0.0.1",
+    } in used["components"]
     assert used["convnet_version"] and used["command"].startswith("convnet run ")
     checkpoint = str(out / "checkpoints" / "last.safetensors")
-    for args in (["eval", str(out / "recipe.toml"), "--checkpoint", checkpoint, "--out", str(tmp_path / "ev")],
-                 ["run", str(out / "recipe.toml"), "--out", str(out), "--resume", checkpoint]):
+    for args in (
+        ["eval", str(out / "recipe.toml"), "--checkpoint", checkpoint, "--out", str(tmp_path / "ev")],
+        ["run", str(out / "recipe.toml"), "--out", str(out), "--resume", checkpoint],
+    ):
         proc = subprocess.run([*CONVNET, *args], capture_output=True, text=True, env=env(), timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-        assert lines[0] == ("convnet: error: dataset 'fixture_constant' came from the distribution "
-                            "convnet-fixture-good-extra 0.0.1 (plugin 'good_extra'), which is not installed here: "
-                            "pip install 'convnet-fixture-good-extra==0.0.1'"), lines[0]
+        assert lines[0] == (
+            "convnet: error: dataset 'fixture_constant' came from the distribution "
+            "convnet-fixture-good-extra 0.0.1 (plugin 'good_extra'), which is not installed here: "
+            "pip install 'convnet-fixture-good-extra==0.0.1'"
+        ), lines[0]
     ledger.record("eval / resume without the plugin a run used", "one line: the distribution and its pip install")

@@ -14,17 +14,33 @@ from faultkit import CONVNET, TINY, convnet_run, env, last_step
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_runs_started_together_get_distinct_folders(tmp_path, ledger) -> None:
-    procs = [subprocess.Popen([*CONVNET, "run", str(TINY), "--set", "train.max_steps=2", "--quiet"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [*CONVNET, "run", str(TINY), "--set", "train.max_steps=2", "--quiet"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    folders = [line.split("run folder: ", 1)[1] for out, _ in outs for line in out.splitlines()
-               if line.startswith("run folder: ")]
+    folders = [
+        line.split("run folder: ", 1)[1]
+        for out, _ in outs
+        for line in out.splitlines()
+        if line.startswith("run folder: ")
+    ]
     assert len(folders) == 4 and len(set(folders)) == 4, folders
     for folder in folders:
         lines = (tmp_path / folder / "metrics.jsonl").read_text().splitlines()
@@ -45,8 +61,13 @@ def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path, le
     assert f"--resume {out / 'checkpoints' / 'last.safetensors'}" in lines[0] and "--overwrite" in lines[0]
     assert _digest(out) == before  # not a byte changed
     ledger.record("fresh run into a folder holding a run", "refused in one line naming --resume / --overwrite")
-    over = subprocess.run([*CONVNET, "run", str(TINY), "--set", "train.max_steps=3", "--out", str(out), "--quiet",
-                           "--overwrite"], capture_output=True, text=True, env=env(), timeout=600)
+    over = subprocess.run(
+        [*CONVNET, "run", str(TINY), "--set", "train.max_steps=3", "--out", str(out), "--quiet", "--overwrite"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert over.returncode == 0, over.stderr
     assert f"convnet: --overwrite: replacing {out / 'metrics.jsonl'}" in over.stderr
     assert last_step(out / "metrics.jsonl") == 3
@@ -62,20 +83,56 @@ def test_a_second_writer_is_refused_while_the_first_lives_and_accepted_after_sig
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
             time.sleep(0.2)
         resume = ["--resume", str(out / "checkpoints" / "last.safetensors")]
-        second = subprocess.run([*CONVNET, "run", str(TINY), "--set", "train.epochs=1000", "--set",
-                                 "train.checkpoint_every=1", "--out", str(out), "--quiet", *resume],
-                                capture_output=True, text=True, env=env(), timeout=600)
+        second = subprocess.run(
+            [
+                *CONVNET,
+                "run",
+                str(TINY),
+                "--set",
+                "train.epochs=1000",
+                "--set",
+                "train.checkpoint_every=1",
+                "--out",
+                str(out),
+                "--quiet",
+                *resume,
+            ],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=600,
+        )
         assert second.returncode == 1, second.stderr
-        assert second.stderr.strip() == (f"convnet: error: {out}: another convnet process (pid {first.pid}) is "
-                                         "writing this run folder; wait for it to end, or choose another --out")
+        assert second.stderr.strip() == (
+            f"convnet: error: {out}: another convnet process (pid {first.pid}) is "
+            "writing this run folder; wait for it to end, or choose another --out"
+        )
         ledger.record("second writer (--resume) while the first runs", "refused, naming the first's pid")
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
-    after = subprocess.run([*CONVNET, "run", str(TINY), "--set", "train.epochs=1000", "--set",
-                            "train.max_steps=3", "--set", "train.checkpoint_every=1", "--out", str(out), "--quiet",
-                            "--resume", str(out / "checkpoints" / "last.safetensors")],
-                           capture_output=True, text=True, env=env(), timeout=600)
+    after = subprocess.run(
+        [
+            *CONVNET,
+            "run",
+            str(TINY),
+            "--set",
+            "train.epochs=1000",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.checkpoint_every=1",
+            "--out",
+            str(out),
+            "--quiet",
+            "--resume",
+            str(out / "checkpoints" / "last.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert after.returncode == 0, after.stderr
     ledger.record("resume after the first writer was SIGKILLed", "accepted: the kernel released the lock")
 
@@ -84,8 +141,13 @@ def test_eval_into_a_run_folder_never_replaces_the_runs_files(tmp_path, ledger) 
     out = tmp_path / "run"
     assert convnet_run(out, "train.max_steps=2").wait(timeout=600) == 0
     before = _digest(out)
-    proc = subprocess.run([*CONVNET, "eval", str(TINY), "--checkpoint", str(out / "checkpoints" / "last.safetensors"),
-                           "--out", str(out)], capture_output=True, text=True, env=env(), timeout=600)
+    proc = subprocess.run(
+        [*CONVNET, "eval", str(TINY), "--checkpoint", str(out / "checkpoints" / "last.safetensors"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     after = _digest(out)
     assert {k: v for k, v in after.items() if k in before} == before  # every file of the run untouched

@@ -1,4 +1,5 @@
 """Ctrl-C: a checkpoint at the next step boundary, exit 130, and the exact command to resume."""
+
 from __future__ import annotations
 
 import re
@@ -7,8 +8,9 @@ import signal
 import subprocess
 import time
 
-from convnet.core import checkpoint as ckpt
 from faultkit import CONVNET, KILL_SETS, convnet_run, env, last_step, model_bytes
+
+from convnet.core import checkpoint as ckpt
 
 
 def test_sigint_saves_at_the_next_step_and_prints_the_resume_command(tmp_path, uninterrupted, ledger) -> None:
@@ -33,8 +35,10 @@ def test_sigint_saves_at_the_next_step_and_prints_the_resume_command(tmp_path, u
     done = subprocess.run([*CONVNET, *argv[1:]], capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr
     assert model_bytes(last) == uninterrupted
-    ledger.record("SIGINT (Ctrl-C) during training", f"checkpoint at step {step}, exit 130, printed command "
-                  "resumed to the uninterrupted weights")
+    ledger.record(
+        "SIGINT (Ctrl-C) during training",
+        f"checkpoint at step {step}, exit 130, printed command resumed to the uninterrupted weights",
+    )
 
 
 def test_double_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, uninterrupted, ledger) -> None:
@@ -57,5 +61,6 @@ def test_double_ctrl_c_stops_at_once_and_loses_nothing(tmp_path, uninterrupted, 
     _, stderr = done.communicate(timeout=300)
     assert done.returncode == 0, stderr
     assert model_bytes(last) == uninterrupted
-    ledger.record("double Ctrl-C", f"exit 130 at once, checkpoint of step {step} whole, resumed to the "
-                  "uninterrupted weights")
+    ledger.record(
+        "double Ctrl-C", f"exit 130 at once, checkpoint of step {step} whole, resumed to the uninterrupted weights"
+    )

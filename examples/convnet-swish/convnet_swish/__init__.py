@@ -1,4 +1,5 @@
 """A third-party convnet plugin: registers the ``swish`` layer through the entry point."""
+
 from __future__ import annotations
 
 import attrs
