@@ -8,10 +8,12 @@ metrics file (``metrics_file``) each live in their own module.
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,10 @@ from convnet.core.run_view import RunView
 from convnet.core.train_state import TrainState
 
 __all__ = ["Interrupted", "Run", "build_strategy", "train"]
+
+
+# Under torchrun, a second SIGINT within this many seconds of the first is the same Ctrl-C, forwarded.
+SECOND_CTRL_C_S = 1.0
 
 
 class Interrupted(ConvnetError):
@@ -71,7 +77,9 @@ class Run:
         self.state = TrainState()
         self.total_steps = 0
         self.view = RunView(self)
-        self._interrupt = False
+        self._interrupt = False  # this process heard Ctrl-C
+        self._interrupted_at = 0.0
+        self._stop = False  # some process heard it: agreed by every process at a step
         self._lock: run_folder.FolderLock | None = None
 
     # ------------------------------------------------------------------ setup
@@ -140,11 +148,19 @@ class Run:
         return float(self.parts.optimizer.param_groups[0]["lr"])
 
     def resume_command(self) -> str:
+        """The command that continues this run (under torchrun: the same launch, resuming)."""
         sets = " ".join(f"--set {shlex.quote(s)}" for s in self.overrides)
-        return (
-            f"convnet run {shlex.quote(self.recipe_ref)} {sets + ' ' if sets else ''}"
+        command = (
+            f"run {shlex.quote(self.recipe_ref)} {sets + ' ' if sets else ''}"
             f"--out {shlex.quote(str(self.out))} --resume {shlex.quote(str(self.checkpoint_path()))}"
         )
+        world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if world <= 1:
+            return f"convnet {command}"
+        launch = f"torchrun --standalone --nproc-per-node={local}"
+        if world != local:
+            launch = f"torchrun --nnodes={world // local} --nproc-per-node={local} (and your rendezvous options)"
+        return f"{launch} -m convnet.core {command}"
 
     def train(self) -> dict[str, Any]:
         try:
@@ -161,7 +177,7 @@ class Run:
     def _train(self) -> dict[str, Any]:
         self._setup()
         old_handler = None
-        if self.strategy.is_main and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # every rank: the stop is agreed
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self.hooks.convnet_train_start(run=self.view)
         try:
@@ -181,16 +197,25 @@ class Run:
         return summary
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._interrupt:  # a second Ctrl-C: stop now
+        # torchrun forwards the terminal's Ctrl-C to its workers, which heard it already: there
+        # one Ctrl-C may arrive twice, so only a second one a moment later means "stop now".
+        now = time.monotonic()
+        same = SECOND_CTRL_C_S if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
+        if self._interrupt and now - self._interrupted_at > same:
             raise KeyboardInterrupt
-        self._interrupt = True
+        if not self._interrupt:
+            self._interrupt, self._interrupted_at = True, now
 
     def _stop_if_interrupted(self) -> None:
-        if self._interrupt:
-            raise Interrupted(
-                f"interrupted at step {self.state.step}; checkpoint saved to {self.checkpoint_path()}\n"
-                f"resume with: {self.resume_command()}"
-            )
+        """Raise ``Interrupted`` when the processes agreed to stop (after the checkpoint was saved)."""
+        if not self._stop:
+            return
+        if not self.strategy.is_main:
+            raise Interrupted(f"interrupted at step {self.state.step} (the main process saved the checkpoint)")
+        raise Interrupted(
+            f"interrupted at step {self.state.step}; checkpoint saved to {self.checkpoint_path()}\n"
+            f"resume with: {self.resume_command()}"
+        )
 
     def _report(self, live: bool = False) -> None:
         """Curves and index.html in the run folder; ``live``: after an epoch's evaluation, as
@@ -253,7 +278,7 @@ class Run:
             self._train_step(images, labels, indices)
             if r.train.checkpoint_every and state.step % r.train.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self._interrupt:
+            if self._stop:
                 self.save_checkpoint()
                 self._stop_if_interrupted()
         self._skipped_epoch = int(self.strategy.all_reduce_sum(torch.tensor([float(self._skipped_epoch)])).item())
@@ -286,7 +311,9 @@ class Run:
             self.checkpoints.copy("last", "best")
         self._report(live=True)
         self.hooks.convnet_epoch_end(run=self.view, epoch=state.epoch - 1, metrics=record)
-        self._stop_if_interrupted()  # Ctrl-C during the evaluation: the epoch's checkpoint is the boundary
+        # Ctrl-C during the evaluation: the epoch's checkpoint is the boundary.
+        self._stop = self.strategy.any_rank(self._interrupt)
+        self._stop_if_interrupted()
         return record
 
     def _finish(self, stopped_early: bool) -> dict[str, Any]:
@@ -354,9 +381,13 @@ class Run:
     # ------------------------------------------------------------------ step
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         state = self.state
-        # Readable samples and data shards over all processes, so that a process whose whole
-        # share is unreadable still takes part in the step's collectives (ddp's all-reduce).
-        count, shards = self.strategy.all_reduce_sum(torch.tensor([len(labels), 1.0], dtype=torch.float64)).tolist()
+        # Readable samples, data shards and heard Ctrl-Cs over all processes, in one collective:
+        # a process whose whole share is unreadable still takes part in the step's collectives
+        # (ddp's all-reduce), and every process stops after the same step.
+        count, shards, stops = self.strategy.all_reduce_sum(
+            torch.tensor([len(labels), 1.0, float(self._interrupt)], dtype=torch.float64)
+        ).tolist()
+        self._stop = stops > 0
         if count:
             value = self._forward_backward(images, labels, indices, count, shards)
             self._apply_update(value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -503,3 +505,110 @@ def test_with_dropout_on_every_strategy_follows_single_on_alexnet_digits(tmp_pat
         # ~1.2e-3 of their own scale apart. In float64 the same 5 steps agree to 6e-16 (measured),
         # and the tiny recipe's strategy tests above compare weights at 1e-5 with dropout on.
         _assert_same_checkpoint(single, out, 1e-2)
+
+
+def _last_logged_step(out: Path) -> int:
+    """The last training step metrics.jsonl records while a run writes it (a partial line is skipped)."""
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}") and '"train"' in line), default=0)
+
+
+def _torchrun_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
+def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_the_printed_command_resumes(
+    tiny: Path, tmp_path: Path, strategy: str
+) -> None:
+    """The terminal's Ctrl-C reaches torchrun and both workers (and torchrun forwards it again):
+    every rank stops after the same step, one checkpoint is written, and the printed torchrun
+    command resumes to exactly the weights of a run that was never interrupted."""
+    sets = ["--set", f"parallel.strategy={strategy}", "--set", "parallel.timeout=60"]
+    sets += ["--set", "train.epochs=1000", "--set", "train.log_every=1"]
+    out = tmp_path / "run"
+    launch = _torchrun_cmd("--standalone", "--nproc-per-node=2", "-m", "convnet.core", "run", str(tiny), "--quiet")
+    proc = subprocess.Popen(
+        [*launch, "--out", str(out), *sets],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while _last_logged_step(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does to the foreground group
+    ((_, text),) = _wait_all([proc], LAUNCH_TIMEOUT)
+    steps = {int(n) for n in re.findall(r"interrupted at step (\d+)", text)}
+    assert len(steps) == 1 and len(re.findall(r"interrupted at step", text)) == 2, text  # both ranks, one step
+    step = steps.pop()
+    last = out / "checkpoints" / "last.safetensors"
+    assert json.loads(cn.load_checkpoint(last)[1]["convnet.state"])["step"] == step
+    # torchrun itself ends with its own SignalException traceback (exit 1); no frame is ours.
+    assert not re.search(r'File "[^"]*/(core|plugins/\w+)/\w+\.py"', text), text
+    argv = shlex.split(re.search(r"resume with: (.+)", text).group(1))
+    assert argv[:5] == ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "convnet.core"], argv
+
+    stop = ["--set", f"train.max_steps={step + 2}"]
+    resumed = subprocess.run(_torchrun_cmd(*argv[1:], *stop), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    code, text = _wait_all(
+        [
+            subprocess.Popen(
+                [*launch, "--out", str(tmp_path / "straight"), *sets, *stop],
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        ],
+        LAUNCH_TIMEOUT,
+    )[0]
+    assert code == 0, text
+    _assert_same_checkpoint(out, tmp_path / "straight", 0.0)
+
+
+@pytest.mark.slow
+def test_ddp_over_two_nodes_on_one_machine_follows_single(tiny: Path, tmp_path: Path) -> None:
+    """Two torchrun launches, one process each, meeting through a c10d rendezvous on 127.0.0.1
+    (as two machines would): the losses and weights of one process with the whole batch."""
+    single = _single(tiny, tmp_path / "single")
+    port = _free_port()
+    node = _torchrun_cmd(
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=convnet-two-nodes",
+        "-m",
+        "convnet.core",
+        "run",
+        str(tiny),
+        "--quiet",
+        "--out",
+        str(tmp_path / "nodes"),
+        "--set",
+        "parallel.strategy=ddp",
+        "--set",
+        "parallel.timeout=60",
+    )
+    procs = []
+    for _ in range(2):
+        procs.append(
+            subprocess.Popen(
+                node, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            )
+        )
+        time.sleep(0.5)  # the first launch hosts the rendezvous store
+    for code, text in _wait_all(procs, LAUNCH_TIMEOUT):
+        assert code == 0, text
+    _assert_same_losses(_losses(single), _losses(tmp_path / "nodes"), 1e-5)
+    _assert_same_checkpoint(single, tmp_path / "nodes", 1e-5)
