@@ -257,4 +257,14 @@ def structure_error(exc: BaseException, source: str) -> RecipeError:
         path = path.removeprefix("$").removeprefix(".") or "(top level)"
         pretty.append(f"{path}: {message}")
     head = f"{source}: " if source else ""
-    return RecipeError(head + "; ".join(pretty))
+    error = RecipeError(head + "; ".join(pretty))
+    unknown = {leaf.unknown for leaf in _leaves(exc) if getattr(leaf, "unknown", None)}
+    if len(unknown) == 1:  # one component no plugin provides: a command can say where it came from
+        error.unknown = unknown.pop()
+    return error
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
