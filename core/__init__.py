@@ -60,6 +60,7 @@ from convnet.core.evaluation import EvalContext, Evaluator, Predictions, multivi
 from convnet.core.hookspecs import hookimpl, hookspec
 from convnet.core.model import BuiltLayer, LayerContext, LayerInfo, Network, build_model
 from convnet.core.plugins import PluginWarning, load_plugins
+from convnet.core.predict import predict
 from convnet.core.recipe import load_recipe, to_toml
 from convnet.core.registry import KINDS, Entry, Registries, Registry
 from convnet.core.run_view import RunView
@@ -71,6 +72,7 @@ __all__ = [
     "load_recipe",
     "build_model",
     "train",
+    "predict",
     "Run",
     "to_toml",
     "Recipe",

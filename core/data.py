@@ -12,7 +12,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 import numpy as np
@@ -189,7 +189,7 @@ class Augmented(Dataset):
         seed_global_generators(sample_key(self.seed, self.stream, self.epoch, index, GLOBALS_STAGE))
         sample = self.base[index]
         if sample is None:
-            return None
+            return Unreadable(index)
         image, label = sample
         for stage, aug in enumerate(self.augmenters):
             g = torch.Generator()
@@ -231,10 +231,17 @@ def augment_batch(
     return x
 
 
-def collate(samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Stack the readable samples; report how many were skipped as unreadable."""
-    good = [s for s in samples if s is not None]
-    skipped = len(samples) - len(good)
+class Unreadable(NamedTuple):
+    """What ``Augmented`` yields for a sample its dataset could not read (``None``)."""
+
+    index: int
+
+
+def collate(samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Stack the readable samples; the dataset indices of those skipped as unreadable (-1 where
+    the dataset was not wrapped in ``Augmented`` and the index is unknown)."""
+    good = [s for s in samples if s is not None and not isinstance(s, Unreadable)]
+    skipped = [s.index if isinstance(s, Unreadable) else -1 for s in samples if s is None or isinstance(s, Unreadable)]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
     images = torch.stack([torch.as_tensor(s[0]) for s in good])
@@ -307,6 +314,17 @@ def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_mem
         ),
         dataset,
     )
+
+
+def sample_name(dataset: Any, index: int) -> str:
+    """How a report names a sample: the dataset's ``sample_name(index)`` (a file path), else its index."""
+    name = getattr(dataset, "sample_name", None)
+    if index >= 0 and callable(name):
+        try:
+            return str(name(index))
+        except Exception:  # naming must never fail a run
+            pass
+    return f"sample {index}" if index >= 0 else "a sample"
 
 
 def check_bad_samples(skipped: int, policy: str, where: str) -> None:

@@ -37,6 +37,8 @@ from convnet.core.train_state import TrainState
 __all__ = ["Interrupted", "Run", "build_strategy", "train"]
 
 
+# Every unreadable sample, one line each: "when<TAB>split<TAB>name".
+SKIPPED_FILE = "skipped.txt"
 # Under torchrun, a second SIGINT within this many seconds of the first is the same Ctrl-C, forwarded.
 SECOND_CTRL_C_S = 1.0
 
@@ -269,20 +271,37 @@ class Run:
         if r.train.max_steps:
             batches = batches[: r.train.max_steps - state.step]
         self.parts.module.train()
-        self._skipped_epoch = 0
+        skipped: list[int] = []
         for images, labels, indices, bad in cdata.loader(
             self.parts.train_set, batches, r.data.workers, r.data.pin_memory
         ):
-            self._skipped_epoch += bad
-            cdata.check_bad_samples(bad, r.data.bad_samples, f"training set, epoch {state.epoch + 1}")
+            skipped += bad
+            cdata.check_bad_samples(len(bad), r.data.bad_samples, f"training set, epoch {state.epoch + 1}")
             self._train_step(images, labels, indices)
             if r.train.checkpoint_every and state.step % r.train.checkpoint_every == 0:
                 self.save_checkpoint()
             if self._stop:
                 self.save_checkpoint()
                 self._stop_if_interrupted()
-        self._skipped_epoch = int(self.strategy.all_reduce_sum(torch.tensor([float(self._skipped_epoch)])).item())
+        self._skipped_epoch = self._report_skips(
+            f"epoch {state.epoch + 1}", "training", [cdata.sample_name(self.parts.splits.train, i) for i in skipped]
+        )
         state.skipped_samples += self._skipped_epoch
+
+    def _report_skips(self, when: str, split: str, names: list[str]) -> int:
+        """The unreadable samples of all processes, counted; this process's named on stderr
+        (the first few) and in ``skipped.txt`` in the run folder (all) by the main process."""
+        count = int(self.strategy.all_reduce_sum(torch.tensor([float(len(names))])).item())
+        if count and self.strategy.is_main:
+            shown = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+            listed = self.out / SKIPPED_FILE
+            with listed.open("a", encoding="utf-8") as f:
+                f.writelines(f"{when}\t{split}\t{name}\n" for name in names)
+            print(
+                f"{when}: skipped {count} unreadable {split} sample(s): {shown}; all listed in {listed}",
+                file=sys.stderr,
+            )
+        return count
 
     def _end_epoch(self) -> dict[str, Any]:
         """Evaluate, step the schedule, log, checkpoint (``best`` too when improved), tell plugins."""
@@ -298,11 +317,10 @@ class Run:
             "step": state.step,
             "lr": self.lr(),
             "skipped_samples": self._skipped_epoch,
+            "skipped_eval_samples": self._eval_skipped,
             **results,
         }
         self.metrics.append(record, self._kept())
-        if self._skipped_epoch and self.strategy.is_main:
-            print(f"epoch {state.epoch}: skipped {self._skipped_epoch} unreadable training sample(s)", file=sys.stderr)
         improved = metric is not None and (state.best is None or metric < state.best)
         if improved:
             state.best = metric
@@ -321,12 +339,18 @@ class Run:
         if state.batch_in_epoch:  # stopped mid-epoch: keep the position for a resume
             self.save_checkpoint()
         final = self._evaluate(final=True)
+        metric = final.get(self.recipe.train.monitor)
+        if metric is not None and (state.best is None or metric < state.best):  # best.safetensors is current
+            state.best = metric
+            self.save_checkpoint()
+            self.checkpoints.copy("last", "best")
         self.metrics.append(
             {
                 "kind": "final",
                 "epoch": state.epoch,
                 "step": state.step,
                 "skipped_nonfinite": state.skipped_nonfinite,
+                "skipped_eval_samples": self._eval_skipped,
                 **final,
             },
             self._kept(),
@@ -370,6 +394,11 @@ class Run:
             if not final:
                 self.save_checkpoint()
             raise
+        when = "final evaluation" if final else f"epoch {self.state.epoch + 1} evaluation"
+        self._eval_skipped = sum(
+            self._report_skips(when, split, list(dict.fromkeys(ctx.skipped_names[split])))
+            for split in sorted(ctx.skipped_names)
+        )
         self.hooks.convnet_evaluation_end(run=self.view, epoch=self.state.epoch, results=results, final=final)
         self.hooks.convnet_evaluation_done(run=self.view, epoch=self.state.epoch, results=results)
         return results

@@ -54,6 +54,7 @@ class EvalContext:
     weights: str = "the run's weights"
     _cache: dict[str, Predictions] = attrs.Factory(dict)
     skipped: dict[str, int] = attrs.Factory(dict)
+    skipped_names: dict[str, list[str]] = attrs.Factory(dict)
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -82,8 +83,10 @@ class EvalContext:
         batches = [share[i : i + bs] for i in range(0, len(share), bs)]
         dtype = next(iter(self.module.parameters())).dtype
         self.skipped[split] = 0
+        self.skipped_names[split] = []
         for images, y, idx, bad in cdata.loader(ds, batches, self.recipe.data.workers):
-            self.skipped[split] += bad
+            self.skipped[split] += len(bad)
+            self.skipped_names[split] += [cdata.sample_name(dataset, i) for i in bad]
             if len(y):
                 yield images.to(self.strategy.input_device, dtype=dtype, non_blocking=True), y, idx
 

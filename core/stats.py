@@ -172,11 +172,11 @@ def compute(
     skipped = 0
     with tqdm(total=n, unit="img", desc="stats", disable=not progress, dynamic_ncols=True) as bar:
         for images, _, _, bad in cdata.loader(dataset, batches, recipe.data.workers):
-            skipped += bad
-            cdata.check_bad_samples(bad, recipe.data.bad_samples, "training set (stats)")
+            skipped += len(bad)
+            cdata.check_bad_samples(len(bad), recipe.data.bad_samples, "training set (stats)")
             if len(images):
                 stats.add(images)
-            bar.update(len(images) + bad)
+            bar.update(len(images) + len(bad))
     tensors = stats.result()
     summary = {
         "images": stats.images,

@@ -259,26 +259,44 @@ def test_num_classes_mismatch_is_a_recipe_error(tree, tmp_path, registries):
         build_dataset(recipe, registries)
 
 
-def _corrupt(root: Path) -> int:
-    """Truncate one training JPEG and replace another by garbage: two unreadable samples."""
-    jpegs = sorted((root / "train").rglob("*.JPEG"))
+def _corrupt(root: Path, split: str = "train") -> list[Path]:
+    """Truncate one JPEG of the split and replace another by garbage: two unreadable samples."""
+    jpegs = sorted((root / split).rglob("*.JPEG"))
     data = jpegs[0].read_bytes()
     jpegs[0].write_bytes(data[: len(data) // 3])
     jpegs[-1].write_bytes(b"\x00" * 100)
-    return 2
+    return [jpegs[0], jpegs[-1]]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_training_images_are_skipped_counted_and_reported(tree, tmp_path, registries, workers, capsys):
     root, _ = tree
-    bad = _corrupt(root)
+    files = _corrupt(root)
+    bad = len(files)
     recipe = load_recipe(tiny_recipe(tmp_path, root, workers=workers), registries=registries)
     out = tmp_path / "run"
     summary = train(recipe, out=out, registries=registries)
     assert summary["skipped_samples"] == bad
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_samples"] for r in evals if r["kind"] == "eval"] == [bad]
-    assert f"skipped {bad} unreadable training sample(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"epoch 1: skipped {bad} unreadable training sample(s): " in err
+    assert all(str(f) in err for f in files), err  # named, on the console and in the run folder
+    listed = sorted(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
+    assert listed == sorted(["epoch 1", "training", str(f)] for f in files)
+
+
+def test_unreadable_validation_images_are_counted_and_named(tree, tmp_path, registries, capsys):
+    root, _ = tree
+    files = _corrupt(root, "val")
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    out = tmp_path / "run"
+    train(recipe, out=out, registries=registries)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_eval_samples"] for r in records if r["kind"] in ("eval", "final")] == [2, 2]
+    err = capsys.readouterr().err
+    assert "epoch 1 evaluation: skipped 2 unreadable val sample(s): " in err and all(str(f) in err for f in files)
+    assert "final evaluation: skipped 2 unreadable val sample(s)" in err
 
 
 def test_unreadable_training_image_is_fatal_when_the_recipe_says_so(tree, tmp_path, registries):

@@ -16,13 +16,13 @@ from PIL import Image
 from test_imagenet_data import CLASSES, tiny_recipe, write_tree
 
 from convnet.core import checkpoint as ckpt
-from convnet.core import plugins
+from convnet.core import plugins, predict
 from convnet.core.cli import main
 from convnet.core.data import build_dataset, ten_crop_views
 from convnet.core.engine import train
 from convnet.core.errors import CheckpointError
 from convnet.core.model import build_model
-from convnet.core.predict import Prediction, image_files, load_predictor, predict
+from convnet.core.predict import Prediction, image_files, load_predictor
 from convnet.core.recipe import load_recipe
 from convnet.plugins.data.digits import as_digit
 

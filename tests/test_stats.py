@@ -130,7 +130,7 @@ def test_an_existing_different_file_is_replaced_only_with_force(tree_recipe, tmp
 
 def test_unreadable_images_are_skipped_and_counted(tree_recipe, tmp_path, registries, capsys):
     root, recipe_path = tree_recipe
-    bad = _corrupt(root)
+    bad = len(_corrupt(root))
     out = tmp_path / "s.safetensors"
     assert cli.main(["stats", str(recipe_path), "--out", str(out), "--quiet"]) == 0
     assert f"({bad} unreadable skipped)" in capsys.readouterr().out

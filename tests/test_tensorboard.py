@@ -17,7 +17,7 @@ import convnet.core as cn
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 # What the engine adds to an evaluation's record in metrics.jsonl; the rest is the evaluators'.
-ENGINE_KEYS = {"kind", "epoch", "step", "lr", "skipped_samples", "skipped_nonfinite"}
+ENGINE_KEYS = {"kind", "epoch", "step", "lr", "skipped_samples", "skipped_nonfinite", "skipped_eval_samples"}
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,8 @@ class ImageFiles(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.base, os.fsdecode(bytes(self.relative[index])))
 
+    sample_name = path  # how reports name an unreadable sample
+
     def read(self, index: int) -> tuple[torch.Tensor, int]:
         """The sample, or the decode error that makes it unreadable (``convnet pack`` reports it
         with the file name)."""
