@@ -19,6 +19,7 @@ from convnet.core import keyed, schema
 from convnet.core.checkpoint import check_compatible, model_tensors
 from convnet.core.checkpoint import load as load_checkpoint
 from convnet.core.checkpoint import save as save_checkpoint
+from convnet.core.command_args import add_overrides_argument, add_recipe_arguments
 from convnet.core.components import build_strategy
 from convnet.core.contracts import (
     AugmenterFactory,
@@ -83,6 +84,8 @@ __all__ = [
     # writing a plugin: hooks and registries
     "hookimpl",
     "hookspec",
+    "add_recipe_arguments",
+    "add_overrides_argument",
     "load_plugins",
     "KINDS",
     "Registries",

@@ -9,6 +9,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from convnet.core.command_args import add_recipe_arguments
 from convnet.core.errors import ConvnetError, RecipeError
 
 EPILOG = "RECIPE is a bundled recipe's name (see `convnet recipes`) or a path to a .toml file."
@@ -21,18 +22,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", metavar="RECIPE", help="bundled recipe name or path to a .toml file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set train.epochs=2 (repeatable)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="convnet", description="Train and evaluate the 2012 ImageNet network, piece by piece.", epilog=EPILOG
@@ -42,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="train a recipe", epilog=EPILOG)
-    _recipe_args(p)
+    add_recipe_arguments(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<recipe>/<time>)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
     p.add_argument(
@@ -53,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
     p = sub.add_parser("show", help="print the fully resolved recipe as TOML", epilog=EPILOG)
-    _recipe_args(p)
+    add_recipe_arguments(p)
 
     p = sub.add_parser("summary", help="per layer: shapes, parameters, multiply-adds, towers", epilog=EPILOG)
-    _recipe_args(p)
+    add_recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("plugins", help="every registered component by kind, with its plugin, hooks and commands")
@@ -69,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "stats", help="mean image and RGB PCA of the training set, for the recipe's augmenters", epilog=EPILOG
     )
-    _recipe_args(p)
+    add_recipe_arguments(p)
     p.add_argument(
         "--out",
         metavar="FILE",
@@ -83,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing statistics file that differs")
 
     p = sub.add_parser("predict", help="the top-5 classes of image files, with a trained checkpoint", epilog=EPILOG)
-    _recipe_args(p)
+    add_recipe_arguments(p)
     p.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER", help="image files, or folders of them")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint of this recipe's model")
     p.add_argument("--json", action="store_true", help='one JSON object a line: {"file", "top5": [[name, p]...]}')
     p.add_argument("--plot", metavar="FILE.png", help="draw the images with their top-5 bars (the paper's Fig. 4)")
 
     p = sub.add_parser("eval", help="run a recipe's evaluators on checkpoints (several = ensemble)", epilog=EPILOG)
-    _recipe_args(p)
+    add_recipe_arguments(p)
     p.add_argument(
         "--checkpoint",
         dest="checkpoints",
@@ -104,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="a trained network for serving: torch.export program (.pt2) or ONNX", epilog=EPILOG
     )
-    _recipe_args(p)
+    add_recipe_arguments(p)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint of this recipe's model")
     p.add_argument(
         "--format",

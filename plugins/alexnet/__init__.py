@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from convnet.core import hookimpl, load_plugins
+from convnet.core import add_overrides_argument, hookimpl, load_plugins
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -26,12 +26,5 @@ def convnet_add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", metavar="FILE", required=True, help="convnet weights file to write (.safetensors)")
     p.add_argument("--recipe", default="alexnet-torchvision", help="recipe whose network receives the weights")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of that recipe (repeatable)",
-    )
+    add_overrides_argument(p, help="override a value of that recipe (repeatable)")
     p.set_defaults(handler=_convert)

@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from convnet.core import ConvnetError, RecipeError, load_plugins, load_recipe, train
+from convnet.core import ConvnetError, RecipeError, add_overrides_argument, load_plugins, load_recipe, train
 
 
 @attrs.frozen
@@ -243,14 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("name", choices=[*ABLATIONS, "all"])
     p.add_argument("--out", default=None, help="folder (default runs/ablations/<name>)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value in both arms' recipes (repeatable)",
-    )
+    add_overrides_argument(p, help="override a value in both arms' recipes (repeatable)")
     p.add_argument(
         "--reuse",
         action="store_true",

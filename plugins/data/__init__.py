@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from convnet.core import Registries, hookimpl
+from convnet.core import Registries, add_recipe_arguments, hookimpl
 from convnet.plugins.data.digits import DigitsOptions, build_digits
 from convnet.plugins.data.imagenet import ImageNetOptions, build_imagenet
 from convnet.plugins.data.packed import PackedOptions, build_packed
@@ -70,15 +70,7 @@ def _pack(args: argparse.Namespace) -> int:
 @hookimpl
 def convnet_add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("pack", help="the recipe's dataset, preprocessed once, as WebDataset tar shards")
-    p.add_argument("recipe", metavar="RECIPE", help="bundled recipe name or path to a .toml file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value (repeatable)",
-    )
+    add_recipe_arguments(p)
     p.add_argument("--out", metavar="DIR", required=True, help="folder of the pack (re-run to resume a killed pack)")
     p.add_argument(
         "--format",
