@@ -98,6 +98,9 @@ def splitmix64_tensor(z: torch.Tensor) -> torch.Tensor:
     return _mix_(z.to(torch.int64, copy=True))
 
 
+# Eager under torch.compile: inductor cannot lower the wrapping 64-bit arithmetic (it overflows
+# converting 2**64 - 1), and eager keeps the masks bit-identical to an uncompiled run's.
+@torch.compiler.disable
 def bits(k: int, samples: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """64 random bits (int64) for each (sample, feature): ``[N]`` x ``[F]`` -> ``[N, F]``.
 

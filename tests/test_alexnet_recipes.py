@@ -238,7 +238,9 @@ def test_the_paper_recipe_runs_end_to_end_on_a_small_jpeg_tree(tmp_path, registr
         for i, a in enumerate(getattr(raw.data, split))
         if a.name in ("mean-image", "pca-lighting")
     ]
-    assert cli.main(["stats", "alexnet-imagenet", "--quiet", *[x for s in sets for x in ("--set", s)]]) == 0
+    # --out: the augmenters were pointed at this file (by default stats go next to the dataset)
+    argv = ["stats", "alexnet-imagenet", "--quiet", "--out", str(stats), *[x for s in sets for x in ("--set", s)]]
+    assert cli.main(argv) == 0
     summary = train(load_recipe("alexnet-imagenet", sets, registries), out=tmp_path / "run", registries=registries)
     assert summary["step"] == 2 and summary["samples"] == 4 and 0.0 <= summary["top1_error"] <= 1.0
 
