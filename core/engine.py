@@ -280,6 +280,8 @@ class Run:
             self._train_step(images, labels, indices)
             if r.train.checkpoint_every and state.step % r.train.checkpoint_every == 0:
                 self.save_checkpoint()
+            # One process stops at this boundary; several at the one after the step that agreed.
+            self._stop = self._stop or (self._interrupt and self.strategy.world_size == 1)
             if self._stop:
                 self.save_checkpoint()
                 self._stop_if_interrupted()
