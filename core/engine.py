@@ -37,8 +37,6 @@ from convnet.core.train_state import TrainState
 __all__ = ["Interrupted", "Run", "build_strategy", "train"]
 
 
-# Every unreadable sample, one line each: "when<TAB>split<TAB>name".
-SKIPPED_FILE = "skipped.txt"
 # Under torchrun, a second SIGINT within this many seconds of the first is the same Ctrl-C, forwarded.
 SECOND_CTRL_C_S = 1.0
 
@@ -296,7 +294,7 @@ class Run:
         count = int(self.strategy.all_reduce_sum(torch.tensor([float(len(names))])).item())
         if count and self.strategy.is_main:
             shown = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
-            listed = self.out / SKIPPED_FILE
+            listed = self.out / run_folder.SKIPPED_FILE
             with listed.open("a", encoding="utf-8") as f:
                 f.writelines(f"{when}\t{split}\t{name}\n" for name in names)
             print(

@@ -27,7 +27,19 @@ from convnet.core.errors import ConvnetError, RecipeError
 from convnet.core.registry import Registries
 
 # What a run writes; a folder holding any of these holds a run.
-RUN_FILES = ("recipe.toml", "run.json", "metrics.jsonl", "eval.json", "checkpoints", "plots", "index.html")
+# Every unreadable sample of a run, one line each: "when<TAB>split<TAB>name".
+SKIPPED_FILE = "skipped.txt"
+RUN_FILES = (
+    "recipe.toml",
+    "run.json",
+    "metrics.jsonl",
+    "eval.json",
+    "checkpoints",
+    "plots",
+    "index.html",
+    SKIPPED_FILE,
+    "evals",
+)
 LOCK_NAME = ".lock"
 
 

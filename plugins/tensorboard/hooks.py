@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +85,8 @@ def convnet_train_start(run: RunView) -> None:
         return
     from torch.utils.tensorboard import SummaryWriter
 
+    if run.step == 0:  # a fresh run (into an empty folder, or --overwrite): no other run's events
+        shutil.rmtree(event_dir(run.out), ignore_errors=True)
     try:
         # After a resume, hide what a killed run logged past the checkpoint: it is logged again.
         _writers[id(run)] = SummaryWriter(
