@@ -16,6 +16,7 @@ ROOT = Path(__file__).parents[1]
 STEPS = ["kernels", "lrn", "throughput", "model_parallel", "digits", "decode", "projection"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the CPU mode; a GPU machine runs the real thing")
 def test_gpu_check_without_a_gpu_runs_its_cpu_parts_and_says_what_it_skipped(tmp_path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

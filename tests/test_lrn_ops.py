@@ -82,6 +82,7 @@ def test_save_scale_false_writes_no_scale_and_refuses_a_backward(cpu_kernel):
         torch.ops.convnet.lrn_forward(x.requires_grad_(True), *PAPER, False)
 
 
+@pytest.mark.slow  # inductor compiles C++ on 2 cores
 @pytest.mark.parametrize("impl", ["cpu", "auto"])
 def test_compile_fullgraph_forward_and_backward_match_eager(cpu_kernel, impl):
     """One graph (fullgraph=True fails on any break), and the compiled backward is the kernel's."""

@@ -101,6 +101,7 @@ def convnet(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # pip-installs the documented plugin, then trains
 def test_the_documented_plugin_trains_with_every_kind(kinds_plugin, tmp_path) -> None:
     src, env = kinds_plugin
     listing = convnet(env, "plugins", "--json")
@@ -131,6 +132,7 @@ def test_the_documented_plugin_trains_with_every_kind(kinds_plugin, tmp_path) ->
     assert used[("layer", "scaled-tanh")] == used[("strategy", "pinned-cpu")] == "convnet-kinds 0.1.0"
 
 
+@pytest.mark.slow  # pip-installs the documented plugin, then trains
 def test_the_documented_plugin_state_survives_a_resume(kinds_plugin, tmp_path) -> None:
     src, env = kinds_plugin
     recipe = str(src / "kinds.toml")

@@ -71,6 +71,7 @@ def pictures(tmp_path_factory) -> tuple[Path, list[int]]:
     return folder, labels
 
 
+@pytest.mark.slow  # trains a digits network first (module fixture)
 def test_rendered_digits_are_classified_through_the_cli(trained, pictures, capsys):
     folder, labels = pictures
     assert main(["predict", "alexnet-digits", *sets(DIGITS), "--checkpoint", str(trained), "--json", str(folder)]) == 0
@@ -89,6 +90,7 @@ def test_rendered_digits_are_classified_through_the_cli(trained, pictures, capsy
         assert sum(right[style::3]) >= 0.85 * len(right[style::3]), style
 
 
+@pytest.mark.slow  # trains a digits network first (module fixture)
 def test_bad_files_are_named_the_others_go_on(trained, pictures, tmp_path, capsys):
     folder, _ = pictures
     broken = tmp_path / "broken.png"
@@ -119,6 +121,7 @@ def test_bad_files_are_named_the_others_go_on(trained, pictures, tmp_path, capsy
     assert all(re.fullmatch(r" +\d+\.\d\d % +[0-9]", line) for line in out[1:])
 
 
+@pytest.mark.slow  # trains a digits network first (module fixture)
 def test_plot_draws_the_images_with_their_bars(trained, pictures, tmp_path, capsys):
     folder, _ = pictures
     figure = tmp_path / "fig" / "top5.png"
@@ -133,6 +136,7 @@ def test_plot_draws_the_images_with_their_bars(trained, pictures, tmp_path, caps
         assert len(set(im.convert("RGB").get_flattened_data())) > 50
 
 
+@pytest.mark.slow  # trains a digits network first (module fixture)
 def test_the_python_api_and_the_evaluators_ten_crops(trained, pictures, registries):
     """With the ten-crop evaluator in the recipe, the softmax is averaged over its ten views."""
     folder, _labels = pictures
@@ -170,6 +174,7 @@ def test_a_dataset_without_a_file_reader_is_named(tmp_path, capsys):
     assert len(err) == 1 and "dataset 'synthetic'" in err[0] and "read_file" in err[0]
 
 
+@pytest.mark.slow  # trains a digits network first (module fixture)
 def test_a_checkpoint_of_another_recipe_is_named(trained, pictures):
     folder, _ = pictures
     with pytest.raises(CheckpointError, match=re.escape(str(trained))):

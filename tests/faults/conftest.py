@@ -7,6 +7,8 @@ data lost.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from faultkit import KILL_SETS, Ledger, convnet_run, model_bytes
 
@@ -16,6 +18,14 @@ _LEDGER = Ledger()
 @pytest.fixture(scope="session")
 def ledger() -> Ledger:
     return _LEDGER
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every fault test is slow (real processes, signals and disks): CI's quick envs leave them to py311."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
