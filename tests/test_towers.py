@@ -45,6 +45,12 @@ def test_a_split_as_in_the_paper_is_recognised_and_significant() -> None:
     assert split["difference"] == pytest.approx(0.8)
 
 
+def test_learned_says_how_far_the_kernels_moved() -> None:
+    w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    assert towers.learned(w, w) == pytest.approx({"norm_ratio": 1.0, "cosine_to_init": 1.0})
+    assert towers.learned(w, -3 * w) == pytest.approx({"norm_ratio": 3.0, "cosine_to_init": -1.0})
+
+
 def test_halves_that_differ_by_chance_are_not_separated() -> None:
     scores = torch.rand(64, generator=torch.Generator().manual_seed(1)).tolist()
     interleaved = towers.split_numbers(sorted(scores)[0::2] + sorted(scores)[1::2])
@@ -71,6 +77,8 @@ def test_convnet_towers_trains_both_arms_and_writes_the_report(tmp_path: Path, c
     one = result["runs"]["one-tower"][0]
     assert one["split_at_init"] == two["split_at_init"]
     assert result["summary"]["two-towers"]["seeds"] == 2
+    moved = [r["learned"] for arm in result["runs"].values() for r in arm]
+    assert len(moved) == 4 and all(m["norm_ratio"] > 0 and -1 <= m["cosine_to_init"] < 1 for m in moved)
     assert "split as in the paper in" in printed and (tmp_path / "towers.txt").read_text() in printed + "\n"
     for picture in ("towers_filters.png", "towers_specificity.png"):
         assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

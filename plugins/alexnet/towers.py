@@ -13,8 +13,10 @@ between halves is what chance gives a network whose kernels nothing separates.
 
 Per run it reports each group's mean specificity (random kernels score about 2/3), the share
 of colour-agnostic kernels (specificity < 1/3) and colour-specific ones (> 2/3), the same
-numbers at initialisation, and a permutation test: the share of random equal splits of the
-run's kernels whose means differ at least as much as the two groups' do. A seed counts as
+numbers at initialisation, how far training moved the kernels from their initial values (norm
+ratio and cosine: a score says something about learning only when they moved), and a
+permutation test: the share of random equal splits of the run's kernels whose means differ at
+least as much as the two groups' do. A seed counts as
 "split as in the paper" when one group's kernels are mostly (> 1/2) colour-agnostic and the
 other's mostly colour-specific; as "separated" when the permutation p-value is below 0.01.
 
@@ -35,7 +37,16 @@ from typing import Any
 
 import torch
 
-from convnet.core import ConvnetError, build_model, generator, load_plugins, load_recipe, train
+from convnet.core import (
+    ConvnetError,
+    build_model,
+    generator,
+    load_checkpoint,
+    load_plugins,
+    load_recipe,
+    model_tensors,
+    train,
+)
 
 ARMS = (("two-towers", "alexnet-photos"), ("one-tower", "alexnet-photos-1tower"))
 LAYER = "conv1"
@@ -91,10 +102,16 @@ def split_numbers(scores: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def initial_scores(recipe_name: str, seed: int, overrides: Sequence[str], registries) -> list[float]:
+def initial_kernels(recipe_name: str, seed: int, overrides: Sequence[str], registries) -> torch.Tensor:
     recipe = load_recipe(recipe_name, [*overrides, f"seed={seed}"], registries)
-    weight = build_model(recipe, registries=registries).state_dict()[f"layers.{LAYER}.weight"]
-    return [float(s) for s in colour_specificity(weight)]
+    return build_model(recipe, registries=registries).state_dict()[f"layers.{LAYER}.weight"]
+
+
+def learned(initial: torch.Tensor, final: torch.Tensor) -> dict[str, float]:
+    """How far training moved the kernels: a score measures what was learned only when the final
+    kernels are not the initial ones slightly changed (on grey digits they were: docs/evaluation.md)."""
+    a, b = initial.double().flatten(), final.double().flatten()
+    return {"norm_ratio": float(b.norm() / a.norm()), "cosine_to_init": float(a @ b / (a.norm() * b.norm()))}
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -130,6 +147,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "lower_group_mean": spread([min(g["mean"] for g in s["groups"]) for s in splits]),
             "difference": spread([s["difference"] for s in splits]),
             "difference_at_init": spread([r["split_at_init"]["difference"] for r in rs]),
+            "norm_ratio_to_init": spread([r["learned"]["norm_ratio"] for r in rs]),
+            "cosine_to_init": spread([r["learned"]["cosine_to_init"] for r in rs]),
             "separated": sum(s["separated"] for s in splits),
             "split_as_in_paper": sum(s["split_as_in_paper"] for s in splits),
         }
@@ -160,7 +179,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             f"{arm}: {a['seeds']} seed(s); val top-1 {100 * a['val_top1_error']['mean']:.2f} "
             f"± {100 * a['val_top1_error']['std']:.2f}%; groups {lo['mean']:.3f} ± {lo['std']:.3f} and "
             f"{hi['mean']:.3f} ± {hi['std']:.3f}; difference {d['mean']:.3f} ± {d['std']:.3f} "
-            f"(at init {a['difference_at_init']['mean']:.3f}); separated (p < 0.01) in {a['separated']}, "
+            f"(at init {a['difference_at_init']['mean']:.3f}); kernels {a['norm_ratio_to_init']['mean']:.1f}x their "
+            f"initial norm, cosine {a['cosine_to_init']['mean']:.2f} to it; separated (p < 0.01) in {a['separated']}, "
             f"split as in the paper in {a['split_as_in_paper']} of {a['seeds']}"
         )
     return lines
@@ -251,7 +271,10 @@ def run_towers(
                 train(recipe, out=run_dir, quiet=quiet, registries=regs, overwrite=True)
             r = read_run(run_dir) | {"seed": seed, "recipe": recipe_name}
             r["split"] = split_numbers(r["kernels"])
-            r["split_at_init"] = split_numbers(initial_scores(recipe_name, seed, overrides, regs))
+            initial = initial_kernels(recipe_name, seed, overrides, regs)
+            r["split_at_init"] = split_numbers([float(x) for x in colour_specificity(initial)])
+            final = model_tensors(load_checkpoint(run_dir / "checkpoints" / "last.safetensors")[0])
+            r["learned"] = learned(initial, final[f"layers.{LAYER}.weight"])
             runs.setdefault(label, []).append(r)
     result: dict[str, Any] = {
         "experiment": "tower specialisation (the paper's Figure 3)",
