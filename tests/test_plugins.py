@@ -258,6 +258,6 @@ def test_plugins_shows_a_components_options_with_types_and_defaults(capsys) -> N
 def test_plugins_lists_hooks_and_commands_per_plugin(capsys) -> None:
     assert cli_main(["plugins", "--json"]) == 0
     table = {row["name"]: row for row in json.loads(capsys.readouterr().out)["plugins"]}
-    assert table["alexnet"]["commands"] == ["convert"]
+    assert table["alexnet"]["commands"] == ["convert", "towers"]
     assert {"convnet_train_start", "convnet_step_end", "convnet_epoch_end"} <= set(table["log"]["hooks"])
     assert table["layers"]["components"] >= 8 and table["log"]["components"] == 0

@@ -1,5 +1,6 @@
 """AlexNet-specific tools: torchvision weight conversion (``torchvision_weights``, the
-``convnet convert`` command) and the paper's ablations as pairs of recipes (``ablate``).
+``convnet convert`` command), the paper's ablations as pairs of recipes (``ablate``) and its
+Figure 3 tower-specialisation experiment (``towers``, the ``convnet towers`` command).
 No component is registered here: the network itself is the ``alexnet-*`` recipes, built
 from the generic layer plugins."""
 
@@ -28,3 +29,14 @@ def convnet_add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="alexnet-torchvision", help="recipe whose network receives the weights")
     add_overrides_argument(p, help="override a value of that recipe (repeatable)")
     p.set_defaults(handler=_convert)
+
+    from convnet.plugins.alexnet import towers
+
+    t = subparsers.add_parser(
+        "towers",
+        help="the paper's Figure 3: train alexnet-photos and its one-tower control over seeds, "
+        "compare the towers' colour specificity",
+        description=towers.__doc__.split("\n\n")[0],
+    )
+    towers.add_arguments(t)
+    t.set_defaults(handler=towers.command)

@@ -2,16 +2,20 @@
 
     python -m convnet.plugins.alexnet.ablate NAME [--out DIR] [--seeds 0 1] [--set KEY=VALUE]...
     python -m convnet.plugins.alexnet.ablate all --out runs/ablations
+    python -m convnet.plugins.alexnet.ablate all --data ablation-photos --out runs/ablations-photos
 
 Each arm is an ordinary ``convnet run`` of a bundled recipe (its own run folder under
 ``DIR/<arm>/seed<k>``); ``DIR/comparison.json`` holds the numbers and ``DIR/comparison.txt``
 one line of text. The paper's claims come with each ablation, to put the measured
-numbers beside them (docs/ablations.md).
+numbers beside them (docs/ablations.md). ``--data RECIPE`` trains every arm on that recipe's
+``[data]`` table instead of its own (``ablation-photos``: colour photographs, docs/photos.md),
+so the same pairs of networks are compared on another dataset.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -157,7 +161,8 @@ def compare(ablation: Ablation, arms: dict[str, dict[str, Any]]) -> tuple[dict[s
         line = (
             f"{ablation.name}: val top-1 error {pts(ra.get('val_top1_error'))}% with {a}, "
             f"{pts(rb.get('val_top1_error'))}% with {b}: {a} changes it by {pts(d1):+g} points, top-5 by "
-            f"{pts(d5):+g} (negative = {a} better; one run's standard error ~{pts(ra.get('val_top1_stderr'))} points)"
+            f"{'n/a' if d5 is None else format(pts(d5), '+g')} (negative = {a} better; "
+            f"one run's standard error ~{pts(ra.get('val_top1_stderr'))} points)"
         )
         if ablation.measure == "gap":
             diff.update({f"{a}_gap_points": pts(ra.get("gap")), f"{b}_gap_points": pts(rb.get("gap"))})
@@ -186,8 +191,13 @@ def run_ablation(
     registries=None,
     cache: dict | None = None,
     reuse: bool = False,
+    data: str | None = None,
 ) -> dict[str, Any]:
     """Train both arms for each seed; write ``comparison.json`` and ``comparison.txt`` in ``out``.
+
+    ``data`` names a recipe whose ``[data]`` table (dataset, augmentation, batch size) replaces
+    every arm's own: the arms differ in their network only, on any dataset of the same classes.
+    ``data.*`` overrides then apply to that recipe only (the arms' own data is not used).
 
     ``cache`` (shared between calls) reuses a run of the same recipe, seed and overrides:
     every ablation's first arm is the same baseline. With ``reuse`` an arm whose run folder
@@ -197,15 +207,21 @@ def run_ablation(
     ablation = ABLATIONS[name]
     regs = registries if registries is not None else load_plugins()
     out = Path(out)
+    data_table, key_overrides = None, tuple(overrides)
+    if data is not None:  # `--set data.*` then changes that recipe's data table, the rest every recipe
+        data_table = load_recipe(data, overrides, regs).data
+        overrides = [o for o in overrides if not o.strip().startswith("data.")]
     arms: dict[str, dict[str, Any]] = {}
     for label, recipe_name in ablation.arms:
         runs = []
         for seed in seeds:
-            key = (recipe_name, seed, tuple(overrides))
+            key = (recipe_name, seed, key_overrides, data)
             if cache is not None and key in cache:
                 runs.append(cache[key])
                 continue
             recipe = load_recipe(recipe_name, [*overrides, f"seed={seed}"], regs)
+            if data_table is not None:
+                recipe = attrs.evolve(recipe, data=copy.deepcopy(data_table))
             run_dir = out / label / f"seed{seed}"
             if reuse and (run_dir / "eval.json").exists():
                 final = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
@@ -224,7 +240,8 @@ def run_ablation(
         "measure": ablation.measure,
         "paper": ablation.paper,
         "seeds": list(seeds),
-        "overrides": list(overrides),
+        "overrides": list(key_overrides),
+        "data": data,
         "arms": arms,
         "comparison": diff,
         "line": line,
@@ -238,12 +255,18 @@ def run_ablation(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m convnet.plugins.alexnet.ablate",
-        description="Run one of the paper's ablations on digits and write the comparison.",
+        description="Run one of the paper's ablations (on digits, or the data of --data) and write the comparison.",
     )
     p.add_argument("name", choices=[*ABLATIONS, "all"])
     p.add_argument("--out", default=None, help="folder (default runs/ablations/<name>)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     add_overrides_argument(p, help="override a value in both arms' recipes (repeatable)")
+    p.add_argument(
+        "--data",
+        metavar="RECIPE",
+        default=None,
+        help="train every arm on this recipe's [data] table (e.g. ablation-photos) instead of its own",
+    )
     p.add_argument(
         "--reuse",
         action="store_true",
@@ -262,7 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.recompare:
                 result = recompare(where)
             else:
-                result = run_ablation(name, where, args.seeds, args.overrides, cache=cache, reuse=args.reuse)
+                result = run_ablation(
+                    name, where, args.seeds, args.overrides, cache=cache, reuse=args.reuse, data=args.data
+                )
             print(result["line"])
             print(f"  written: {where / 'comparison.json'}")
     except ConvnetError as exc:

@@ -1,4 +1,5 @@
-"""Datasets: digits (real, bundled with scikit-learn), synthetic, ImageNet from disk, and packed
+"""Datasets: digits (real, bundled with scikit-learn), photos (patches of the colour photographs
+scikit-image and scikit-learn ship), synthetic, ImageNet from disk, and packed
 shards of any of them (the ``convnet pack`` command)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from convnet.core import Registries, add_recipe_arguments, hookimpl
 from convnet.plugins.data.digits import DigitsOptions, build_digits
 from convnet.plugins.data.imagenet import ImageNetOptions, build_imagenet
 from convnet.plugins.data.packed import PackedOptions, build_packed
+from convnet.plugins.data.photos import PhotosOptions, build_photos
 from convnet.plugins.data.synthetic import SyntheticOptions, build_synthetic
 
 
@@ -16,6 +18,12 @@ from convnet.plugins.data.synthetic import SyntheticOptions, build_synthetic
 def convnet_register(registries: Registries) -> None:
     registries.dataset.add(
         "digits", build_digits, DigitsOptions, "scikit-learn's 1,797 8x8 handwritten digits, upsampled to model.input"
+    )
+    registries.dataset.add(
+        "photos",
+        build_photos,
+        PhotosOptions,
+        "patches of 10 colour photographs shipped by scikit-image and scikit-learn, one class per photograph",
     )
     registries.dataset.add(
         "synthetic",
