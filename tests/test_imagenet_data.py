@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.tiny_networks import conv_pool_fc
 from PIL import Image
 
 from convnet.core import cli
@@ -78,29 +79,13 @@ def tiny_recipe(tmp_path: Path, root: Path, extra: str = "", workers: int = 0) -
     text = f"""
 description = "test"
 seed = 0
+parallel = {{ strategy = "single", device = "cpu" }}
+evaluate = [{{ name = "topk", k = [1] }}]
 [model]
 input = [3, 32, 32]
 num_classes = 2
 towers = 2
-[[model.layers]]
-name = "conv"
-towers = "cross"
-out = 8
-kernel = 5
-stride = 2
-weight_init = "kaiming"
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "maxpool"
-kernel = 3
-stride = 2
-[[model.layers]]
-name = "flatten"
-[[model.layers]]
-name = "fc"
-towers = "cross"
-out = 2
+{conv_pool_fc(classes=2)}
 [data]
 batch_size = 2
 workers = {workers}
@@ -111,15 +96,7 @@ root = "{root}"
 size = 32
 [train]
 epochs = 1
-[train.optimizer]
-name = "paper-sgd"
-lr = 0.001
-[parallel]
-strategy = "single"
-device = "cpu"
-[[evaluate]]
-name = "topk"
-k = [1]
+optimizer = {{ name = "paper-sgd", lr = 0.001 }}
 """
     path = tmp_path / "tiny.toml"
     path.write_text(text, encoding="utf-8")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.tiny_networks import conv_pool_fc
 from PIL import Image
 
 from convnet.core import cli
@@ -68,37 +69,18 @@ def write_tree(
     return bad_paths
 
 
-def recipe_text(dataset: str, size: int = 32, workers: int = 0, epochs: int = 1) -> str:
+def recipe_text(dataset: str, size: int = 32, workers: int = 0, epochs: int = 1, dropout: bool = True) -> str:
     """A small network modelled on tests/fixtures/recipes/tiny.toml, on 3 classes of ``size`` images."""
     return f"""
 description = "packed test"
 seed = 3
+parallel = {{ strategy = "single", device = "cpu" }}
+evaluate = [{{ name = "topk", k = [1] }}]
 [model]
 input = [3, {size}, {size}]
 num_classes = 3
 towers = 2
-[[model.layers]]
-name = "conv"
-towers = "cross"
-out = 8
-kernel = 5
-stride = 2
-weight_init = "kaiming"
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "maxpool"
-kernel = 3
-stride = 2
-[[model.layers]]
-name = "flatten"
-[[model.layers]]
-name = "dropout"
-p = 0.5
-[[model.layers]]
-name = "fc"
-towers = "cross"
-out = 3
+{conv_pool_fc(classes=3, dropout=dropout)}
 [data]
 batch_size = 4
 workers = {workers}
@@ -107,15 +89,7 @@ workers = {workers}
 [train]
 epochs = {epochs}
 log_every = 1
-[train.optimizer]
-name = "paper-sgd"
-lr = 0.01
-[parallel]
-strategy = "single"
-device = "cpu"
-[[evaluate]]
-name = "topk"
-k = [1]
+optimizer = {{ name = "paper-sgd", lr = 0.01 }}
 """
 
 
@@ -396,10 +370,9 @@ def test_ddp_ranks_read_one_pack_and_follow_single(tmp_path, registries):
         workers=0,
         progress=False,
     )
-    recipe = packed_recipe(tmp_path, out, workers=1)
     # Without dropout: ddp draws its dropout masks per rank, so with dropout it does not follow
     # single on this recipe (with folder data as well); what is tested here is the reading.
-    recipe.write_text(recipe.read_text().replace('[[model.layers]]\nname = "dropout"\np = 0.5\n', ""))
+    recipe = packed_recipe(tmp_path, out, workers=1, dropout=False)
     assert "dropout" not in recipe.read_text()
     train(load_recipe(recipe, registries=registries), out=tmp_path / "single", registries=registries)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}

@@ -28,95 +28,33 @@ LAUNCH_TIMEOUT = 120  # seconds; a launch that takes longer is killed and the te
 # a local fc (fc6), a cross fc (fc7), and the last layer whole (5 classes).
 TINY = """
 seed = 3
+parallel = { strategy = "single", device = "cpu" }
+evaluate = [{ name = "topk", k = [1, 2] }]
 [model]
 input = [3, 16, 16]
 num_classes = 5
 towers = 2
-[[model.layers]]
-name = "conv"
-id = "conv1"
-towers = "cross"
-out = 8
-kernel = 3
-padding = 1
-weight_init = "kaiming"
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "lrn"
-impl = "reference"
-[[model.layers]]
-name = "maxpool"
-kernel = 2
-stride = 2
-[[model.layers]]
-name = "conv"
-id = "conv2"
-out = 8
-kernel = 3
-padding = 1
-weight_init = "kaiming"
-bias = 0.1
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "conv"
-id = "conv3"
-towers = "cross"
-out = 3
-kernel = 3
-padding = 1
-weight_init = "kaiming"
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "conv"
-id = "conv4"
-towers = "cross"
-out = 4
-kernel = 3
-padding = 1
-weight_init = "kaiming"
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "maxpool"
-kernel = 2
-stride = 2
-[[model.layers]]
-name = "conv"
-id = "conv5"
-towers = "cross"
-out = 3
-kernel = 1
-weight_init = "kaiming"
-[[model.layers]]
-name = "flatten"
-[[model.layers]]
-name = "fc"
-id = "fc6"
-out = 16
-weight_init = "kaiming"
-bias = 0.1
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "fc"
-id = "fc7"
-towers = "cross"
-out = 16
-weight_init = "kaiming"
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "dropout"
-p = 0.5
-[[model.layers]]
-name = "fc"
-id = "fc8"
-towers = "cross"
-out = 5
-weight_init = "kaiming"
+layers = [
+    { name = "conv", id = "conv1", towers = "cross", out = 8, kernel = 3, padding = 1, weight_init = "kaiming" },
+    { name = "relu" },
+    { name = "lrn", impl = "reference" },
+    { name = "maxpool", kernel = 2, stride = 2 },
+    { name = "conv", id = "conv2", out = 8, kernel = 3, padding = 1, weight_init = "kaiming", bias = 0.1 },
+    { name = "relu" },
+    { name = "conv", id = "conv3", towers = "cross", out = 3, kernel = 3, padding = 1, weight_init = "kaiming" },
+    { name = "relu" },
+    { name = "conv", id = "conv4", towers = "cross", out = 4, kernel = 3, padding = 1, weight_init = "kaiming" },
+    { name = "relu" },
+    { name = "maxpool", kernel = 2, stride = 2 },
+    { name = "conv", id = "conv5", towers = "cross", out = 3, kernel = 1, weight_init = "kaiming" },
+    { name = "flatten" },
+    { name = "fc", id = "fc6", out = 16, weight_init = "kaiming", bias = 0.1 },
+    { name = "relu" },
+    { name = "fc", id = "fc7", towers = "cross", out = 16, weight_init = "kaiming" },
+    { name = "relu" },
+    { name = "dropout", p = 0.5 },
+    { name = "fc", id = "fc8", towers = "cross", out = 5, weight_init = "kaiming" },
+]
 [data]
 batch_size = 16
 workers = 0
@@ -128,15 +66,7 @@ val_size = 21
 epochs = 3
 max_steps = 5
 log_every = 1
-[train.optimizer]
-name = "paper-sgd"
-lr = 0.05
-[parallel]
-strategy = "single"
-device = "cpu"
-[[evaluate]]
-name = "topk"
-k = [1, 2]
+optimizer = { name = "paper-sgd", lr = 0.05 }
 """
 
 

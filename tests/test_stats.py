@@ -158,25 +158,16 @@ def test_a_recipe_trains_with_the_paper_augmenters_on_the_stats_it_points_to(tmp
     write_tree(root)
     stats_file = root / "stats.safetensors"  # where `convnet stats` writes by default: next to the data
     augment = f"""
-[[data.train_augment]]
-name = "mean-image"
-stats = "{stats_file}"
-[[data.train_augment]]
-name = "random-crop"
-size = 32
-[[data.train_augment]]
-name = "hflip"
-p = 0.5
-[[data.train_augment]]
-name = "pca-lighting"
-std = 0.1
-stats = "{stats_file}"
-[[data.eval_augment]]
-name = "mean-image"
-stats = "{stats_file}"
-[[data.eval_augment]]
-name = "center-crop"
-size = 32
+train_augment = [
+    {{ name = "mean-image", stats = "{stats_file}" }},
+    {{ name = "random-crop", size = 32 }},
+    {{ name = "hflip", p = 0.5 }},
+    {{ name = "pca-lighting", std = 0.1, stats = "{stats_file}" }},
+]
+eval_augment = [
+    {{ name = "mean-image", stats = "{stats_file}" }},
+    {{ name = "center-crop", size = 32 }},
+]
 """
     recipe_path = tiny_recipe(tmp_path, root, extra=augment)
     text = recipe_path.read_text().replace("size = 32\n[train]", "size = 40\n[train]")

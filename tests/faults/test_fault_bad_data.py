@@ -24,20 +24,16 @@ from convnet.core import data as cdata
 
 RECIPE = """
 seed = 1
+parallel = {{ strategy = "single", device = "cpu" }}
 [model]
 input = [3, 16, 16]
 num_classes = 2
-[[model.layers]]
-name = "conv"
-out = 4
-kernel = 3
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "flatten"
-[[model.layers]]
-name = "fc"
-out = 2
+layers = [
+    {{ name = "conv", out = 4, kernel = 3 }},
+    {{ name = "relu" }},
+    {{ name = "flatten" }},
+    {{ name = "fc", out = 2 }},
+]
 [data]
 batch_size = 4
 [data.dataset]
@@ -47,12 +43,7 @@ size = 16
 [train]
 epochs = 1
 log_every = 1
-[train.optimizer]
-name = "sgd"
-lr = 0.0001
-[parallel]
-strategy = "single"
-device = "cpu"
+optimizer = {{ name = "sgd", lr = 0.0001 }}
 """
 
 

@@ -28,23 +28,18 @@ from convnet.core import data as cdata
 SEED, SIZE, BATCH = 5, 16, 4
 RECIPE = """
 seed = {seed}
+parallel = {{ strategy = "single", device = "cpu" }}
+evaluate = [{{ name = "topk", k = [1] }}]
 [model]
 input = [3, 8, 8]
 num_classes = 4
-[[model.layers]]
-name = "conv"
-out = 4
-kernel = 3
-weight_init = "kaiming"
-[[model.layers]]
-name = "relu"
-[[model.layers]]
-name = "flatten"
-[[model.layers]]
-name = "dropout"
-[[model.layers]]
-name = "fc"
-out = 4
+layers = [
+    {{ name = "conv", out = 4, kernel = 3, weight_init = "kaiming" }},
+    {{ name = "relu" }},
+    {{ name = "flatten" }},
+    {{ name = "dropout" }},
+    {{ name = "fc", out = 4 }},
+]
 [data]
 batch_size = {batch}
 [data.dataset]
@@ -54,15 +49,7 @@ unreadable = {unreadable}
 [train]
 epochs = 1
 log_every = 1
-[train.optimizer]
-name = "paper-sgd"
-lr = 0.05
-[parallel]
-strategy = "single"
-device = "cpu"
-[[evaluate]]
-name = "topk"
-k = [1]
+optimizer = {{ name = "paper-sgd", lr = 0.05 }}
 """
 
 
