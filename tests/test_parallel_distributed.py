@@ -393,6 +393,7 @@ def test_ddp_sharding_and_reductions_over_two_processes() -> None:
     assert outputs[0]["batch"] == [100, 101, 102, 103] and outputs[1]["batch"] == [104, 105, 106, 107]
 
 
+@pytest.mark.slow  # five runs of alexnet-digits, two of them multi-process
 def test_with_dropout_on_every_strategy_follows_single_on_alexnet_digits(tmp_path: Path) -> None:
     """alexnet-digits keeps its two dropout 0.5 layers: every strategy draws, for each element,
     the mask single draws (keyed by global sample and feature), so single, model-parallel
