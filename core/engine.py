@@ -390,8 +390,9 @@ class Run:
         )
         try:
             results = run_evaluators(p.evaluators, ctx)
-        except Exception:
-            if not final:
+        except Exception as exc:
+            # A lost peer (exit_now) has taken the process group with it: saving would need it.
+            if not final and not getattr(exc, "exit_now", False):
                 self.save_checkpoint()
             raise
         when = "final evaluation" if final else f"epoch {self.state.epoch + 1} evaluation"
