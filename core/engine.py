@@ -294,6 +294,7 @@ class Run:
         count = int(self.strategy.all_reduce_sum(torch.tensor([float(len(names))])).item())
         if count and self.strategy.is_main:
             shown = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+            shown = shown or "all in other processes' shares, not named here"
             listed = self.out / run_folder.SKIPPED_FILE
             with listed.open("a", encoding="utf-8") as f:
                 f.writelines(f"{when}\t{split}\t{name}\n" for name in names)
