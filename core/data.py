@@ -29,8 +29,9 @@ STREAM_ORDER, STREAM_TRAIN_AUGMENT, STREAM_EVAL_AUGMENT = 0, 1, 2
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, well mixed (numpy's SeedSequence)."""
-    return int(
-        np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1
+    # The shift on a Python int: numpy < 2 refuses uint64 >> int.
+    return (
+        int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]) >> 1
     )
 
 
