@@ -59,22 +59,45 @@ shapes = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 7), st.
     seed=st.integers(0, 2**31),
     scale=st.sampled_from([1e-2, 1.0, 10.0]),
     dtype=st.sampled_from(list(TOLERANCE)),
+    memory_format=st.sampled_from([torch.contiguous_format, torch.channels_last]),
 )
-def test_cpu_kernel_agrees_with_reference(cpu_kernel, shape, p, seed, scale, dtype):
-    x = _input(seed, shape, scale, dtype)
+def test_cpu_kernel_agrees_with_reference(cpu_kernel, shape, p, seed, scale, dtype, memory_format):
+    x = _input(seed, shape, scale, dtype).contiguous(memory_format=memory_format)
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(cpu_kernel(x, **p), lrn_reference(x, **p), rtol=rtol, atol=atol)
 
 
 @settings(max_examples=15)
-@given(shape=shapes, p=params, seed=st.integers(0, 2**31))
-def test_cpu_kernel_gradient_agrees_with_reference_autograd(cpu_kernel, shape, p, seed):
-    x = _input(seed, shape, 3.0, torch.float64)
+@given(
+    shape=shapes,
+    p=params,
+    seed=st.integers(0, 2**31),
+    memory_format=st.sampled_from([torch.contiguous_format, torch.channels_last]),
+)
+def test_cpu_kernel_gradient_agrees_with_reference_autograd(cpu_kernel, shape, p, seed, memory_format):
+    x = _input(seed, shape, 3.0, torch.float64).contiguous(memory_format=memory_format)
     grad = _input(seed + 1, shape, 1.0, torch.float64)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     cpu_kernel(xa, **p).backward(grad)
     lrn_reference(xb, **p).backward(grad)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_channels_last_is_computed_in_place_of_a_copy(cpu_kernel):
+    """A channels_last input (train.channels_last) is read and written as NHWC: the op makes no
+    layout copy in either direction, and its results keep the layout."""
+    from torch.profiler import profile
+
+    x = _input(5, (2, 16, 7, 9), 3.0, torch.float32).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with profile() as prof:
+        y = cpu_kernel(x, 5, 1e-2, 0.75, 2.0)
+        y.backward(torch.ones_like(y))
+    names = [e.name for e in prof.events()]
+    assert "convnet::lrn_forward" in names and "convnet::lrn_backward" in names
+    assert "aten::copy_" not in names, "the channels_last path copied to NCHW and back"
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 @settings(max_examples=6)
@@ -228,6 +251,11 @@ def test_tower_local_layer_normalises_each_tower_separately(registries, cpu_kern
     assert not torch.allclose(y[:, 2:6], across[:, 2:6]), "towers must not see each other's channels"
     cross = _layer(registries, impl, towers=2, cross=True)
     torch.testing.assert_close(cross.module(x), across, rtol=1e-10, atol=0.0)
+    # channels_last: each tower's block is normalised through a view, and the layout is kept
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    y_nhwc = built.module(nhwc)
+    torch.testing.assert_close(y_nhwc, per_tower, rtol=1e-10, atol=0.0)
+    assert y_nhwc.is_contiguous(memory_format=torch.channels_last) or impl in ("reference", "torch")
 
 
 def test_layer_rejects_towers_that_do_not_divide_the_channels(registries):

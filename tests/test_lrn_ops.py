@@ -68,7 +68,9 @@ def test_fake_rule_keeps_the_layout_and_the_accumulation_dtype(cpu_kernel):
             fake_y, fake_scale = torch.ops.convnet.lrn_forward(mode.from_tensor(real), *PAPER, True)
         y, scale = torch.ops.convnet.lrn_forward(real, *PAPER, True)
         assert (fake_y.stride(), fake_y.dtype, fake_scale.dtype) == (y.stride(), y.dtype, acc)
+        assert fake_scale.stride() == scale.stride()
         assert y.is_contiguous(memory_format=torch.channels_last)
+        assert scale.is_contiguous(memory_format=torch.channels_last)
         assert scale.shape == real.shape and scale.dtype == acc
 
 

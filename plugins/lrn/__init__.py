@@ -126,7 +126,14 @@ class LocalResponseNorm(nn.Module):
         if self.groups == 1:
             return self.fn(x, self.size, self.alpha, self.beta, self.k)
         n, c, h, w = x.shape
-        y = self.fn(x.reshape(n * self.groups, c // self.groups, h, w), self.size, self.alpha, self.beta, self.k)
+        g = self.groups
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # NHWC memory: each tower's block of a pixel's channels is a pixel of a channels_last
+            # [n, c / g, h, w * g] tensor, a view, where NCHW's reshape would copy.
+            towers = x.permute(0, 2, 3, 1).reshape(n, h, w * g, c // g).permute(0, 3, 1, 2)
+            y = self.fn(towers, self.size, self.alpha, self.beta, self.k)
+            return y.permute(0, 2, 3, 1).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        y = self.fn(x.reshape(n * g, c // g, h, w), self.size, self.alpha, self.beta, self.k)
         return y.reshape(n, c, h, w)
 
     def extra_repr(self) -> str:

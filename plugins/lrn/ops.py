@@ -10,7 +10,9 @@ the compiled backward graph.
 
 ``scale`` = (k + alpha * window sum)^-beta in the accumulation dtype (float32 for half and
 bfloat16), saved by the forward for the backward; with ``save_scale = False`` (inference) it is
-an empty tensor and the forward writes one tensor instead of two.
+an empty tensor and the forward writes one tensor instead of two. ``y`` and ``scale`` have the
+layout ``torch.empty_like(x)`` gives: a channels_last input (``train.channels_last``) keeps its
+layout, and the CPU kernel computes on it directly, with no copy to NCHW and back.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def _forward_fake(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_nchw(x, "input")
     torch._check(size > 0, lambda: f"LRN: size must be positive, got {size}")
-    scale_shape = x.shape if save_scale else (0,)
-    return torch.empty_like(x), x.new_empty(scale_shape, dtype=accumulation_dtype(x.dtype))
+    dtype = accumulation_dtype(x.dtype)
+    scale = torch.empty_like(x, dtype=dtype) if save_scale else x.new_empty((0,), dtype=dtype)
+    return torch.empty_like(x), scale
 
 
 @torch.library.register_fake(BACKWARD)

@@ -16,14 +16,21 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
   TORCH_CHECK(scale.scalar_type() == at::toOpMathType(input.scalar_type()), "LRN backward: scale dtype");
 }
 
-// The kernels compute on NCHW-contiguous buffers; the op's result has the layout torch.empty_like(input)
-// would give (a channels_last input gets a channels_last result), which is what the fake
-// implementation (plugins/lrn/ops.py) promises torch.compile and torch.export.
+// A kernel that computes on NCHW-contiguous buffers returns its results in the layout
+// torch.empty_like(input) would give (a channels_last input gets channels_last y and scale), which
+// is what the fake implementation (plugins/lrn/ops.py) promises torch.compile and torch.export.
+// An unsaved scale (an empty tensor) is returned as it is.
 inline at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& input) {
-  if (input.is_contiguous()) return out;
-  at::Tensor shaped = at::empty_like(input);
+  if (input.is_contiguous() || out.sizes() != input.sizes()) return out;
+  at::Tensor shaped = at::empty_like(input, out.options());
   shaped.copy_(out);
   return shaped;
+}
+
+// Channels-last memory (NHWC) that is not also NCHW-contiguous: the layout the CPU kernel reads
+// and writes in place of NCHW, with each pixel's channels adjacent.
+inline bool is_nhwc(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // The saved scale, or an empty tensor when the caller needs no backward (the schema returns a Tensor).

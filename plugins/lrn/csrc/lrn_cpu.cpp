@@ -156,6 +156,83 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   });
 }
 
+// Channels-last (NHWC) memory: work item = one pixel, whose channels are adjacent. The squares go
+// into a buffer padded with `below` zeros in front and `above` behind, so channel c's window sum is
+// span consecutive entries from index c; the inner loops run over the channels (they vectorise).
+// The window is summed in channel order (the NCHW kernel sums in ring order): the results agree
+// with the NCHW kernel's to float32 rounding, not bit for bit.
+template <typename scalar_t>
+void forward_nhwc_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& scale, const convnet_lrn::Window& w,
+                         double alpha_d, double beta_d, double k_d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), pixels = x.numel() / C;
+  const acc_t alpha = alpha_d, beta = beta_d, k = k_d;
+  const auto kind = convnet_lrn::power_kind(beta_d);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  acc_t* sp = scale.numel() != 0 ? scale.mutable_data_ptr<acc_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 4096 / C);
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> squares(C + w.span - 1, acc_t(0)), tmp(C);
+    acc_t* sq = squares.data();
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* xr = xp + p * C;
+      load_squares(xr, sq + w.below, C);
+      std::copy(sq, sq + C, tmp.data());
+      for (int64_t r = 1; r < w.span; ++r) {
+        for (int64_t c = 0; c < C; ++c) tmp[c] += sq[c + r];
+      }
+      for (int64_t c = 0; c < C; ++c) tmp[c] = k + alpha * tmp[c];
+      inverse_power(tmp.data(), C, beta, kind);
+      scalar_t* yr = yp + p * C;
+      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) * tmp[c]);
+      if (sp != nullptr) std::copy(tmp.data(), tmp.data() + C, sp + p * C);
+    }
+  });
+}
+
+// The NHWC backward, per pixel: d[c] = k + alpha * window sum, t[c] = g x s / d (padded with `above`
+// zeros in front and `below` behind, so input channel i's sum over the windows that hold it, c in
+// [i - above, i + below], is span consecutive entries from index i), dx = g s - 2 alpha beta x sum.
+template <typename scalar_t>
+void backward_nhwc_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
+                          const convnet_lrn::Window& w, double alpha_d, double beta_d, double k_d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), pixels = x.numel() / C;
+  const acc_t alpha = alpha_d, k = k_d, coef = acc_t(2) * alpha_d * beta_d;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const acc_t* spp = scale.const_data_ptr<acc_t>();
+  scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / C);
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> squares(C + w.span - 1, acc_t(0)), terms(C + w.span - 1, acc_t(0)), tmp(C);
+    acc_t* sq = squares.data();
+    acc_t* t = terms.data() + w.above;
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* xr = xp + p * C;
+      const scalar_t* gr = gp + p * C;
+      const acc_t* sr = spp + p * C;
+      load_squares(xr, sq + w.below, C);
+      std::copy(sq, sq + C, tmp.data());
+      for (int64_t r = 1; r < w.span; ++r) {
+        for (int64_t c = 0; c < C; ++c) tmp[c] += sq[c + r];
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        t[c] = static_cast<acc_t>(gr[c]) * static_cast<acc_t>(xr[c]) * sr[c] / (k + alpha * tmp[c]);
+      }
+      std::copy(terms.data(), terms.data() + C, tmp.data());
+      for (int64_t r = 1; r < w.span; ++r) {
+        for (int64_t c = 0; c < C; ++c) tmp[c] += terms[c + r];
+      }
+      scalar_t* dr = dp + p * C;
+      for (int64_t c = 0; c < C; ++c) {
+        dr[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * sr[c] - coef * static_cast<acc_t>(xr[c]) * tmp[c]);
+      }
+    }
+  });
+}
+
 void check_input(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.dim() == 4, "LRN (cpu kernel): ", what, " must be NCHW, got ", x.dim(), " dimensions");
   TORCH_CHECK(x.device().is_cpu(), "LRN (cpu kernel): ", what, " must be on the CPU, got ", x.device());
@@ -166,15 +243,25 @@ std::tuple<at::Tensor, at::Tensor> lrn_forward(const at::Tensor& input, int64_t 
                                                double k, bool save_scale) {
   check_input(input, "input");
   TORCH_CHECK(size > 0, "LRN: size must be positive, got ", size);
+  const auto w = convnet_lrn::clipped_window(size, input.size(1));
+  if (convnet_lrn::is_nhwc(input)) {
+    at::Tensor y = at::empty_like(input);
+    at::Tensor scale = save_scale ? at::empty_like(input, input.options().dtype(at::toOpMathType(input.scalar_type())))
+                                  : convnet_lrn::scale_buffer(input, false);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "convnet_lrn_cpu_forward", [&] {
+      forward_nhwc_kernel<scalar_t>(input, y, scale, w, alpha, beta, k);
+    });
+    return {y, scale};
+  }
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor scale = convnet_lrn::scale_buffer(x, save_scale);
-  if (x.numel() == 0) return {convnet_lrn::in_layout_of(y, input), scale};
-  const auto w = convnet_lrn::clipped_window(size, x.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cpu_forward", [&] {
-    forward_kernel<scalar_t>(x, y, scale, w, alpha, beta, k);
-  });
-  return {convnet_lrn::in_layout_of(y, input), scale};
+  if (x.numel() != 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cpu_forward", [&] {
+      forward_kernel<scalar_t>(x, y, scale, w, alpha, beta, k);
+    });
+  }
+  return {convnet_lrn::in_layout_of(y, input), convnet_lrn::in_layout_of(scale, input)};
 }
 
 at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale, int64_t size,
@@ -182,10 +269,19 @@ at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const a
   check_input(grad, "grad");
   check_input(input, "input");
   convnet_lrn::check_backward_args(grad, input, scale);
+  const auto w = convnet_lrn::clipped_window(size, input.size(1));
+  if (convnet_lrn::is_nhwc(input)) {
+    constexpr auto nhwc = at::MemoryFormat::ChannelsLast;
+    const at::Tensor g = grad.contiguous(nhwc), s = scale.contiguous(nhwc);
+    at::Tensor dx = at::empty_like(input);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "convnet_lrn_cpu_backward", [&] {
+      backward_nhwc_kernel<scalar_t>(g, input, s, dx, w, alpha, beta, k);
+    });
+    return dx;
+  }
   const at::Tensor g = grad.contiguous(), x = input.contiguous(), s = scale.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return convnet_lrn::in_layout_of(dx, input);
-  const auto w = convnet_lrn::clipped_window(size, x.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "convnet_lrn_cpu_backward", [&] {
     backward_kernel<scalar_t>(g, x, s, dx, w, alpha, beta, k);
   });
