@@ -340,9 +340,18 @@ def resume_difference(saved_toml: str, recipe: schema.Recipe, registries: Regist
     """The first value (path, checkpoint's, now) at which a checkpoint's recipe trains differently
     from ``recipe``, or None when resuming would continue the same run.
 
+    The checkpoint's recipe is read by today's converter first, so an option added since it was
+    saved holds its default on both sides (a new option's default keeps the old behaviour); one
+    that today's registries cannot read is compared as saved.
+
     Raises ``tomllib.TOMLDecodeError`` when ``saved_toml`` is not TOML.
     """
-    return _first_difference(tomllib.loads(saved_toml), tomllib.loads(to_toml(recipe, registries)), "")
+    saved = tomllib.loads(saved_toml)
+    try:
+        saved = tomllib.loads(to_toml(recipe_from_text(saved_toml, registries, "<checkpoint recipe>"), registries))
+    except RecipeError:
+        pass
+    return _first_difference(saved, tomllib.loads(to_toml(recipe, registries)), "")
 
 
 def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:

@@ -256,11 +256,26 @@ def test_bundled_recipes_resolve_byte_for_byte_as_before(name, registries):
 
     tests/fixtures/resolved/ holds each bundled recipe as `convnet show` printed it before the
     recipes were rewritten with inline layer tables, layer edits by id and fc8's width from
-    model.num_classes: the rewrite changed no resolved value. Regenerate a file only for a
-    change that is meant to change the recipe (old runs of it then no longer resume).
+    model.num_classes: the rewrite changed no resolved value. Regenerate a file for a change that
+    is meant to change the recipe (old runs of it then no longer resume) or for a new option
+    whose default keeps the old behaviour (relu's ``inplace``: old runs resume, tested below).
     """
     recipe = load_recipe(name, registries=registries)  # the augmenters are ours: missing is a failure
     assert to_toml(recipe, registries) == (RESOLVED / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def test_a_checkpoint_saved_before_an_option_existed_still_resumes(registries):
+    """alexnet-imagenet as checkpoints saved it before relu had ``inplace``: the option holds its
+    default on both sides, so the run continues; a real difference is still found."""
+    from convnet.core.recipe import resume_difference
+
+    text = (RESOLVED / "alexnet-imagenet.toml").read_text(encoding="utf-8")
+    before = text.replace("inplace = true\n", "")
+    assert before != text
+    recipe = load_recipe("alexnet-imagenet", registries=registries)
+    assert resume_difference(before, recipe, registries) is None
+    changed = load_recipe("alexnet-imagenet", ["model.layers.relu1.inplace=false"], registries)
+    assert resume_difference(before, changed, registries) == ("model.layers[1].inplace", True, False)
 
 
 def test_the_paper_network_is_a_table_and_fc8_follows_num_classes(registries):
