@@ -13,7 +13,7 @@ def convnet_register(registries: Registries) -> None:
     add = registries.layer.add
     add("conv", build_conv, ConvOptions, '2-D convolution; grouped by tower unless towers = "cross"')
     add("fc", build_linear, LinearOptions, "fully connected; block-diagonal by tower unless cross")
-    add("relu", s.build_relu, s.NoOptions, "rectified linear unit max(0, x)")
+    add("relu", s.build_relu, s.ReluOptions, "rectified linear unit max(0, x)")
     add("tanh", s.build_tanh, s.NoOptions, "hyperbolic tangent (the paper's saturating baseline)")
     add("maxpool", s.build_maxpool, s.PoolOptions, "max pooling (3x3 stride 2 overlaps, as the paper)")
     add("avgpool", s.build_avgpool, s.PoolOptions, "average pooling")
