@@ -13,9 +13,11 @@ interleaved rounds of the per-round ratio (a slow spell of a shared machine hits
 towers on the one device) against ``single``. ``--variants`` times several set-ups in one
 interleaved run, each for both networks: eager (float32, contiguous), channels_last,
 bf16 (channels_last + bfloat16 autocast), compiled (bf16 under torch.compile; a network that
-does not compile here is reported as such, not timed), compiled_f32 (float32, contiguous, compiled).
-``--compile`` is ``--variants eager compiled_f32``. Compiling uses ``nn.Module.compile`` with the
-options ``train.compile`` uses; the optimizer step stays eager for both networks.
+does not compile here is reported as such, not timed), compiled_f32 (float32, contiguous, compiled),
+compiled_cl (float32, channels_last, compiled). ``--compile`` is ``--variants eager compiled_f32``;
+``--cpu-fast`` is ``--variants eager channels_last compiled_f32 compiled_cl`` (float32 throughout).
+Compiling uses ``nn.Module.compile`` with the options ``train.compile`` uses; the optimizer step
+stays eager for both networks.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ VARIANTS = {
         Variant("bf16", True, True),
         Variant("compiled", True, True, True),
         Variant("compiled_f32", False, False, True),
+        Variant("compiled_cl", True, False, True),
     )
 }
 
@@ -244,10 +247,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--strategies", nargs="*", default=[], help="also time these strategies against single")
     p.add_argument("--compile", action="store_true", help="the same as --variants eager compiled_f32")
+    p.add_argument(
+        "--cpu-fast", action="store_true", help="the same as --variants eager channels_last compiled_f32 compiled_cl"
+    )
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.compile:
         args.variants = list(dict.fromkeys([*args.variants, "eager", "compiled_f32"]))
+    if args.cpu_fast:
+        args.variants = list(dict.fromkeys([*args.variants, "eager", "channels_last", "compiled_f32", "compiled_cl"]))
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
