@@ -316,7 +316,8 @@ def recipe_from_text(text: str, registries: Registries | None = None, source: st
 
 # ---------------------------------------------------------------- may a checkpoint resume this recipe
 
-# What a resume may change without changing the run's result.
+# What a resume may change without changing the run's result (compile and channels_last change
+# only the rounding: a resume that switches them is not bit-exact).
 RESUME_MAY_CHANGE = {
     "name",
     "description",
@@ -333,6 +334,7 @@ RESUME_MAY_CHANGE = {
     "plugins",
     "train.compile",
     "train.compile_mode",
+    "train.channels_last",
 }
 
 

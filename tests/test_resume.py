@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -177,3 +178,26 @@ def test_resume_refuses_a_checkpoint_of_a_run_that_trains_differently(tmp_path):
     # What does not change the run's result may change: more epochs, no step cap, another strategy.
     result = train(tmp_path / "longer", f"train.epochs={EPOCHS + 1}", "parallel.strategy=model-parallel", resume=last)
     assert result["step"] == STEPS_PER_EPOCH * (EPOCHS + 1)
+
+
+def test_channels_last_resumes_bit_exactly_and_stays_near_the_contiguous_run(tmp_path: Path) -> None:
+    """train.channels_last (NHWC convolutions, the CPU LRN kernel on NHWC, in-place ReLUs): 6 steps
+    straight = 3, resume, 3 in every tensor; the checkpoint has the contiguous run's names and
+    shapes, and its weights are the contiguous run's to float32 rounding (another summation order)."""
+    kernel = 'model.layers.lrn1.impl="cpu"'
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train(a, "train.max_steps=6", "train.channels_last=true", kernel)
+    train(b, "train.max_steps=3", "train.channels_last=true", kernel)
+    last = b / "checkpoints" / "last.safetensors"
+    train(b, "train.max_steps=6", "train.channels_last=true", kernel, resume=last)
+    straight_cl = all_bytes(a / "checkpoints" / "last.safetensors")
+    assert [k for k, v in all_bytes(last).items() if straight_cl[k] != v] == []
+    train(c, "train.max_steps=6", kernel)
+    nhwc, nchw = (
+        load_file(str(a / "checkpoints" / "last.safetensors")),
+        load_file(str(c / "checkpoints" / "last.safetensors")),
+    )
+    assert nhwc.keys() == nchw.keys()
+    for key in (k for k in nchw if k.startswith("model/")):
+        assert nhwc[key].shape == nchw[key].shape and nhwc[key].is_contiguous()
+        torch.testing.assert_close(nhwc[key], nchw[key], rtol=1e-4, atol=1e-5, msg=key)
