@@ -8,7 +8,8 @@ in the same run (``copy``: read once, write once: the most an elementwise pass c
 the speed-up over ``torch`` (F.local_response_norm) measured in the same run; and the cost of the
 custom-operator wrapping (``local_response_norm`` through ``convnet::lrn_forward`` and its
 registered backward) against calling the two kernel ops directly.
-Usage: ``python benchmarks/lrn.py [--batch 128 32] [--repeat 5] [--dtype float32] [--only-overhead] [--json OUT]``.
+Usage: ``python benchmarks/lrn.py [--batch 128 32] [--repeat 5] [--dtype float32] [--layouts nchw nhwc]
+[--only-overhead] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -57,11 +58,17 @@ def _impls(device: str) -> list[str]:
     return names
 
 
-def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, warmup: int) -> list[dict]:
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def bench(
+    device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, warmup: int, layout: str = "nchw"
+) -> list[dict]:
     """Time every implementation on one shape; print a line each and return them as dicts."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    grad = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    fmt = LAYOUTS[layout]
+    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype, memory_format=fmt)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype, memory_format=fmt)
     nbytes = x.numel() * x.element_size()
     copy_target = torch.empty_like(x)
     copy_s = _time(lambda: copy_target.copy_(x), device, repeat, warmup)
@@ -80,7 +87,7 @@ def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, 
         rows.append((impl, _time(forward, device, repeat, warmup), _time(forward_backward, device, repeat, warmup)))
     base = {r[0]: r for r in rows}["torch"]
     dtype_name = str(dtype).replace("torch.", "")
-    label = f"{device} {list(shape)} {dtype_name}"
+    label = f"{device} {list(shape)} {dtype_name}" + (f" {layout}" if layout != "nchw" else "")
     print(f"{label:<34} {'copy':<10} {copy_s * 1e3:9.2f} ms {copy_gbs:7.2f} GB/s (read + write, the bandwidth ceiling)")
     out = []
     for impl, fwd, both in rows:
@@ -96,6 +103,7 @@ def bench(device: str, shape: tuple[int, ...], dtype: torch.dtype, repeat: int, 
                 "device": device,
                 "shape": list(shape),
                 "dtype": dtype_name,
+                "layout": layout,
                 "impl": impl,
                 "copy_ms": copy_s * 1e3,
                 "copy_gb_s": copy_gbs,
@@ -179,6 +187,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=5,
         help="interleaved rounds of the op-wrapping overhead measurement (0: skip it)",
     )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=list(LAYOUTS),
+        default=["nchw"],
+        help="memory layouts of the input (nhwc: channels_last, as train.channels_last gives the layer)",
+    )
     parser.add_argument("--only-overhead", action="store_true", help="measure only the op-wrapping overhead")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -211,7 +226,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row
             for batch in args.batch
             for channels, hw in CHANNELS_HW
-            for row in bench(device, (batch, channels, hw, hw), dtype, args.repeat, args.warmup)
+            for layout in args.layouts
+            for row in bench(device, (batch, channels, hw, hw), dtype, args.repeat, args.warmup, layout)
         ]
     if args.json:
         meta = {

@@ -6,7 +6,10 @@ torchvision's ``alexnet()`` trained the usual way (torch.optim.SGD), in one run.
     python benchmarks/train_throughput.py --device cuda --batch 128 --channels-last --autocast bfloat16
     python benchmarks/train_throughput.py --device cuda --variants eager channels_last bf16 compiled --json OUT
 
-Synthetic data already on the device, so this measures the model and optimizer only. Prints
+Synthetic data already on the device, so this measures the model and optimizer only. Without
+``--variants`` each network runs as it trains by default: torchvision's ``alexnet()`` in NCHW (its
+reference script has no channels_last), ours as its recipe says (alexnet-imagenet sets
+``train.channels_last``); the header line says which. Prints
 images/s for each and the ratio ours / torchvision (above 1 = ours faster): the median over the
 interleaved rounds of the per-round ratio (a slow spell of a shared machine hits both alike). With
 ``--strategies`` it also times other registered strategies (e.g. model-parallel with both
@@ -101,13 +104,13 @@ def ours(strategy_name: str, args: argparse.Namespace, device: torch.device):
     strategy = build_strategy(recipe, regs)
     module = strategy.prepare(cn.build_model(recipe, "cpu", regs))
     optimizer = build_optimizer(recipe, regs, list(strategy.named_parameters(module)))
-    return module, optimizer, tuple(recipe.model.input), recipe.model.num_classes
+    return module, optimizer, tuple(recipe.model.input), recipe.model.num_classes, recipe.train.channels_last
 
 
 def torchvision_alexnet(args: argparse.Namespace, device: torch.device):
     module = torchvision.models.alexnet(num_classes=1000).to(device)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    return module, optimizer, (3, 224, 224), 1000
+    return module, optimizer, (3, 224, 224), 1000, False
 
 
 class Contender:
@@ -117,8 +120,12 @@ class Contender:
         self, name: str, built, args: argparse.Namespace, device: torch.device, variant: Variant | None = None
     ) -> None:
         self.name = name
-        self.variant = variant or Variant("custom", args.channels_last, args.autocast == "bfloat16")
-        self.module, self.optimizer, shape, classes = built
+        self.module, self.optimizer, shape, classes, trained_channels_last = built
+        # Without --variants each network runs as it trains by default (our recipe may set
+        # train.channels_last; torchvision's reference script trains NCHW), plus the flags given.
+        self.variant = variant or Variant(
+            "default", args.channels_last or trained_channels_last, args.autocast == "bfloat16"
+        )
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(args.batch, *shape, generator=g).to(device)
         if self.variant.channels_last:
@@ -163,13 +170,17 @@ def contenders_for(args: argparse.Namespace, device: torch.device) -> list[Conte
     out = []
     for variant in variants:
         tag = f" [{variant.name}]" if variant else ""
-        out.append(
-            Contender(f"torchvision alexnet() + SGD{tag}", torchvision_alexnet(args, device), args, device, variant)
-        )
-        out.append(Contender(f"{args.recipe} single{tag}", ours("single", args, device), args, device, variant))
-        out += [
+        group = [
+            Contender(f"torchvision alexnet() + SGD{tag}", torchvision_alexnet(args, device), args, device, variant),
+            Contender(f"{args.recipe} single{tag}", ours("single", args, device), args, device, variant),
+        ]
+        group += [
             Contender(f"{args.recipe} {s}{tag}", ours(s, args, device), args, device, variant) for s in args.strategies
         ]
+        if variant is None:  # each as it trains by default: say in which layout
+            for c in group:
+                c.name += " [channels_last]" if c.variant.channels_last else " [NCHW]"
+        out += group
     return out
 
 
