@@ -250,7 +250,8 @@ def test_plugins_shows_a_components_options_with_types_and_defaults(capsys) -> N
     out = capsys.readouterr().out
     assert out.startswith("schedule cosine: per step: linear warm-up") and "[optim from convnet " in out
     assert "  warmup_steps: int = 0\n" in out and "  min_lr: float = 0.0\n" in out
-    assert cli_main(["plugins", "layer", "relu"]) == 0 and "(no options)" in capsys.readouterr().out
+    assert cli_main(["plugins", "layer", "flatten"]) == 0 and "(no options)" in capsys.readouterr().out
+    assert cli_main(["plugins", "layer", "relu"]) == 0 and "  inplace: bool = True\n" in capsys.readouterr().out
     assert cli_main(["plugins", "layer", "rleu"]) == 2
     assert "did you mean 'relu'?" in capsys.readouterr().err
 
