@@ -343,17 +343,39 @@ def resume_difference(saved_toml: str, recipe: schema.Recipe, registries: Regist
     from ``recipe``, or None when resuming would continue the same run.
 
     The checkpoint's recipe is read by today's converter first, so an option added since it was
-    saved holds its default on both sides (a new option's default keeps the old behaviour); one
-    that today's registries cannot read is compared as saved.
+    saved holds its default on both sides (a new option's default keeps the old behaviour). What a
+    resume may change is taken from ``recipe`` for that reading, so a part of it that cannot be
+    read here (a CUDA device on a CPU machine, an evaluator or plugin no longer installed) does not
+    keep the rest from being read; a recipe that still cannot be read is compared as saved.
 
     Raises ``tomllib.TOMLDecodeError`` when ``saved_toml`` is not TOML.
     """
+    now = tomllib.loads(to_toml(recipe, registries))
     saved = tomllib.loads(saved_toml)
     try:
-        saved = tomllib.loads(to_toml(recipe_from_text(saved_toml, registries, "<checkpoint recipe>"), registries))
+        readable = structure(_with_changeable_parts_of(saved, now), registries, "<checkpoint recipe>")
+        saved = tomllib.loads(to_toml(readable, registries))
     except RecipeError:
         pass
-    return _first_difference(saved, tomllib.loads(to_toml(recipe, registries)), "")
+    return _first_difference(saved, now, "")
+
+
+def _with_changeable_parts_of(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with each path of RESUME_MAY_CHANGE as ``now`` has it (or absent, as there)."""
+    out = copy.deepcopy(saved)
+    for path in RESUME_MAY_CHANGE:
+        *parents, leaf = path.split(".")
+        target, source = out, now
+        for part in parents:
+            target = target.get(part) if isinstance(target, dict) else None
+            source = source.get(part) if isinstance(source, dict) else None
+        if not isinstance(target, dict):
+            continue
+        if isinstance(source, dict) and leaf in source:
+            target[leaf] = copy.deepcopy(source[leaf])
+        else:
+            target.pop(leaf, None)
+    return out
 
 
 def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:

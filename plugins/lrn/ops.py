@@ -10,9 +10,11 @@ the compiled backward graph.
 
 ``scale`` = (k + alpha * window sum)^-beta in the accumulation dtype (float32 for half and
 bfloat16), saved by the forward for the backward; with ``save_scale = False`` (inference) it is
-an empty tensor and the forward writes one tensor instead of two. ``y`` and ``scale`` have the
+an empty tensor and the forward writes one tensor instead of two. ``y`` has the
 layout ``torch.empty_like(x)`` gives: a channels_last input (``train.channels_last``) keeps its
-layout, and the CPU kernel computes on it directly, with no copy to NCHW and back.
+layout. The CPU kernel computes on NHWC directly, with no copy to NCHW and back, and its scale
+has ``y``'s layout; the CUDA kernel copies an NHWC input to NCHW and back, and keeps its scale
+NCHW (only its own backward reads it).
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ def _forward_fake(
     _check_nchw(x, "input")
     torch._check(size > 0, lambda: f"LRN: size must be positive, got {size}")
     dtype = accumulation_dtype(x.dtype)
-    scale = torch.empty_like(x, dtype=dtype) if save_scale else x.new_empty((0,), dtype=dtype)
+    if not save_scale:
+        scale = x.new_empty((0,), dtype=dtype)
+    elif x.device.type == "cuda":  # the CUDA kernel computes NCHW and its backward reads the scale so
+        scale = x.new_empty(x.shape, dtype=dtype)
+    else:
+        scale = torch.empty_like(x, dtype=dtype)
     return torch.empty_like(x), scale
 
 

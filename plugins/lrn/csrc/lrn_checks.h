@@ -17,9 +17,10 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
 }
 
 // A kernel that computes on NCHW-contiguous buffers returns its results in the layout
-// torch.empty_like(input) would give (a channels_last input gets channels_last y and scale), which
-// is what the fake implementation (plugins/lrn/ops.py) promises torch.compile and torch.export.
-// An unsaved scale (an empty tensor) is returned as it is.
+// torch.empty_like(input) would give (a channels_last input gets a channels_last y), which is what
+// the fake implementation (plugins/lrn/ops.py) promises torch.compile and torch.export; the CPU
+// kernel returns its scale so too, the CUDA kernel keeps its scale NCHW. An unsaved scale (an
+// empty tensor) is returned as it is.
 inline at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& input) {
   if (input.is_contiguous() || out.sizes() != input.sizes()) return out;
   at::Tensor shaped = at::empty_like(input, out.options());

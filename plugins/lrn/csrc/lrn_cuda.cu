@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> lrn_forward(const at::Tensor& input, int64_t 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {convnet_lrn::in_layout_of(y, input), convnet_lrn::in_layout_of(scale, input)};
+  return {convnet_lrn::in_layout_of(y, input), scale};  // scale stays NCHW: only this kernel reads it
 }
 
 at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale, int64_t size,
