@@ -23,8 +23,9 @@ class ReluOptions:
     """``inplace = true`` rectifies the previous layer's output in place, as torchvision's AlexNet
     does (one activation less to allocate and write: about 3 % of a CPU training step of
     alexnet-imagenet), whenever that is known to be safe; otherwise it writes a new tensor, and
-    the numbers are the same either way. Set it false when a forward hook keeps the previous
-    layer's output and must see it unrectified."""
+    the numbers are the same either way. Only the producer is checked, not who else holds its
+    output: set it false when a forward hook or a layer of your own keeps the previous layer's
+    output and must see it unrectified."""
 
     inplace: bool = True
 
