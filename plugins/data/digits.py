@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from attrs import validators as v
-from torch.utils.data import TensorDataset
 
 from convnet.core import DataContext, DatasetSplits, generator
+from convnet.plugins.data.labelled import LabelledTensors
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -28,12 +28,6 @@ CLASSES = [str(i) for i in range(10)]
 class DigitsOptions:
     val_fraction: float = attrs.field(default=0.2, validator=[v.gt(0.0), v.lt(1.0)])
     split_seed: int = attrs.field(default=0, validator=v.ge(0))
-
-
-class _Labelled(TensorDataset):
-    def __getitem__(self, index: int):  # (image, label) with a plain int label
-        image, label = super().__getitem__(index)
-        return image, int(label)
 
 
 def to_input(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -86,8 +80,8 @@ def build_digits(options: DigitsOptions, ctx: DataContext) -> DatasetSplits:
         return to_input(as_digit(read_grey(path))[None], shape)[0]
 
     return DatasetSplits(
-        _Labelled(images[train], labels[train]),
-        _Labelled(images[val], labels[val]),
+        LabelledTensors(images[train], labels[train]),
+        LabelledTensors(images[val], labels[val]),
         10,
         list(CLASSES),
         "digits",

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from attrs import validators as v
-from torch.utils.data import TensorDataset
 
 from convnet.core import DataContext, DatasetSplits, generator
+from convnet.plugins.data.labelled import LabelledTensors
 
 EXTRA = "pip install 'convnet[photos]'  (or: pip install scikit-image)"
 
@@ -81,12 +81,6 @@ class PhotosOptions:
     train_per_photo: int = attrs.field(default=300, validator=[v.gt(0), v.le(100_000)])
     val_per_photo: int = attrs.field(default=60, validator=[v.gt(0), v.le(100_000)])
     split_seed: int = attrs.field(default=0, validator=v.ge(0))
-
-
-class _Labelled(TensorDataset):
-    def __getitem__(self, index: int):  # (image, label) with a plain int label
-        image, label = super().__getitem__(index)
-        return image, int(label)
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -184,7 +178,7 @@ def build_photos(options: PhotosOptions, ctx: DataContext) -> DatasetSplits:
 
     if ctx.purpose == "predict":
         empty = torch.zeros(0, 3, options.patch, options.patch, dtype=torch.uint8)
-        none = _Labelled(empty, torch.zeros(0, dtype=torch.long))
+        none = LabelledTensors(empty, torch.zeros(0, dtype=torch.long))
         return DatasetSplits(none, none, len(options.photos), list(options.photos), "photos", read_file=read_file)
     train, val, train_labels, val_labels = [], [], [], []
     for i, name in enumerate(options.photos):
@@ -198,8 +192,8 @@ def build_photos(options: PhotosOptions, ctx: DataContext) -> DatasetSplits:
         train_labels.append(torch.full((len(train_corners),), i, dtype=torch.long))
         val_labels.append(torch.full((len(val_corners),), i, dtype=torch.long))
     return DatasetSplits(
-        _Labelled(torch.cat(train), torch.cat(train_labels)),
-        _Labelled(torch.cat(val), torch.cat(val_labels)),
+        LabelledTensors(torch.cat(train), torch.cat(train_labels)),
+        LabelledTensors(torch.cat(val), torch.cat(val_labels)),
         len(options.photos),
         list(options.photos),
         "photos",
