@@ -62,8 +62,8 @@ _SAFE_PRODUCERS = frozenset(
 
 
 def rectify_in_place_is_safe(x: torch.Tensor) -> bool:
-    """Whether ``x`` may be overwritten by its ReLU: the sole output of a producer whose backward
-    does not read it, not a view of another tensor."""
+    """Whether ``x`` may be overwritten by its ReLU: the output of a producer whose backward does
+    not read it, not a view of another tensor (other holders of ``x`` are not checked)."""
     if torch.compiler.is_compiling() or not x.requires_grad or x._is_view():
         return False
     return type(x.grad_fn).__name__ in _SAFE_PRODUCERS
