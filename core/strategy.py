@@ -85,7 +85,9 @@ class Strategy:
         return None
 
     def close(self) -> None:
-        pass
+        """End what ``prepare`` started (a process group). Let go first of everything built on it
+        (DDP's reducer holds the group): threads a group leaves running to the interpreter's
+        exit can abort the process."""
 
     def describe(self, model: Network) -> list[dict]:
         """Per device: parameters, activation memory per sample, bytes exchanged per step."""

@@ -85,16 +85,21 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}, **extra)
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack with its output.
+    env.update(
+        {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONFAULTHANDLER": "1"}, **extra
+    )
     return env
 
 
-def _spawn_ranks(args: list[str], world: int) -> list[subprocess.Popen]:
+def _spawn_ranks(
+    args: list[str], world: int, program: tuple[str, ...] = ("-m", "convnet.core")
+) -> list[subprocess.Popen]:
     """One process per rank with the environment torchrun would give it."""
     port = str(_free_port())
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "convnet.core", *args],
+            [sys.executable, *program, *args],
             env=_env(
                 RANK=str(r),
                 LOCAL_RANK=str(r),
@@ -130,11 +135,13 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, 
 PORT_TAKEN = ("could not join the process group", "address already in use", "EADDRINUSE")
 
 
-def _run_ranks(args: list[str], world: int, timeout: float = LAUNCH_TIMEOUT) -> list[tuple[int, str]]:
+def _run_ranks(
+    args: list[str], world: int, timeout: float = LAUNCH_TIMEOUT, program: tuple[str, ...] = ("-m", "convnet.core")
+) -> list[tuple[int, str]]:
     """Launch, wait, and relaunch on another port if the free port was taken meanwhile by
     another program (the check-then-bind race of picking a free port)."""
     for _ in range(3):
-        results = _wait_all(_spawn_ranks(args, world), timeout)
+        results = _wait_all(_spawn_ranks(args, world, program), timeout)
         if not any(code and any(m in text for m in PORT_TAKEN) for code, text in results):
             return results
     return results
@@ -286,6 +293,36 @@ def test_ddp_four_processes_draw_singles_dropout_masks(tiny: Path, tmp_path: Pat
         assert code == 0, text
     _assert_same_losses(_losses(single), _losses(tmp_path / "ddp4"), 1e-5)
     _assert_same_checkpoint(single, tmp_path / "ddp4", 1e-5)
+
+
+# A rank that trains, keeps its Run (as the CLI does until it returns, as a program that
+# uses the Run does), and names the threads it still has.
+THREADS_AFTER_RUN = """
+import os, sys
+import convnet.core as cn
+from convnet.core.engine import Run
+run = Run(cn.load_recipe(sys.argv[1], sys.argv[3:]), out=sys.argv[2], quiet=True)
+run.train()
+print("threads:", *sorted({open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
+def test_a_finished_run_leaves_no_process_group_threads(tiny: Path, tmp_path: Path, strategy: str) -> None:
+    """The end of a run ends gloo's threads: left running to the interpreter's exit, one of them
+    may take the GIL during finalization and abort the rank (exit -6, "terminate called
+    without an active exception"). DDP's reducer held the group past destroy_process_group."""
+    results = _run_ranks(
+        [str(tiny), str(tmp_path / "out"), f"parallel.strategy={strategy}", "parallel.timeout=60"],
+        world=2,
+        program=("-c", THREADS_AFTER_RUN),
+    )
+    for rank, (code, text) in enumerate(results):
+        assert code == 0, text
+        threads = next(line for line in text.splitlines() if line.startswith("threads:")).split()[1:]
+        left = [t for t in threads if "gloo" in t or "tcpstore" in t]
+        assert not left, f"rank {rank} still runs {left} after its run ended"
 
 
 @pytest.mark.parametrize(

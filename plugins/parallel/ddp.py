@@ -38,9 +38,20 @@ class _DDP(DistributedDataParallel):
     numbers of batches)."""
 
     def forward(self, *args, **kwargs):  # type: ignore[override]
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self.training and torch.is_grad_enabled()) or self.released:
             return self.module(*args, **kwargs)
         return super().forward(*args, **kwargs)
+
+    @property
+    def released(self) -> bool:
+        return "reducer" not in self.__dict__
+
+    def release(self) -> None:
+        """Let go of the process group (the reducer, its logger, the group): the module then
+        runs as the plain module it wraps."""
+        for name in ("reducer", "logger"):
+            self.__dict__.pop(name, None)
+        self.process_group = None
 
     def features(self, x: torch.Tensor, layer_id: str) -> torch.Tensor:
         return self.module.features(x, layer_id)
@@ -55,6 +66,7 @@ class DDP(DistributedStrategy):
     def __init__(self, options: DDPOptions, batch_size: int) -> None:
         super().__init__(options)
         self.batch_size = batch_size
+        self._wrapped: _DDP | None = None
 
     def prepare(self, model: Network) -> nn.Module:
         if self.batch_size % self.world_size:
@@ -68,7 +80,14 @@ class DDP(DistributedStrategy):
         # must not meet in a collective on every forward.
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
         with self.collective("broadcasting the initial weights"):
-            return _DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None, **sync)
+            wrapped = _DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None, **sync)
+        self._wrapped = wrapped
+        return wrapped
+
+    def release_group(self) -> None:
+        if self._wrapped is not None:
+            self._wrapped.release()
+            self._wrapped = None
 
     @staticmethod
     def _inner(module: nn.Module) -> nn.Module:

@@ -170,6 +170,7 @@ class DistributedStrategy(Strategy):
             try:
                 dist.barrier()
             finally:
+                self.release_group()
                 dist.destroy_process_group()
                 self._started = False
 
@@ -178,9 +179,19 @@ class DistributedStrategy(Strategy):
         if self._started and dist.is_initialized():
             self._started = False
             try:
+                self.release_group()
                 dist.destroy_process_group()
             except Exception:  # already broken: nothing more to release
                 pass
+
+    def release_group(self) -> None:
+        """Drop what this strategy built that holds the process group, before it is destroyed.
+
+        ``destroy_process_group`` only forgets the group: its gloo threads end when the last
+        holder lets go. A holder left (DDP's reducer) keeps them running until the interpreter
+        tears the holder down at exit, and a gloo thread that then releases a tensor takes the
+        GIL during finalization: the rank aborts with "terminate called without an active
+        exception" (pytorch/pytorch#190489)."""
 
 
 def _first_line(exc: BaseException) -> str:
