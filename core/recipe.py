@@ -120,7 +120,12 @@ def load_raw(ref: str, relative_to: Path | None = None, _depth: int = 0) -> tupl
             locate(parent, path.parent if path is not None else None)
         except RecipeError as exc:
             raise RecipeError(f"{source}: extends: {exc}") from None
-        base, _ = load_raw(parent, path.parent if path is not None else None, _depth + 1)
+        try:
+            base, _ = load_raw(parent, path.parent if path is not None else None, _depth + 1)
+        except RecipeError as exc:  # a broken parent: say which recipe reached it, once
+            if _depth:
+                raise
+            raise RecipeError(f"{source}: extends: {exc}") from None
         base.pop("name", None)
         base.pop("description", None)
         try:

@@ -52,6 +52,24 @@ def test_extends_errors_name_the_file(tmp_path: Path, registries) -> None:
         load_recipe(child, registries=registries)
 
 
+def test_a_broken_parent_names_the_recipe_that_extends_it(tmp_path: Path, registries) -> None:
+    """Found by hypothesis: ``extends = "/etc/passwd"`` named only /etc/passwd."""
+    parent = tmp_path / "parent.toml"
+    parent.write_text("this is not TOML\n", encoding="utf-8")
+    middle = tmp_path / "middle.toml"
+    middle.write_text(f'extends = "{parent.name}"\n', encoding="utf-8")
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{middle.name}"\n', encoding="utf-8")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(child, registries=registries)
+    assert str(caught.value).startswith(f"{child}: extends: {parent}: not valid TOML: "), caught.value
+    loop = tmp_path / "loop.toml"
+    loop.write_text('extends = "loop.toml"\n', encoding="utf-8")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(loop, registries=registries)
+    assert str(caught.value).count(": extends: ") == 2 and "levels (a cycle?)" in str(caught.value), caught.value
+
+
 # ------------------------------------------------------------------ a child swaps a component
 
 
