@@ -167,9 +167,13 @@ class Run:
             return self._train()
         except RuntimeError as exc:  # a lost peer under a multi-process strategy: one clear line
             error = self.strategy.translate_error(exc)
+            self.strategy.abandon()
             if error is None:
                 raise
             raise error from exc
+        except BaseException:
+            self.strategy.abandon()
+            raise
         finally:
             if self._lock is not None:
                 self._lock.release()

@@ -89,6 +89,10 @@ class Strategy:
         (DDP's reducer holds the group): threads a group leaves running to the interpreter's
         exit can abort the process."""
 
+    def abandon(self) -> None:
+        """After a failure: let go of what ``prepare`` started without meeting the other
+        processes (``close`` waits for them at a barrier; a failed run must not)."""
+
     def describe(self, model: Network) -> list[dict]:
         """Per device: parameters, activation memory per sample, bytes exchanged per step."""
         params = sum(p.numel() for p in model.parameters())

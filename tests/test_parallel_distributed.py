@@ -295,34 +295,47 @@ def test_ddp_four_processes_draw_singles_dropout_masks(tiny: Path, tmp_path: Pat
     _assert_same_checkpoint(single, tmp_path / "ddp4", 1e-5)
 
 
-# A rank that trains, keeps its Run (as the CLI does until it returns, as a program that
-# uses the Run does), and names the threads it still has.
+# A rank that trains (or fails at its first step), keeps its Run (as the CLI does until it
+# returns, as a program that uses the Run does), and names the threads it still has.
 THREADS_AFTER_RUN = """
 import os, sys
 import convnet.core as cn
 from convnet.core.engine import Run
-run = Run(cn.load_recipe(sys.argv[1], sys.argv[3:]), out=sys.argv[2], quiet=True)
-run.train()
+recipe, out, ending, *sets = sys.argv[1:]
+run = Run(cn.load_recipe(recipe, sets), out=out, quiet=True)
+if ending == "fails":
+    def fail(*args):
+        raise ValueError("a step that fails")
+    run._train_step = fail
+try:
+    run.train()
+except ValueError as exc:
+    print("failed:", exc)
 print("threads:", *sorted({open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")}))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+@pytest.mark.parametrize("ending", ["finishes", "fails"])
 @pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
-def test_a_finished_run_leaves_no_process_group_threads(tiny: Path, tmp_path: Path, strategy: str) -> None:
-    """The end of a run ends gloo's threads: left running to the interpreter's exit, one of them
-    may take the GIL during finalization and abort the rank (exit -6, "terminate called
-    without an active exception"). DDP's reducer held the group past destroy_process_group."""
+def test_a_run_that_ends_leaves_no_process_group_threads(
+    tiny: Path, tmp_path: Path, strategy: str, ending: str
+) -> None:
+    """The end of a run, or its failure, ends gloo's threads: left running to the interpreter's
+    exit, one of them may take the GIL during finalization and abort the rank (exit -6,
+    "terminate called without an active exception"). DDP's reducer held the group past
+    destroy_process_group, and a failed run did not destroy it at all."""
     results = _run_ranks(
-        [str(tiny), str(tmp_path / "out"), f"parallel.strategy={strategy}", "parallel.timeout=60"],
+        [str(tiny), str(tmp_path / "out"), ending, f"parallel.strategy={strategy}", "parallel.timeout=60"],
         world=2,
         program=("-c", THREADS_AFTER_RUN),
     )
     for rank, (code, text) in enumerate(results):
         assert code == 0, text
+        assert ("failed: a step that fails" in text) == (ending == "fails"), text
         threads = next(line for line in text.splitlines() if line.startswith("threads:")).split()[1:]
         left = [t for t in threads if "gloo" in t or "tcpstore" in t]
-        assert not left, f"rank {rank} still runs {left} after its run ended"
+        assert not left, f"rank {rank} still runs {left} after a run that {ending}"
 
 
 @pytest.mark.parametrize(

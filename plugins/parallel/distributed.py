@@ -175,7 +175,8 @@ class DistributedStrategy(Strategy):
                 self._started = False
 
     def abandon(self) -> None:
-        """Drop the process group after a peer is lost, so the process can exit cleanly."""
+        """Drop the process group after a failure (a lost peer, an error in this process), so
+        the process exits cleanly and the other ranks' next collective fails at once."""
         if self._started and dist.is_initialized():
             self._started = False
             try:
@@ -189,9 +190,9 @@ class DistributedStrategy(Strategy):
 
         ``destroy_process_group`` only forgets the group: its gloo threads end when the last
         holder lets go. A holder left (DDP's reducer) keeps them running until the interpreter
-        tears the holder down at exit, and a gloo thread that then releases a tensor takes the
-        GIL during finalization: the rank aborts with "terminate called without an active
-        exception" (pytorch/pytorch#190489)."""
+        tears the holder down at exit, and a gloo thread that releases a tensor then takes the
+        GIL during finalization, which aborts the process ("terminate called without an active
+        exception", pytorch/pytorch#190489)."""
 
 
 def _first_line(exc: BaseException) -> str:
