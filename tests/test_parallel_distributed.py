@@ -303,7 +303,7 @@ import convnet.core as cn
 from convnet.core.engine import Run
 recipe, out, ending, *sets = sys.argv[1:]
 run = Run(cn.load_recipe(recipe, sets), out=out, quiet=True)
-if ending == "fails":
+if ending == "fails" or (ending == "rank-1-fails" and os.environ["RANK"] == "1"):
     def fail(*args):
         raise ValueError("a step that fails")
     run._train_step = fail
@@ -336,6 +336,37 @@ def test_a_run_that_ends_leaves_no_process_group_threads(
         threads = next(line for line in text.splitlines() if line.startswith("threads:")).split()[1:]
         left = [t for t in threads if "gloo" in t or "tcpstore" in t]
         assert not left, f"rank {rank} still runs {left} after a run that {ending}"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
+def test_a_rank_that_fails_with_an_error_stops_the_others_at_once(tiny: Path, tmp_path: Path, strategy: str) -> None:
+    """Rank 1's step raises and rank 1 lives on (a program that carries on after a failed run);
+    it has let go of the process group, so rank 0's next collective fails on the closed
+    connection instead of waiting out the timeout (600 s here, as by default)."""
+    released = tmp_path / "rank-0-ended"
+    rank_1_lives_on = THREADS_AFTER_RUN + (
+        "import time\n"
+        f"while os.environ['RANK'] == '1' and not os.path.exists({str(released)!r}):\n"
+        "    time.sleep(0.1)\n"
+    )
+    procs = _spawn_ranks(
+        [str(tiny), str(tmp_path / "out"), "rank-1-fails", f"parallel.strategy={strategy}", "parallel.timeout=600"],
+        world=2,
+        program=("-c", rank_1_lives_on),
+    )
+    try:
+        out0, err0 = procs[0].communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        out0 = err0 = ""
+    finally:
+        released.touch()
+    (code1, text1), *_ = _wait_all(procs[1:], LAUNCH_TIMEOUT)
+    if procs[0].returncode is None:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        pytest.fail(f"rank 0 still waits {LAUNCH_TIMEOUT} s after rank 1 failed; rank 1: {text1}")
+    assert code1 == 0 and "failed: a step that fails" in text1, text1
+    text0 = out0 + err0
+    assert procs[0].returncode != 0 and "LostPeerError" in text0 and "Connection closed" in text0, text0
 
 
 @pytest.mark.parametrize(
