@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
-    args.channels_last, args.autocast = False, "none"  # what tt.Contender reads besides the variant
     device = torch.device("cpu")
     variant = tt.VARIANTS[args.variant]
     contenders = [
