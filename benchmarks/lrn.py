@@ -5,9 +5,10 @@ the bandwidth counted from the minimal bytes (each input read once, each output 
 forward reads x and writes y; forward + backward also reads the output gradient and x and writes
 the input gradient), that bandwidth as a share of a plain device copy of the same tensor timed
 in the same run (``copy``: read once, write once: the most an elementwise pass can move), and
-the speed-up over ``torch`` (F.local_response_norm) measured in the same run; and the cost of the
+the speed-up over ``torch`` (F.local_response_norm) measured in the same run; the cost of the
 custom-operator wrapping (``local_response_norm`` through ``convnet::lrn_forward`` and its
-registered backward) against calling the two kernel ops directly.
+registered backward) against calling the two kernel ops directly; and, on the CPU, forward +
+backward with the scale saved against recomputed by the backward.
 Usage: ``python benchmarks/lrn.py [--batch 128 32] [--repeat 5] [--dtype float32] [--layouts nchw nhwc]
 [--only-overhead] [--json OUT]``.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from convnet.plugins.lrn import kernels, local_response_norm
+from convnet.plugins.lrn import kernels, local_response_norm, ops
 
 CHANNELS_HW = ((96, 55), (256, 27))  # conv1 and conv2 outputs in the paper (per whole network)
 PAPER = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
@@ -135,6 +136,7 @@ def op_overhead(device: str, dtype: torch.dtype, rounds: int, repeat: int) -> No
         return
     fwd_op, bwd_op = torch.ops.convnet.lrn_forward.default, torch.ops.convnet.lrn_backward.default
     args = (PAPER["size"], PAPER["alpha"], PAPER["beta"], PAPER["k"])
+    save = not ops.recomputes_scale(torch.device(device))  # as local_response_norm does
     for shape in OVERHEAD_SHAPES:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
@@ -152,7 +154,7 @@ def op_overhead(device: str, dtype: torch.dtype, rounds: int, repeat: int) -> No
             local_response_norm(xr, impl=kernel, **PAPER).backward(grad)
 
         def direct_both() -> None:
-            _, scale = fwd_op(x, *args, True)
+            _, scale = fwd_op(x, *args, save)
             bwd_op(grad, x, scale, *args)
 
         extra: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}  # wrapped - direct, seconds
@@ -171,6 +173,39 @@ def op_overhead(device: str, dtype: torch.dtype, rounds: int, repeat: int) -> No
                 f"{k} {1e6 * statistics.median(extra[k]):+8.1f} us = {100 * statistics.median(ratio[k]):+6.2f}%"
                 for k in extra
             ),
+            flush=True,
+        )
+
+
+def scale_choice(device: str, dtype: torch.dtype, rounds: int, repeat: int, layouts: list[str]) -> None:
+    """Forward + backward through the kernel's ops with the scale saved by the forward against
+    recomputed by the backward (what training on the CPU does), interleaved, on the paper's shapes
+    at batch 32. Printed: each one's median time and recomputed / saved (below 1: recomputing wins)."""
+    if device != "cpu" or kernels.get("cpu") is None:
+        return
+    fwd_op, bwd_op = torch.ops.convnet.lrn_forward.default, torch.ops.convnet.lrn_backward.default
+    args = (PAPER["size"], PAPER["alpha"], PAPER["beta"], PAPER["k"])
+    for (channels, hw), layout in ((ch, lay) for ch in CHANNELS_HW for lay in layouts):
+        gen = torch.Generator().manual_seed(0)
+        fmt = LAYOUTS[layout]
+        x = torch.randn((32, channels, hw, hw), generator=gen).to(dtype=dtype, memory_format=fmt).relu()
+        grad = torch.randn(x.shape, generator=gen).to(dtype=dtype, memory_format=fmt)
+
+        def both(save: bool) -> Callable[[], None]:
+            def run() -> None:
+                _, scale = fwd_op(x, *args, save)
+                bwd_op(grad, x, scale, *args)
+
+            return run
+
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for i in range(rounds):
+            for save in (True, False) if i % 2 else (False, True):
+                times[save].append(_time(both(save), device, repeat, 1))
+        saved, recomputed = statistics.median(times[True]), statistics.median(times[False])
+        print(
+            f"{device} {[32, channels, hw, hw]!s:<18} {layout} fwd+bwd with the scale saved {saved * 1e3:7.2f} ms, "
+            f"recomputed {recomputed * 1e3:7.2f} ms: x{recomputed / saved:.2f}",
             flush=True,
         )
 
@@ -220,6 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for device in devices:
         if args.overhead_rounds:
             op_overhead(device, dtype, args.overhead_rounds, args.repeat)
+            scale_choice(device, dtype, args.overhead_rounds, args.repeat, args.layouts)
         if args.only_overhead:
             continue
         rows += [

@@ -35,10 +35,12 @@ def _input(shape, dtype=torch.float32, seed=0, channels_last=False, requires_gra
 
 
 def _opcheck_cases(device: str):
+    recomputes = ops.recomputes_scale(torch.device(device))
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for channels_last in (False, True):
             for save_scale in (True, False):
-                x = _input((2, 7, 5, 6), dtype, 1, channels_last, requires_grad=save_scale).to(device)
+                needs_grad = save_scale or recomputes  # an unsaved scale is recomputed by the CPU backward
+                x = _input((2, 7, 5, 6), dtype, 1, channels_last, requires_grad=needs_grad).to(device)
                 yield (x, 5, 1e-2, 0.75, 2.0, save_scale)
     yield (_input((0, 6, 3, 3), requires_grad=True).to(device), 5, 1e-4, 0.75, 2.0, True)
     yield (_input((1, 3, 4, 4), torch.float64, 2, requires_grad=True).to(device), 4, 0.3, 0.6, 1.0, True)
@@ -48,8 +50,10 @@ def test_opcheck_cpu(cpu_kernel):
     for args in _opcheck_cases("cpu"):
         torch.library.opcheck(torch.ops.convnet.lrn_forward.default, args)
     x = _input((2, 7, 5, 6), torch.float64)
-    _, scale = torch.ops.convnet.lrn_forward(x, 5, 1e-2, 0.75, 2.0, True)
-    torch.library.opcheck(torch.ops.convnet.lrn_backward.default, (torch.ones_like(x), x, scale, 5, 1e-2, 0.75, 2.0))
+    for save_scale in (True, False):
+        _, scale = torch.ops.convnet.lrn_forward(x, 5, 1e-2, 0.75, 2.0, save_scale)
+        args = (torch.ones_like(x), x, scale, 5, 1e-2, 0.75, 2.0)
+        torch.library.opcheck(torch.ops.convnet.lrn_backward.default, args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -74,14 +78,58 @@ def test_fake_rule_keeps_the_layout_and_the_accumulation_dtype(cpu_kernel):
         assert scale.shape == real.shape and scale.dtype == acc
 
 
-def test_save_scale_false_writes_no_scale_and_refuses_a_backward(cpu_kernel):
+def test_save_scale_false_writes_no_scale(cpu_kernel):
     x = _input((1, 4, 2, 2))
     _, scale = torch.ops.convnet.lrn_forward(x, *PAPER, False)
     assert scale.numel() == 0
     with torch.no_grad():  # the public path saves nothing when no backward can follow
         torch.testing.assert_close(cpu_kernel(x, *PAPER), lrn_reference(x, *PAPER))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "size", "beta"),
+    [
+        ((2, 7, 5, 6), 5, 0.75),
+        ((2, 96, 9, 9), 5, 0.75),
+        ((2, 4, 3, 3), 4, 0.6),  # even size, general power
+        ((2, 1, 3, 3), 3, 0.5),  # a window wider than the channels
+        ((1, 6, 300, 2), 7, 1.0),  # more pixels than one block of the NCHW kernel
+    ],
+)
+def test_the_cpu_backward_recomputes_an_unsaved_scale_bit_for_bit(cpu_kernel, channels_last, dtype, shape, size, beta):
+    """Training on the CPU does not save the scale (ops.lrn): its gradient must be the saved one's."""
+    x = _input(shape, dtype, 3, channels_last)
+    grad = _input(shape, dtype, 4, channels_last)
+    args = (size, 1e-2, beta, 2.0)
+    _, saved = torch.ops.convnet.lrn_forward(x, *args, True)
+    _, unsaved = torch.ops.convnet.lrn_forward(x, *args, False)
+    assert unsaved.numel() == 0
+    expected = torch.ops.convnet.lrn_backward(grad, x, saved, *args)
+    assert torch.equal(torch.ops.convnet.lrn_backward(grad, x, unsaved, *args), expected)
+    x.requires_grad_(True)
+    local_response_norm(x, *args, impl="cpu").backward(grad)
+    assert torch.equal(x.grad, expected), "the public path recomputes the scale and gets the same gradient"
+
+
+def test_a_backward_with_the_scale_of_another_call_is_refused(cpu_kernel):
+    x = _input((1, 4, 2, 2))
+    _, scale = torch.ops.convnet.lrn_forward(_input((1, 4, 3, 3)), *PAPER, True)
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        torch.ops.convnet.lrn_backward(torch.ones_like(x), x, scale, *PAPER)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_the_cuda_op_refuses_a_backward_without_its_scale():
+    assert kernels.get("cuda") is not None, kernels.failure("cuda")
+    x = _input((1, 4, 2, 2), requires_grad=True).cuda()
     with pytest.raises(RuntimeError, match="save_scale=False"):
-        torch.ops.convnet.lrn_forward(x.requires_grad_(True), *PAPER, False)
+        torch.ops.convnet.lrn_forward(x, *PAPER, False)
+    with torch.no_grad():
+        _, unsaved = torch.ops.convnet.lrn_forward(x, *PAPER, False)
+        with pytest.raises(RuntimeError, match="needs the scale saved"):
+            torch.ops.convnet.lrn_backward(torch.ones_like(x), x, unsaved, *PAPER)
 
 
 @pytest.mark.slow  # inductor compiles C++ on 2 cores

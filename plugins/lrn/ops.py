@@ -9,8 +9,11 @@ implementations with ``TORCH_LIBRARY_IMPL``. The fake rules let ``torch.compile`
 the compiled backward graph.
 
 ``scale`` = (k + alpha * window sum)^-beta in the accumulation dtype (float32 for half and
-bfloat16), saved by the forward for the backward; with ``save_scale = False`` (inference) it is
-an empty tensor and the forward writes one tensor instead of two. ``y`` has the
+bfloat16), saved by the forward for the backward; with ``save_scale = False`` it is an empty
+tensor and the forward writes one tensor instead of two. Inference never saves it; training on
+the CPU does not either: the CPU backward recomputes the scale, in the forward's order (the same
+gradient bit for bit), which costs less than writing and reading back a second tensor as big as
+the input (benchmarks/lrn.py; docs/benchmarks.md). The CUDA backward needs the scale saved. ``y`` has the
 layout ``torch.empty_like(x)`` gives: a channels_last input (``train.channels_last``) keeps its
 layout. The CPU kernel computes on NHWC directly, with no copy to NCHW and back, and its scale
 has ``y``'s layout; the CUDA kernel copies an NHWC input to NCHW and back, and keeps its scale
@@ -40,6 +43,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def recomputes_scale(device: torch.device) -> bool:
+    """Whether this device's backward recomputes an unsaved scale (the CPU kernel's does)."""
+    return device.type == "cpu"
+
+
 def _check_nchw(x: torch.Tensor, what: str) -> None:
     torch._check(x.dim() == 4, lambda: f"LRN: {what} must be NCHW, got {x.dim()} dimensions")
 
@@ -65,18 +73,20 @@ def _backward_fake(
     grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, size: int, alpha: float, beta: float, k: float
 ) -> torch.Tensor:
     _check_nchw(x, "input")
+    unsaved = scale.numel() == 0
     torch._check(
-        grad.shape == x.shape and scale.shape == x.shape, lambda: "LRN backward: grad, input and scale shapes differ"
+        grad.shape == x.shape and (unsaved or scale.shape == x.shape),
+        lambda: "LRN backward: grad, input and scale shapes differ",
     )
     return torch.empty_like(x)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, size, alpha, beta, k, save_scale = inputs
-    if not save_scale:
+    if not save_scale and not recomputes_scale(x.device):
         raise RuntimeError(
-            "convnet::lrn_forward was called with save_scale=False on an input that needs a "
-            "gradient; the backward needs the saved scale"
+            f"convnet::lrn_forward was called with save_scale=False on a {x.device.type} input that "
+            "needs a gradient; that device's backward needs the saved scale"
         )
     scale = output[1]
     ctx.mark_non_differentiable(scale)
@@ -99,10 +109,11 @@ torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context
 def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
     """The fused LRN on whichever device's kernel is loaded; differentiable through the op's backward.
 
-    The scale is saved only when a backward can follow (autograd on and ``x`` requiring grad);
-    under ``torch.compile`` and ``torch.export`` that choice is made once, at trace time.
+    The scale is saved only when a backward can follow (autograd on and ``x`` requiring grad) and
+    that backward cannot recompute it; under ``torch.compile`` and ``torch.export`` that choice
+    is made once, at trace time.
     """
     if x.dim() != 4:
         raise ValueError(f"LRN expects an NCHW tensor, got {x.dim()} dimensions")
-    save_scale = torch.is_grad_enabled() and x.requires_grad
+    save_scale = torch.is_grad_enabled() and x.requires_grad and not recomputes_scale(x.device)
     return torch.ops.convnet.lrn_forward(x, int(size), float(alpha), float(beta), float(k), save_scale)[0]

@@ -8,9 +8,14 @@
 
 namespace convnet_lrn {
 
-// The backward pass's grad, input and saved scale must describe the same forward call.
-inline void check_backward_args(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale) {
-  TORCH_CHECK(grad.sizes() == input.sizes() && scale.sizes() == input.sizes(),
+// The backward pass's grad, input and saved scale must describe the same forward call. A kernel
+// that can recompute the scale (the CPU one) also takes the empty tensor of an unsaved scale.
+inline void check_backward_args(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& scale,
+                                bool scale_may_be_unsaved = false) {
+  const bool unsaved = scale.numel() == 0;
+  TORCH_CHECK(!unsaved || scale_may_be_unsaved || input.numel() == 0,
+              "LRN backward: this kernel needs the scale saved by its forward (save_scale=True)");
+  TORCH_CHECK(grad.sizes() == input.sizes() && (unsaved || scale.sizes() == input.sizes()),
               "LRN backward: grad, input and scale shapes differ");
   TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "LRN backward: grad and input dtypes differ");
   TORCH_CHECK(scale.scalar_type() == at::toOpMathType(input.scalar_type()), "LRN backward: scale dtype");

@@ -5,8 +5,10 @@
 // the channel count) so each input row is read from memory once; the window sum is re-added
 // from the ring at every step instead of kept as a running add/subtract, which would lose
 // precision when large and small channels alternate. Inner loops run over contiguous pixels
-// (they vectorise). Forward saves scale = (k + alpha * sum)^-beta; backward reuses it, so it
-// needs no power at all, only the window sums (additions) to rebuild the denominators.
+// (they vectorise). Both passes rebuild the denominators d = k + alpha * sum from the window sums;
+// the scale s = d^-beta is either saved by the forward for the backward, or (save_scale = false,
+// what training on the CPU uses) recomputed by the backward: a power per element there costs less
+// than writing a second tensor as big as the input in the forward and reading it back.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -106,6 +108,9 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& scale, const
 
 // dx[i] = g[i] s[i] - 2 alpha beta x[i] * sum over the c whose window holds i of g[c] x[c] s[c] / d[c],
 // with s = d^-beta. Step m loads row m; c = m - above gets its t = g x s / d; i = m - span + 1 is done.
+// An unsaved scale is recomputed into a ring of span rows: row i is read below = c - i steps after
+// row c was written, so it is still there. The sums and powers are the forward's, in its order: the
+// gradient is the same bit for bit whether the scale was saved or not.
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
                      const convnet_lrn::Window& w, double alpha_d, double beta_d, double k_d) {
@@ -115,10 +120,13 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   const acc_t alpha = alpha_d, k = k_d, coef = acc_t(2) * alpha_d * beta_d;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  const acc_t* sp = scale.const_data_ptr<acc_t>();
+  const acc_t beta = beta_d;
+  const auto kind = convnet_lrn::power_kind(beta_d);
+  const acc_t* sp = scale.numel() != 0 ? scale.const_data_ptr<acc_t>() : nullptr;
   scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> squares(w.span * kBlock), terms(w.span * kBlock), tmp(kBlock);
+    std::vector<acc_t> squares(w.span * kBlock), terms(w.span * kBlock), tmp(kBlock), denom(kBlock);
+    std::vector<acc_t> scales(sp == nullptr ? w.span * kBlock : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, q0 = (item % blocks) * kBlock;
       const int64_t len = std::min(kBlock, HW - q0);
@@ -135,9 +143,18 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
           if (c < C) {
             window_sum(squares.data(), w.span, tmp.data(), len);
             const int64_t off = base + c * HW;
+            for (int64_t q = 0; q < len; ++q) denom[q] = k + alpha * tmp[q];
+            const acc_t* sc;
+            if (sp != nullptr) {
+              sc = sp + off;
+            } else {
+              acc_t* ring_row = scales.data() + (c % w.span) * kBlock;
+              std::copy(denom.data(), denom.data() + len, ring_row);
+              inverse_power(ring_row, len, beta, kind);
+              sc = ring_row;
+            }
             for (int64_t q = 0; q < len; ++q) {
-              t[q] = static_cast<acc_t>(gp[off + q]) * static_cast<acc_t>(xp[off + q]) * sp[off + q] /
-                     (k + alpha * tmp[q]);
+              t[q] = static_cast<acc_t>(gp[off + q]) * static_cast<acc_t>(xp[off + q]) * sc[q] / denom[q];
             }
           } else {
             std::fill(t, t + len, acc_t(0));
@@ -147,8 +164,9 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
         if (i < 0) continue;
         window_sum(terms.data(), w.span, tmp.data(), len);
         const int64_t off = base + i * HW;
+        const acc_t* si = sp != nullptr ? sp + off : scales.data() + (i % w.span) * kBlock;
         for (int64_t q = 0; q < len; ++q) {
-          dp[off + q] = static_cast<scalar_t>(static_cast<acc_t>(gp[off + q]) * sp[off + q] -
+          dp[off + q] = static_cast<scalar_t>(static_cast<acc_t>(gp[off + q]) * si[q] -
                                               coef * static_cast<acc_t>(xp[off + q]) * tmp[q]);
         }
       }
@@ -191,9 +209,10 @@ void forward_nhwc_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& scale, 
   });
 }
 
-// The NHWC backward, per pixel: d[c] = k + alpha * window sum, t[c] = g x s / d (padded with `above`
-// zeros in front and `below` behind, so input channel i's sum over the windows that hold it, c in
-// [i - above, i + below], is span consecutive entries from index i), dx = g s - 2 alpha beta x sum.
+// The NHWC backward, per pixel: d[c] = k + alpha * window sum, s = d^-beta (saved, or recomputed as
+// the forward computed it), t[c] = g x s / d (padded with `above` zeros in front and `below` behind,
+// so input channel i's sum over the windows that hold it, c in [i - above, i + below], is span
+// consecutive entries from index i), dx = g s - 2 alpha beta x sum.
 template <typename scalar_t>
 void backward_nhwc_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
                           const convnet_lrn::Window& w, double alpha_d, double beta_d, double k_d) {
@@ -202,24 +221,35 @@ void backward_nhwc_kernel(const at::Tensor& g, const at::Tensor& x, const at::Te
   const acc_t alpha = alpha_d, k = k_d, coef = acc_t(2) * alpha_d * beta_d;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  const acc_t* spp = scale.const_data_ptr<acc_t>();
+  const acc_t beta = beta_d;
+  const auto kind = convnet_lrn::power_kind(beta_d);
+  const acc_t* spp = scale.numel() != 0 ? scale.const_data_ptr<acc_t>() : nullptr;
   scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 4096 / C);
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> squares(C + w.span - 1, acc_t(0)), terms(C + w.span - 1, acc_t(0)), tmp(C);
+    std::vector<acc_t> squares(C + w.span - 1, acc_t(0)), terms(C + w.span - 1, acc_t(0)), tmp(C), denom(C);
+    std::vector<acc_t> scales(spp == nullptr ? C : 0);
     acc_t* sq = squares.data();
     acc_t* t = terms.data() + w.above;
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* xr = xp + p * C;
       const scalar_t* gr = gp + p * C;
-      const acc_t* sr = spp + p * C;
       load_squares(xr, sq + w.below, C);
       std::copy(sq, sq + C, tmp.data());
       for (int64_t r = 1; r < w.span; ++r) {
         for (int64_t c = 0; c < C; ++c) tmp[c] += sq[c + r];
       }
+      for (int64_t c = 0; c < C; ++c) denom[c] = k + alpha * tmp[c];
+      const acc_t* sr;
+      if (spp != nullptr) {
+        sr = spp + p * C;
+      } else {
+        std::copy(denom.data(), denom.data() + C, scales.data());
+        inverse_power(scales.data(), C, beta, kind);
+        sr = scales.data();
+      }
       for (int64_t c = 0; c < C; ++c) {
-        t[c] = static_cast<acc_t>(gr[c]) * static_cast<acc_t>(xr[c]) * sr[c] / (k + alpha * tmp[c]);
+        t[c] = static_cast<acc_t>(gr[c]) * static_cast<acc_t>(xr[c]) * sr[c] / denom[c];
       }
       std::copy(terms.data(), terms.data() + C, tmp.data());
       for (int64_t r = 1; r < w.span; ++r) {
@@ -268,11 +298,11 @@ at::Tensor lrn_backward(const at::Tensor& grad, const at::Tensor& input, const a
                         double alpha, double beta, double k) {
   check_input(grad, "grad");
   check_input(input, "input");
-  convnet_lrn::check_backward_args(grad, input, scale);
+  convnet_lrn::check_backward_args(grad, input, scale, /*scale_may_be_unsaved=*/true);
   const auto w = convnet_lrn::clipped_window(size, input.size(1));
   if (convnet_lrn::is_nhwc(input)) {
     constexpr auto nhwc = at::MemoryFormat::ChannelsLast;
-    const at::Tensor g = grad.contiguous(nhwc), s = scale.contiguous(nhwc);
+    const at::Tensor g = grad.contiguous(nhwc), s = scale.numel() != 0 ? scale.contiguous(nhwc) : scale;
     at::Tensor dx = at::empty_like(input);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "convnet_lrn_cpu_backward", [&] {
       backward_nhwc_kernel<scalar_t>(g, input, s, dx, w, alpha, beta, k);
