@@ -19,6 +19,8 @@ import torch
 import train_throughput as tt
 from torch import nn
 
+from convnet.core import cpu_memory
+
 PHASES = ("forward", "backward", "step")
 
 
@@ -42,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=2, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reuse-cpu-memory", action="store_true", help="train.reuse_cpu_memory for this process")
     args = p.parse_args(argv)
+    if args.reuse_cpu_memory and not cpu_memory.reuse_freed_memory():
+        p.error("--reuse-cpu-memory: this C library is not glibc")
     device = torch.device("cpu")
     variant = tt.VARIANTS[args.variant]
     contenders = [
@@ -57,7 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         for c in contenders:
             times = [timed_step(c) for _ in range(args.steps)]
             rounds[c.name].append(tuple(statistics.median(t[i] for t in times) for i in range(3)))
-    print(f"variant {args.variant}, batch {args.batch}, {args.rounds} x {args.steps} steps, torch {torch.__version__}")
+    reuse = ", reuse_cpu_memory" if args.reuse_cpu_memory else ""
+    print(
+        f"variant {args.variant}{reuse}, batch {args.batch}, {args.rounds} x {args.steps} steps, "
+        f"torch {torch.__version__}"
+    )
     for name, per_round in rounds.items():
         ms = [1000 * statistics.median(r[i] for r in per_round) for i in range(3)]
         phases = "  ".join(f"{ph} {v:7.1f} ms" for ph, v in zip(PHASES, ms))

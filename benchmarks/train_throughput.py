@@ -37,7 +37,7 @@ import torchvision
 from torch import nn
 
 import convnet.core as cn
-from convnet.core import build_strategy, load_plugins
+from convnet.core import build_strategy, cpu_memory, load_plugins
 from convnet.core.compiling import compile_in_place
 from convnet.core.components import build_optimizer
 
@@ -261,8 +261,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--cpu-fast", action="store_true", help="the same as --variants eager channels_last compiled_f32 compiled_cl"
     )
+    p.add_argument(
+        "--reuse-cpu-memory",
+        action="store_true",
+        help="train.reuse_cpu_memory for this process, so for both networks (benchmarks/cpu_memory.py "
+        "times it against without, in separate processes)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.reuse_cpu_memory and not cpu_memory.reuse_freed_memory():
+        p.error("--reuse-cpu-memory: this C library is not glibc")
     if args.compile:
         args.variants = list(dict.fromkeys([*args.variants, "eager", "compiled_f32"]))
     if args.cpu_fast:
@@ -283,8 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.variants
         else f"channels_last={args.channels_last}, autocast={args.autocast}"
     )
-    print(f"device {device_name(device)}, batch {args.batch}, {setup}, torch {torch.__version__}")
+    reuse = ", reuse_cpu_memory" if args.reuse_cpu_memory else ""
+    print(f"device {device_name(device)}, batch {args.batch}, {setup}{reuse}, torch {torch.__version__}")
     result = measure(args, device)
+    result["reuse_cpu_memory"] = args.reuse_cpu_memory
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result

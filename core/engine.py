@@ -21,8 +21,8 @@ import pluggy
 import torch
 from torch import nn
 
+from convnet.core import cpu_memory, keyed, plugins, run_folder, schema
 from convnet.core import data as cdata
-from convnet.core import keyed, plugins, run_folder, schema
 from convnet.core.components import Components, build_components, build_strategy, checkpoint_room
 from convnet.core.data import augment_batch
 from convnet.core.errors import ConvnetError, NonFiniteLossError
@@ -91,6 +91,12 @@ class Run:
         torch.backends.cudnn.benchmark = r.train.cudnn_benchmark and not r.train.deterministic
         torch.manual_seed(r.seed)
         cdata.seed_global_generators(r.seed)
+        if r.train.reuse_cpu_memory and not cpu_memory.reuse_freed_memory() and self.strategy.is_main:
+            print(
+                "convnet: note: train.reuse_cpu_memory works with glibc's malloc only; this C library's "
+                "allocator is used as it is",
+                file=sys.stderr,
+            )
         self._claim_folder()
         self.parts: Components = build_components(r, self.registries, self.strategy)
         self.dtype = next(iter(self.parts.module.parameters())).dtype

@@ -340,6 +340,7 @@ RESUME_MAY_CHANGE = {
     "train.compile",
     "train.compile_mode",
     "train.channels_last",
+    "train.reuse_cpu_memory",
 }
 
 

@@ -152,6 +152,8 @@ class Train:
     channels_last: bool = False
     autocast: str = attrs.field(default="none", validator=v.in_(("none", "bfloat16")))
     cudnn_benchmark: bool = False
+    # Large CPU tensors from the heap, freed memory kept for the next step (core/cpu_memory.py; glibc).
+    reuse_cpu_memory: bool = False
     # torch.compile the module (core/compiling.py): same losses within float32 rounding, same checkpoints.
     compile: bool = False
     compile_mode: str = attrs.field(default="default", validator=v.in_(compiling.MODES))

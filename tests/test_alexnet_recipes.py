@@ -266,13 +266,15 @@ def test_bundled_recipes_resolve_byte_for_byte_as_before(name, registries):
 
 def test_a_checkpoint_saved_before_an_option_existed_still_resumes(registries):
     """alexnet-imagenet as checkpoints saved it before relu had ``inplace`` and before the recipe
-    set ``train.channels_last``: the option holds its default on both sides and the layout may
-    change on a resume, so the run continues; a real difference is still found."""
+    set ``train.channels_last`` and ``train.reuse_cpu_memory``: the option holds its default on
+    both sides, and the layout and the allocation may change on a resume, so the run continues;
+    a real difference is still found."""
     from convnet.core.recipe import resume_difference
 
     text = (RESOLVED / "alexnet-imagenet.toml").read_text(encoding="utf-8")
     before = text.replace("inplace = true\n", "").replace("channels_last = true\n", "")
-    assert before.count("\n") == text.count("\n") - 8
+    before = before.replace("reuse_cpu_memory = true\n", "")
+    assert before.count("\n") == text.count("\n") - 9
     recipe = load_recipe("alexnet-imagenet", registries=registries)
     assert resume_difference(before, recipe, registries) is None
     # a part a resume may change and this machine cannot read does not hide the new defaults

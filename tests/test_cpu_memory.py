@@ -1,0 +1,98 @@
+"""``train.reuse_cpu_memory``: a large CPU tensor freed by one step is reused by the next
+without a page fault per page, in the process that sets it; the numbers do not change.
+
+Measured with the kernel's own count of this process's minor page faults (getrusage), in fresh
+interpreters: the setting lasts for the process, and the pytest process is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convnet.core import cpu_memory
+
+TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
+MIB = 64
+PAGES = MIB * 2**20 // 4096
+
+pytestmark = pytest.mark.skipif(not cpu_memory.available(), reason="the C library here is not glibc")
+
+# Allocates, fills and frees a 64 MiB tensor over and over, as a training step does with its
+# activations, and prints the page faults of the last ROUNDS. The first few rounds grow the heap
+# around the interpreter's own small allocations; from the fifth on it has room.
+ROUNDS = 6
+MEASURE = f"""
+import resource, torch
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():
+    t = torch.empty({MIB} * 2**20 // 4); t.fill_(1.0); del t
+for _ in range(4):
+    step()
+before = faults()
+for _ in range({ROUNDS}):
+    step()
+print(faults() - before)
+"""
+
+
+def _faults(setup: str) -> int:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MALLOC_MMAP_MAX_", None)  # glibc's own environment switches would blur the control
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    done = subprocess.run(
+        [sys.executable, "-c", setup + MEASURE], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def _assert_control_faults(without: int) -> None:
+    if without < ROUNDS * PAGES // 2:
+        pytest.skip(f"glibc maps fresh {MIB} MiB blocks here with only {without} page faults (huge pages?): no control")
+
+
+def test_a_freed_large_tensor_is_reused_without_page_faults():
+    with_ = _faults("from convnet.core import cpu_memory\nassert cpu_memory.reuse_freed_memory()\n")
+    assert with_ < PAGES, f"{with_} page faults for {ROUNDS} {MIB} MiB tensors that reuse freed memory"
+    without = _faults("")
+    _assert_control_faults(without)  # glibc's default: a fresh mapping each time, a fault per 4 KiB page
+    assert without > 4 * max(with_, 1)
+
+
+def test_a_run_with_the_option_leaves_its_process_reusing_memory(tmp_path: Path):
+    def run(reuse: str) -> str:
+        return (
+            "import convnet.core as cn\n"
+            f"r = cn.load_recipe({str(TINY)!r}, ['train.max_steps=2', 'train.reuse_cpu_memory={reuse}'])\n"
+            f"cn.train(r, out={str(tmp_path / reuse)!r}, quiet=True)\n"
+        )
+
+    with_ = _faults(run("true"))
+    assert with_ < PAGES
+    without = _faults(run("false"))
+    _assert_control_faults(without)
+    assert without > 4 * max(with_, 1)
+
+
+def test_the_run_is_the_same_bit_for_bit(tmp_path: Path):
+    """Only where memory comes from changes: the weights of 3 steps are equal with and without."""
+    script = (
+        "import sys, convnet.core as cn\n"
+        "from safetensors.torch import load_file\n"
+        "weights = []\n"
+        "for reuse in ('false', 'true'):  # once set, it stays for the process: without first\n"
+        f"    r = cn.load_recipe({str(TINY)!r}, ['train.max_steps=3', f'train.reuse_cpu_memory={{reuse}}'])\n"
+        f"    out = cn.train(r, out={str(tmp_path)!r} + '/' + reuse, quiet=True)['out']\n"
+        "    weights.append(load_file(out + '/checkpoints/last.safetensors'))\n"
+        "a, b = weights\n"
+        "assert [k for k in a if k.startswith('model/')], 'no model tensors in the checkpoint'\n"
+        "sys.exit(0 if all(a[k].equal(b[k]) for k in a if k.startswith('model/')) else 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
