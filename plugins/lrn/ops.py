@@ -13,11 +13,12 @@ bfloat16), saved by the forward for the backward; with ``save_scale = False`` it
 tensor and the forward writes one tensor instead of two. Inference never saves it; training on
 the CPU does not either: the CPU backward recomputes the scale, in the forward's order (the same
 gradient bit for bit), which costs less than writing and reading back a second tensor as big as
-the input (benchmarks/lrn.py; docs/benchmarks.md). The CUDA backward needs the scale saved. ``y`` has the
-layout ``torch.empty_like(x)`` gives: a channels_last input (``train.channels_last``) keeps its
-layout. The CPU kernel computes on NHWC directly, with no copy to NCHW and back, and its scale
-has ``y``'s layout; the CUDA kernel copies an NHWC input to NCHW and back, and keeps its scale
-NCHW (only its own backward reads it).
+the input (benchmarks/lrn.py; docs/benchmarks.md). The CUDA backward needs the scale saved.
+
+``y`` has the layout ``torch.empty_like(x)`` gives: a channels_last input
+(``train.channels_last``) keeps its layout. The CPU kernel computes on NHWC directly, with no
+copy to NCHW and back, and a saved scale has ``y``'s layout; the CUDA kernel copies an NHWC
+input to NCHW and back, and keeps its scale NCHW (only its own backward reads it).
 """
 
 from __future__ import annotations
