@@ -7,7 +7,7 @@ the paper's 90 epochs. Results go to OUT/gpu_check.json and OUT/gpu_check.md.
     python benchmarks/gpu_check.py OUT --quick      # tiny sizes (what the test runs on the CPU)
 
 Steps (each reuses the benchmark script that owns it; see docs/gpu.md):
-  kernels         JIT-build the LRN kernels; `pytest -m cuda tests/test_lrn_cuda.py`
+  kernels         JIT-build the LRN kernels; `pytest -m cuda tests/test_lrn_cuda.py tests/test_lrn_ops.py`
   lrn             benchmarks/lrn.py: ms, GB/s, share of copy bandwidth, ratio to F.local_response_norm
   throughput      benchmarks/train_throughput.py: alexnet-imagenet vs torchvision alexnet(), interleaved
                   (eager, channels_last, bf16 autocast, torch.compile)
@@ -109,6 +109,7 @@ def step_kernels(c: Check) -> dict:
             "no:cacheprovider",
             f"--junitxml={xml}",
             str(ROOT / "tests" / "test_lrn_cuda.py"),
+            str(ROOT / "tests" / "test_lrn_ops.py"),  # opcheck on the CUDA op
         ],
         cwd=ROOT,
         capture_output=True,

@@ -261,13 +261,3 @@ def test_cuda_kernel_at_the_papers_shapes(cuda_kernel, shape, dtype, layout, siz
     y.backward(grad)
     yr.backward(grad.double())
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=rtol, atol=atol)
-
-
-@pytest.mark.cuda
-@needs_gpu
-def test_cuda_op_schema_opcheck(cuda_kernel):
-    """torch.library.opcheck's schema test on the raw CUDA op (its autograd lives in kernels._Lrn)."""
-    x = torch.randn(2, 6, 5, 5, device="cuda")
-    torch.library.opcheck(
-        torch.ops.convnet_lrn_cuda.forward.default, (x, 5, 1e-4, 0.75, 2.0, True), test_utils=("test_schema",)
-    )

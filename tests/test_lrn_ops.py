@@ -56,6 +56,7 @@ def test_opcheck_cpu(cpu_kernel):
         torch.library.opcheck(torch.ops.convnet.lrn_backward.default, args)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_opcheck_cuda():
     assert kernels.get("cuda") is not None, kernels.failure("cuda")
@@ -120,6 +121,7 @@ def test_a_backward_with_the_scale_of_another_call_is_refused(cpu_kernel):
         torch.ops.convnet.lrn_backward(torch.ones_like(x), x, scale, *PAPER)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_the_cuda_op_refuses_a_backward_without_its_scale():
     assert kernels.get("cuda") is not None, kernels.failure("cuda")
