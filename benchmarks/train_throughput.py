@@ -13,8 +13,10 @@ reference script has no channels_last), ours as its recipe says (alexnet-imagene
 images/s for each and the ratio ours / torchvision (above 1 = ours faster): the median over the
 interleaved rounds of the per-round ratio (a slow spell of a shared machine hits both alike). With
 ``--strategies`` it also times other registered strategies (e.g. model-parallel with both
-towers on the one device) against ``single``. ``--variants`` times several set-ups in one
-interleaved run, each for both networks: eager (float32, contiguous), channels_last,
+towers on the one device) against ``single``; with ``--inductor-layers``, ours with every relu
+and maxpool ``opaque_under_compile = false`` (what that option gains under torch.compile).
+``--variants`` times several set-ups in one interleaved run, each for both networks: eager
+(float32, contiguous), channels_last,
 bf16 (channels_last + bfloat16 autocast), compiled (bf16 under torch.compile; a network that
 does not compile here is reported as such, not timed), compiled_f32 (float32, contiguous, compiled),
 compiled_cl (float32, channels_last, compiled). ``--compile`` is ``--variants eager compiled_f32``;
@@ -40,6 +42,8 @@ import convnet.core as cn
 from convnet.core import build_strategy, cpu_memory, load_plugins
 from convnet.core.compiling import compile_in_place
 from convnet.core.components import build_optimizer
+from convnet.core.layer_edits import raw_layer_ids
+from convnet.core.recipe import load_raw
 
 
 def _sync(device: torch.device) -> None:
@@ -93,9 +97,16 @@ VARIANTS = {
 }
 
 
-def ours(strategy_name: str, args: argparse.Namespace, device: torch.device):
+def ours(strategy_name: str, args: argparse.Namespace, device: torch.device, inductor_layers: bool = False):
     regs = load_plugins()
     sets = [f"data.batch_size={args.batch}", f"parallel.strategy={strategy_name}"]
+    if inductor_layers:  # every relu and maxpool left to inductor under torch.compile
+        raw_layers = load_raw(args.recipe)[0]["model"]["layers"]
+        sets += [
+            f"model.layers.{layer_id}.opaque_under_compile=false"
+            for layer_id, layer in zip(raw_layer_ids(raw_layers), raw_layers)
+            if layer.get("name") in ("relu", "maxpool")
+        ]
     if strategy_name == "single":
         sets.append(f"parallel.device={device}")
     elif strategy_name == "model-parallel":
@@ -177,6 +188,9 @@ def contenders_for(args: argparse.Namespace, device: torch.device) -> list[Conte
         group += [
             Contender(f"{args.recipe} {s}{tag}", ours(s, args, device), args, device, variant) for s in args.strategies
         ]
+        if args.inductor_layers:
+            name = f"{args.recipe} single, inductor relu/maxpool{tag}"
+            group.append(Contender(name, ours("single", args, device, inductor_layers=True), args, device, variant))
         if variant is None:  # each as it trains by default: say in which layout
             for c in group:
                 c.name += " [channels_last]" if c.variant.channels_last else " [NCHW]"
@@ -194,7 +208,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
         for c in contenders:
             c.run(args.steps, 0)
     rows = []
-    per_variant = 2 + len(args.strategies)
+    per_variant = 2 + len(args.strategies) + args.inductor_layers
     for i in range(0, len(contenders), per_variant):
         tv, single, *others = contenders[i : i + per_variant]
         for c in (tv, single, *others):
@@ -257,6 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="time these set-ups instead of the one --channels-last/--autocast describe",
     )
     p.add_argument("--strategies", nargs="*", default=[], help="also time these strategies against single")
+    p.add_argument(
+        "--inductor-layers",
+        action="store_true",
+        help="also time ours with relu and maxpool opaque_under_compile = false (inductor's code for them "
+        "when compiled), against ours as its recipe says",
+    )
     p.add_argument("--compile", action="store_true", help="the same as --variants eager compiled_f32")
     p.add_argument(
         "--cpu-fast", action="store_true", help="the same as --variants eager channels_last compiled_f32 compiled_cl"

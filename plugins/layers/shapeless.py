@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -11,6 +11,7 @@ from attrs import validators as v
 from torch import nn
 
 from convnet.core import BuiltLayer, LayerContext, keyed
+from convnet.plugins.layers import eager_kernels
 
 
 @attrs.define
@@ -25,9 +26,14 @@ class ReluOptions:
     alexnet-imagenet), whenever that is known to be safe; otherwise it writes a new tensor, and
     the numbers are the same either way. Only the producer is checked, not who else holds its
     output: set it false when a forward hook or a layer of your own keeps the previous layer's
-    output and must see it unrectified."""
+    output and must see it unrectified.
+
+    ``opaque_under_compile = true`` runs torch's eager ReLU as an opaque op when training on the
+    CPU under ``torch.compile`` (``eager_kernels``: inductor's CPU code for ReLU's backward mask
+    is slower than eager's); the numbers are the same either way."""
 
     inplace: bool = True
+    opaque_under_compile: bool = True
 
 
 @attrs.define
@@ -40,6 +46,14 @@ class PoolOptions:
     kernel: int = attrs.field(default=3, validator=v.gt(0))
     stride: int = attrs.field(default=2, validator=v.gt(0))
     padding: int = attrs.field(default=0, validator=v.ge(0))
+
+
+@attrs.define
+class MaxPoolOptions(PoolOptions):
+    """``opaque_under_compile = true`` runs torch's eager max-pool as an opaque op when training on
+    the CPU under ``torch.compile`` (``eager_kernels``); the numbers are the same either way."""
+
+    opaque_under_compile: bool = True
 
 
 # Autograd nodes whose backward does not read their output: rectifying that output in place
@@ -70,16 +84,23 @@ def rectify_in_place_is_safe(x: torch.Tensor) -> bool:
 
 
 class ReLU(nn.ReLU):
-    """``nn.ReLU`` that works in place when ``rectify_in_place_is_safe`` says so (``inplace``)."""
+    """``nn.ReLU`` that works in place when ``rectify_in_place_is_safe`` says so (``inplace``),
+    and through ``eager_kernels.relu`` when compiled for CPU training (``opaque_under_compile``)."""
+
+    def __init__(self, inplace: bool = False, opaque_under_compile: bool = False) -> None:
+        super().__init__(inplace)
+        self.opaque_under_compile = opaque_under_compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.opaque_under_compile and eager_kernels.wanted(x):
+            return eager_kernels.relu(x)
         if self.inplace and rectify_in_place_is_safe(x):
             return torch.relu_(x)
         return torch.relu(x)
 
 
 def build_relu(options: ReluOptions, ctx: LayerContext) -> BuiltLayer:
-    return BuiltLayer(ReLU(inplace=options.inplace), ctx.in_shape)
+    return BuiltLayer(ReLU(options.inplace, options.opaque_under_compile), ctx.in_shape)
 
 
 def build_tanh(options: NoOptions, ctx: LayerContext) -> BuiltLayer:
@@ -125,7 +146,21 @@ def build_flatten(options: NoOptions, ctx: LayerContext) -> BuiltLayer:
     return BuiltLayer(nn.Flatten(), (math.prod(ctx.in_shape),))
 
 
-def _pool(kind: type[nn.Module]):
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that runs through ``eager_kernels.max_pool2d`` when compiled for CPU
+    training (``opaque_under_compile``)."""
+
+    def __init__(self, kernel: int, stride: int, padding: int, opaque_under_compile: bool = False) -> None:
+        super().__init__(kernel, stride, padding)
+        self.opaque_under_compile = opaque_under_compile
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.opaque_under_compile and eager_kernels.wanted(x):
+            return eager_kernels.max_pool2d(x, self.kernel_size, self.stride, self.padding)[0]
+        return super().forward(x)
+
+
+def _pool(kind: Callable[[int, int, int, PoolOptions], nn.Module]):
     def build(options: PoolOptions, ctx: LayerContext) -> BuiltLayer:
         if len(ctx.in_shape) != 3:
             raise ctx.error(f"pooling needs a [channels, height, width] input, found {list(ctx.in_shape)}")
@@ -136,10 +171,10 @@ def _pool(kind: type[nn.Module]):
         if k > h + 2 * p or k > w + 2 * p:
             raise ctx.error(f"pooling window {k}x{k} is larger than its input {list(ctx.in_shape)}")
         oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        return BuiltLayer(kind(k, s, p), (c, oh, ow))
+        return BuiltLayer(kind(k, s, p, options), (c, oh, ow))
 
     return build
 
 
-build_maxpool = _pool(nn.MaxPool2d)
-build_avgpool = _pool(nn.AvgPool2d)
+build_maxpool = _pool(lambda k, s, p, options: MaxPool2d(k, s, p, options.opaque_under_compile))
+build_avgpool = _pool(lambda k, s, p, options: nn.AvgPool2d(k, s, p))
