@@ -69,7 +69,7 @@ def test_checked_classes_name_the_field_a_validator_refuses() -> None:
         (
             'name = "relu"\n',
             'name = "relu"\nalpha = 1\n',
-            "model.layers[1]: unknown key 'alpha' (allowed: inplace)",
+            "model.layers[1]: unknown key 'alpha' (allowed: inplace, opaque_under_compile)",
         ),
         (
             'name = "plateau"\npatience = 0\nthreshold = 1.0\n',

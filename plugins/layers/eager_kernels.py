@@ -3,7 +3,7 @@
 
 Inductor's CPU code for these two layers' training graphs is slow where eager's is not: it saves
 ReLU's backward as a bool mask (``y <= 0``) and max-pool's argmax as int8 offsets, and its
-generated C++ stores those masks 10-20x slower than eager computes them (torch 2.14.1, AVX-512
+generated C++ stores those masks 8-22x slower than eager computes them (torch 2.14.1, AVX-512
 and AVX2 code alike: a [32,96,55,55] mask takes 45 ms compiled against 2 ms eager; see
 docs/benchmarks.md). Called through these ops, the layers run the eager kernels, and the backward
 reads the saved output (ReLU) or the input and its int64 indices (max-pool), as eager autograd
