@@ -72,9 +72,11 @@ def test_compiled_training_on_the_cpu_calls_the_opaque_ops():
     assert set(_traced(_layers(), _input())) >= OPAQUE
 
 
-@pytest.mark.parametrize("case", ["option off", "no grad", "input without grad"])
+@pytest.mark.parametrize("case", ["option off", "no grad", "input without grad", "not the cpu"])
 def test_elsewhere_the_layers_trace_to_standard_ops(case):
-    module, x = _layers(opaque=case != "option off"), _input(requires_grad=case == "option off")
+    module, x = _layers(opaque=case != "option off"), _input(requires_grad=case in ("option off", "not the cpu"))
+    if case == "not the cpu":  # a GPU is not here; the meta device stands for any other device
+        x = torch.empty_like(x, device="meta").requires_grad_()
     if case == "no grad":
         x.requires_grad_(True)
         with torch.no_grad():
