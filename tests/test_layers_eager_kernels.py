@@ -32,6 +32,17 @@ def test_the_ops_pass_opcheck(channels_last):
     torch.library.opcheck(eager_kernels.max_pool2d_backward, (torch.randn_like(out), x.detach(), indices, 3, 2, 1))
 
 
+def test_the_backward_ops_lay_out_their_result_as_aten_does():
+    """The fake rules must give the real strides: a ReLU's gradient takes its output's layout
+    whatever the incoming gradient's (a flatten after a channels_last ReLU hands back NCHW), and
+    max-pool's takes the input's suggested format (a transposed input gives a contiguous one)."""
+    y = torch.relu(_input(True).detach())
+    torch.library.opcheck(eager_kernels.relu_backward, (torch.randn(y.shape), y))
+    x = _input().detach().transpose(2, 3)
+    out, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
+    torch.library.opcheck(eager_kernels.max_pool2d_backward, (torch.randn_like(out), x, indices, 3, 2, 1))
+
+
 def test_the_ops_give_eager_values_and_gradients_bit_for_bit():
     x, x_ref = _input(True), _input(True)
     y, _ = eager_kernels.max_pool2d(eager_kernels.relu(x), 3, 2, 0)
@@ -117,3 +128,54 @@ def test_inductor_training_step_matches_eager():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_channels_last_relu_before_a_flatten_matches_eager():
+    """The flatten's backward hands the ReLU an NCHW gradient while its output is channels_last:
+    the compiled step must still run, with eager's gradients."""
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Conv2d(6, 4, 3), ReLU(True, True), nn.Flatten(), nn.Linear(4 * 9 * 9, 5))
+        return module.to(memory_format=torch.channels_last)
+
+    eager, compiled = net(), net()
+    torch._dynamo.reset()
+    compiled.compile(fullgraph=True)
+    x = _input(True, requires_grad=False)
+    for module in (eager, compiled):
+        module(x).square().sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_double_backward_through_the_opaque_ops_matches_eager():
+    """A gradient penalty (create_graph=True) under a backend that runs the traced graph as it is."""
+
+    def penalty_grads(module: nn.Module) -> list[torch.Tensor]:
+        x = _input()
+        (gx,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        return [p.grad for p in module.parameters()]
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(6, 4, 3), ReLU(True, True), nn.Conv2d(4, 4, 3), MaxPool2d(3, 2, 1, True))
+
+    eager, compiled = net(), net()
+    recorder = _Recorder()
+    torch._dynamo.reset()
+    traced = torch.compile(compiled, backend=recorder, fullgraph=True)
+    for a, b in zip(penalty_grads(eager), penalty_grads(traced)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert set(recorder.targets) >= OPAQUE
+
+
+@pytest.mark.parametrize("change", ["ceil_mode", "dilation"])
+def test_a_max_pool_changed_after_it_was_built_keeps_torchs_path(change):
+    """The op is square, dilation 1, floor mode; a module set otherwise must not call it."""
+    pool = MaxPool2d(3, 2, 0, True)
+    setattr(pool, change, True if change == "ceil_mode" else 2)
+    module, x = nn.Sequential(ReLU(True, True), pool), _input()
+    assert torch.ops.convnet.max_pool2d.default not in _traced(module, x)
+    assert torch.compile(module, backend=_Recorder())(x).shape == module(x).shape

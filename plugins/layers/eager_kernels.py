@@ -53,7 +53,9 @@ def relu_backward(grad: Tensor, y: Tensor) -> Tensor:
 @relu_backward.register_fake
 def _relu_backward_fake(grad: Tensor, y: Tensor) -> Tensor:
     torch._check(grad.shape == y.shape, lambda: "ReLU backward: grad and output shapes differ")
-    return torch.empty_like(grad)
+    # ATen's own meta rule: the result takes y's layout, not grad's (a flatten after a
+    # channels_last ReLU hands back an NCHW grad).
+    return torch.ops.aten.threshold_backward(grad, y, 0)
 
 
 def _relu_setup(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
@@ -66,6 +68,20 @@ def _relu_grad(ctx: Any, grad: Tensor) -> Tensor:
 
 
 relu.register_autograd(_relu_grad, setup_context=_relu_setup)
+
+
+def _relu_backward_setup(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _relu_backward_grad(ctx: Any, grad_grad: Tensor) -> tuple[Tensor, None]:
+    """Double backward (a gradient penalty under a backend that supports it): linear in grad,
+    piecewise constant in y, as ATen's threshold_backward formula says."""
+    (y,) = ctx.saved_tensors
+    return relu_backward(grad_grad, y), None
+
+
+relu_backward.register_autograd(_relu_backward_grad, setup_context=_relu_backward_setup)
 
 
 def _window(kernel: int, stride: int, padding: int) -> tuple[list[int], list[int], list[int]]:
@@ -94,7 +110,9 @@ def _max_pool2d_backward_fake(
     grad: Tensor, x: Tensor, indices: Tensor, kernel: int, stride: int, padding: int
 ) -> Tensor:
     torch._check(grad.shape == indices.shape, lambda: "max-pool backward: grad and indices shapes differ")
-    return torch.empty_like(x)
+    k, s, p = _window(kernel, stride, padding)
+    # ATen's own meta rule: the result is laid out in x's suggested memory format.
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, k, s, p, [1, 1], False, indices)
 
 
 def _max_pool2d_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -114,3 +132,18 @@ def _max_pool2d_grad(ctx: Any, grad: Tensor | None, _grad_indices: Tensor | None
 
 
 max_pool2d.register_autograd(_max_pool2d_grad, setup_context=_max_pool2d_setup)
+
+
+def _max_pool2d_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    ctx.save_for_backward(inputs[2])
+
+
+def _max_pool2d_backward_grad(ctx: Any, grad_grad: Tensor) -> tuple[Tensor | None, ...]:
+    """Double backward: each output gradient is the input gradient at its argmax (ATen's
+    max_pool_double_backward); nothing flows to x or the indices."""
+    (indices,) = ctx.saved_tensors
+    picked = grad_grad.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+    return picked, None, None, None, None, None
+
+
+max_pool2d_backward.register_autograd(_max_pool2d_backward_grad, setup_context=_max_pool2d_backward_setup)

@@ -155,7 +155,9 @@ class MaxPool2d(nn.MaxPool2d):
         self.opaque_under_compile = opaque_under_compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.opaque_under_compile and eager_kernels.wanted(x):
+        # The op is square, dilation 1, floor mode: a module changed after it was built keeps nn's path.
+        plain = self.dilation == 1 and not self.ceil_mode and not self.return_indices
+        if plain and self.opaque_under_compile and eager_kernels.wanted(x):
             return eager_kernels.max_pool2d(x, self.kernel_size, self.stride, self.padding)[0]
         return super().forward(x)
 
