@@ -14,7 +14,9 @@ images/s for each and the ratio ours / torchvision (above 1 = ours faster): the 
 interleaved rounds of the per-round ratio (a slow spell of a shared machine hits both alike). With
 ``--strategies`` it also times other registered strategies (e.g. model-parallel with both
 towers on the one device) against ``single``; with ``--inductor-layers``, ours with every relu
-and maxpool ``opaque_under_compile = false`` (what that option gains under torch.compile).
+and maxpool ``opaque_under_compile = false`` (what that option gains under torch.compile); with
+``--multi-tensor-sgd``, ours with the paper-sgd step as four multi-tensor passes instead of the
+fused CPU operator.
 ``--variants`` times several set-ups in one interleaved run, each for both networks: eager
 (float32, contiguous), channels_last,
 bf16 (channels_last + bfloat16 autocast), compiled (bf16 under torch.compile; a network that
@@ -97,7 +99,13 @@ VARIANTS = {
 }
 
 
-def ours(strategy_name: str, args: argparse.Namespace, device: torch.device, inductor_layers: bool = False):
+def ours(
+    strategy_name: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    inductor_layers: bool = False,
+    multi_tensor_sgd: bool = False,
+):
     regs = load_plugins()
     sets = [f"data.batch_size={args.batch}", f"parallel.strategy={strategy_name}"]
     if inductor_layers:  # every relu and maxpool left to inductor under torch.compile
@@ -115,6 +123,8 @@ def ours(strategy_name: str, args: argparse.Namespace, device: torch.device, ind
     strategy = build_strategy(recipe, regs)
     module = strategy.prepare(cn.build_model(recipe, "cpu", regs))
     optimizer = build_optimizer(recipe, regs, list(strategy.named_parameters(module)))
+    if multi_tensor_sgd:  # the paper-sgd step as four multi-tensor passes, not the fused operator
+        optimizer.fused = False
     return module, optimizer, tuple(recipe.model.input), recipe.model.num_classes, recipe.train.channels_last
 
 
@@ -191,6 +201,9 @@ def contenders_for(args: argparse.Namespace, device: torch.device) -> list[Conte
         if args.inductor_layers:
             name = f"{args.recipe} single, inductor relu/maxpool{tag}"
             group.append(Contender(name, ours("single", args, device, inductor_layers=True), args, device, variant))
+        if args.multi_tensor_sgd:
+            name = f"{args.recipe} single, multi-tensor paper-sgd{tag}"
+            group.append(Contender(name, ours("single", args, device, multi_tensor_sgd=True), args, device, variant))
         if variant is None:  # each as it trains by default: say in which layout
             for c in group:
                 c.name += " [channels_last]" if c.variant.channels_last else " [NCHW]"
@@ -208,7 +221,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
         for c in contenders:
             c.run(args.steps, 0)
     rows = []
-    per_variant = 2 + len(args.strategies) + args.inductor_layers
+    per_variant = 2 + len(args.strategies) + args.inductor_layers + args.multi_tensor_sgd
     for i in range(0, len(contenders), per_variant):
         tv, single, *others = contenders[i : i + per_variant]
         for c in (tv, single, *others):
@@ -276,6 +289,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="also time ours with relu and maxpool opaque_under_compile = false (inductor's code for them "
         "when compiled), against ours as its recipe says",
+    )
+    p.add_argument(
+        "--multi-tensor-sgd",
+        action="store_true",
+        help="also time ours with the paper-sgd step as multi-tensor passes (PaperSGD(fused=False)), against "
+        "ours with the fused step (the default)",
     )
     p.add_argument("--compile", action="store_true", help="the same as --variants eager compiled_f32")
     p.add_argument(

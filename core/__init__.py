@@ -15,7 +15,7 @@ The small stable Python API::
 
 from __future__ import annotations
 
-from convnet.core import keyed, schema
+from convnet.core import cpp_kernels, keyed, schema
 from convnet.core.checkpoint import check_compatible, model_tensors
 from convnet.core.checkpoint import load as load_checkpoint
 from convnet.core.checkpoint import save as save_checkpoint
@@ -81,6 +81,8 @@ __all__ = [
     "layer_ids",
     # random layers: masks keyed by (seed, step, layer, global sample, global feature)
     "keyed",
+    # building a plugin's C++/CUDA sources on first use (the LRN kernels, the paper's SGD step)
+    "cpp_kernels",
     # writing a plugin: hooks and registries
     "hookimpl",
     "hookspec",

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from convnet.core import cpp_kernels
 from convnet.plugins.lrn import kernels, local_response_norm
 from convnet.plugins.lrn.reference import lrn_reference
 
@@ -17,7 +18,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA de
 
 @pytest.mark.slow  # about 30 s of nvcc on 2 cores (torch's headers); CI still runs it
 def test_cuda_source_compiles_with_nvcc(tmp_path):
-    if kernels.find_nvcc() is None:
+    if cpp_kernels.find_nvcc() is None:
         pytest.skip("nvcc not found on PATH, CUDA_HOME or /usr/local/cuda*")
     obj = kernels.compile_cuda_object(tmp_path)
     assert obj.stat().st_size > 0

@@ -7,13 +7,19 @@ w_{i+1} = w_i + v_{i+1}
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from convnet.core import OptimizerContext, ScheduleContext, load_plugins, load_recipe
-from convnet.plugins.optim import SGDOptions, build_paper_sgd
+from convnet.core import OptimizerContext, ScheduleContext, cpp_kernels, load_plugins, load_recipe
+from convnet.plugins.optim import SGDOptions, build_paper_sgd, fused_step
 from convnet.plugins.optim.paper_sgd import PaperSGD
 from convnet.plugins.optim.schedules import CosineOptions, CosineSchedule, PlateauOptions, PlateauSchedule
 
@@ -188,13 +194,15 @@ def test_cosine_with_no_room_after_warm_up_is_a_recipe_error():
         CosineSchedule(CosineOptions(warmup_steps=30), schedule_context(opt, 10, 3))
 
 
-def test_multi_tensor_step_is_bit_identical_to_the_per_tensor_equations():
-    """The step runs torch._foreach_* over all parameters: same operations, same order, same bits;
-    a parameter without a gradient is left alone (and gets no velocity)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["multi-tensor", "fused"])
+def test_step_is_bit_identical_to_the_per_tensor_equations(fused):
+    """Both forms of the step (torch._foreach_* over all parameters, or the fused operator) give
+    the per-tensor equations' bits; a parameter without a gradient is left alone (and gets no
+    velocity)."""
     gen = torch.Generator().manual_seed(3)
     shapes = [(50, 30), (7,), (3, 4, 5, 5), (2, 2)]
     params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    opt = PaperSGD(params, lr=0.01, momentum=MU, weight_decay=WD)
+    opt = PaperSGD(params, lr=0.01, momentum=MU, weight_decay=WD, fused=fused)
     expected = [p.detach().clone() for p in params]
     velocity = [torch.zeros_like(p) for p in expected]
     for step, lr in enumerate([0.01, 0.01, 0.001, 0.001]):
@@ -209,3 +217,153 @@ def test_multi_tensor_step_is_bit_identical_to_the_per_tensor_equations():
         for p, e in zip(params, expected):
             assert torch.equal(p.detach(), e), f"step {step}"
     assert "velocity" not in opt.state[params[-1]]
+
+
+# The fused step (convnet::paper_sgd_) gives the multi-tensor form's bits where both fuse the
+# multiply-adds: ATen's AVX2/AVX-512 kernels and a kernel built with FMA. Elsewhere they may
+# differ by a rounding.
+SAME_ROUNDING = cpp_kernels.has_avx2() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@pytest.fixture(scope="module")
+def fused_kernel():
+    assert fused_step.available(), f"the fused paper-SGD step did not build: {fused_step.failure()}"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    if SAME_ROUNDING:
+        assert torch.equal(_bits(a), _bits(b))  # bit for bit, the sign of zeros included
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _trajectory(fused, shapes, dtype, channels_last, lrs, momentum, weight_decay, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+    if channels_last:
+        params = [nn.Parameter(p.detach().to(memory_format=torch.channels_last)) if p.dim() == 4 else p for p in params]
+    groups = [{"params": params[::2]}, {"params": params[1::2], "weight_decay": 0.0}]
+    opt = PaperSGD(
+        [g for g in groups if g["params"]], lr=lrs[0], momentum=momentum, weight_decay=weight_decay, fused=fused
+    )
+    for lr in lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype).to(memory_format=_layout(p))
+        opt.step()
+    return params, [opt.state[p]["velocity"] for p in params]
+
+
+def _layout(p: torch.Tensor) -> torch.memory_format:
+    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 37), min_size=1, max_size=4).map(tuple), min_size=1, max_size=5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    channels_last=st.booleans(),
+    lrs=st.lists(st.sampled_from([0.0, 1e-4, 0.001, 0.01, 0.1]), min_size=1, max_size=4),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    weight_decay=st.sampled_from([0.0, 5e-4, 0.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_step_gives_the_multi_tensor_forms_bits(
+    fused_kernel, shapes, dtype, channels_last, lrs, momentum, weight_decay, seed
+):
+    args = (shapes, dtype, channels_last, lrs, momentum, weight_decay, seed)
+    w_multi, v_multi = _trajectory(False, *args)
+    w_fused, v_fused = _trajectory(True, *args)
+    for a, b in zip([*w_multi, *v_multi], [*w_fused, *v_fused]):
+        assert a.stride() == b.stride()
+        _same(a, b)
+
+
+def test_fused_step_on_alexnet_sized_parameters(fused_kernel):
+    """fc6's 9216 x 4096 weights split across threads, conv1's channels_last weights, odd biases."""
+    shapes = [(4096, 9216), (96, 3, 11, 11), (1000,), (4096,)]
+    args = (shapes, torch.float32, True, [0.01, 0.01, 0.001], MU, WD, 5)
+    w_multi, v_multi = _trajectory(False, *args)
+    w_fused, v_fused = _trajectory(True, *args)
+    for a, b in zip([*w_multi, *v_multi], [*w_fused, *v_fused]):
+        _same(a, b)
+
+
+def test_fused_step_passes_opcheck(fused_kernel):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 3, 4, 4)]
+    params, grads, velocities = ([torch.randn(s, generator=gen) for s in shapes] for _ in range(3))
+    torch.library.opcheck(torch.ops.convnet.paper_sgd_.default, (params, grads, velocities, 0.9, -5e-6, -0.01))
+    torch.library.opcheck(torch.ops.convnet.paper_sgd_.default, (params, grads, velocities, 0.9, None, -0.01))
+
+
+def test_parameters_the_fused_step_does_not_take_get_the_multi_tensor_step(fused_kernel):
+    """bfloat16 and a gradient whose layout differs from its parameter's: the default uses the
+    multi-tensor form for those and the operator for the rest, with the same numbers as all
+    multi-tensor; fused=True names the parameter it cannot take."""
+
+    def run(fused):
+        gen = torch.Generator().manual_seed(1)
+        params = [
+            nn.Parameter(torch.randn(6, 5, generator=gen)),
+            nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.bfloat16)),
+            nn.Parameter(torch.randn(8, 6, generator=gen)),
+        ]
+        opt = PaperSGD(params, lr=0.1, fused=fused)
+        for _ in range(3):
+            params[0].grad = torch.randn(6, 5, generator=gen)
+            params[1].grad = torch.randn(4, 3, generator=gen, dtype=torch.bfloat16)
+            params[2].grad = torch.randn(6, 8, generator=gen).t()  # strides (1, 8), not (6, 1)
+            opt.step()
+        return params
+
+    for a, b in zip(run(None), run(False)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"fused=True.*\(4, 3\) torch.bfloat16"):
+        run(True)
+
+
+def test_without_a_compiler_the_default_keeps_the_multi_tensor_step_and_fused_true_says_why(tmp_path):
+    """A machine with no C++ compiler (CXX names none) and an empty build cache: the default step
+    still runs, with the multi-tensor form's numbers; fused=True fails naming the reason."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from convnet.plugins.optim import fused_step
+        from convnet.plugins.optim.paper_sgd import PaperSGD
+
+        def run(fused):
+            w = nn.Parameter(torch.arange(6.0))
+            opt = PaperSGD([w], lr=0.1, fused=fused)
+            w.grad = torch.ones(6)
+            opt.step()
+            return w
+
+        assert not fused_step.available()
+        assert torch.equal(run(None), run(False))
+        try:
+            run(True)
+        except RuntimeError as exc:
+            print(exc)
+        """
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "PaperSGD(fused=True): the fused step cannot be built here" in done.stdout
+    assert "no C++ compiler" in done.stdout and "no-such-compiler" in done.stdout
+
+
+def test_build_kernels_builds_the_fused_step(fused_kernel, capsys):
+    from convnet.core.cli import main
+
+    assert main(["build-kernels", "--only", "paper-sgd"]) == 0
+    assert "optimizer paper-sgd: built and loaded" in capsys.readouterr().out

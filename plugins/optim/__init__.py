@@ -8,6 +8,7 @@ from attrs import validators as v
 from torch import nn
 
 from convnet.core import OptimizerContext, Registries, Schedule, hookimpl
+from convnet.plugins.optim import fused_step
 from convnet.plugins.optim import schedules as s
 from convnet.plugins.optim.paper_sgd import PaperSGD
 
@@ -34,6 +35,10 @@ def build_paper_sgd(options: SGDOptions, ctx: OptimizerContext) -> torch.optim.O
     return PaperSGD(
         _groups(ctx.parameters, options), lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
     )
+
+
+# `convnet build-kernels` builds the fused CPU step ahead of its first use.
+build_paper_sgd.build = fused_step.build_ahead  # type: ignore[attr-defined]
 
 
 def build_sgd(options: SGDOptions, ctx: OptimizerContext) -> torch.optim.Optimizer:
