@@ -148,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except ConvnetError as exc:
         hint = _provenance(exc, args)
-        print(f"convnet: error: {hint or exc}", file=sys.stderr)
+        # One write for the whole message: print() writes a multi-line message and its final
+        # newline separately, and under torchrun another rank's line can land between the two
+        # (it did, in the middle of the printed resume command).
+        sys.stderr.write(f"convnet: error: {hint or exc}\n")
+        sys.stderr.flush()
         if exc.exit_now:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -183,3 +184,33 @@ def test_progress_lines_depend_on_the_terminal(capsys, tmp_path: Path, monkeypat
     os.close(master)
     shown = b"".join(chunks).decode(errors="replace")
     assert "\r" in shown and "8/8" in shown and "step" in shown and "epoch 2/3" in shown
+
+
+class _RecordedWrites(io.RawIOBase):
+    """The bytes of each write the interpreter's stderr stream makes, as a pipe would get them."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_an_error_of_several_lines_reaches_stderr_in_one_write(monkeypatch) -> None:
+    """Under torchrun every rank's stderr shares one pipe: a message written in two pieces can
+    have another rank's line land between them (it did, inside the printed resume command)."""
+    from convnet.core import cli
+
+    def interrupted(args) -> int:
+        raise cn.ConvnetError("interrupted at step 3; checkpoint saved to c.safetensors\nresume with: convnet run r")
+
+    raw = _RecordedWrites()
+    monkeypatch.setitem(cli.COMMANDS, "recipes", interrupted)
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.BufferedWriter(raw), line_buffering=True))
+    assert main(["recipes"]) == 1
+    message = b"convnet: error: interrupted at step 3; checkpoint saved to c.safetensors\nresume with: convnet run r\n"
+    assert message in raw.writes, raw.writes
