@@ -64,14 +64,15 @@ class PaperSGD(torch.optim.Optimizer):
                         f"{p.dtype} one on {p.device}"
                     )
                 on = [i for i, f in enumerate(fit) if f]
-                fused_step.step(
-                    [params[i] for i in on],
-                    [grads[i] for i in on],
-                    [velocities[i] for i in on],
-                    mu,
-                    -wd * lr if wd else None,
-                    -lr,
-                )
+                if on:
+                    fused_step.step(
+                        [params[i] for i in on],
+                        [grads[i] for i in on],
+                        [velocities[i] for i in on],
+                        mu,
+                        -wd * lr if wd else None,
+                        -lr,
+                    )
                 off = [i for i, f in enumerate(fit) if not f]
                 params, grads, velocities = ([xs[i] for i in off] for xs in (params, grads, velocities))
             if params:
