@@ -231,6 +231,31 @@ def test_resuming_with_other_settings_is_refused(tree, tmp_path, capsys):
     assert len(err) == 1 and out in err[0] and "quality" in err[0]
 
 
+def test_a_format_that_cannot_hold_the_data_fails_in_one_line_and_its_advice_works(tmp_path, capsys):
+    """alexnet-digits' images are float: --format jpeg fails on the first sample, in the main
+    process (one line, even with workers), and the suggested --format raw then packs the folder."""
+    out = str(tmp_path / "digits")
+    assert cli.main(["pack", "alexnet-digits", "--out", out, "--quiet", "--workers", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--format jpeg needs uint8" in err[0] and "use --format raw" in err[0], err
+    assert cli.main(["pack", "alexnet-digits", "--out", out, "--quiet", "--workers", "0", "--format", "raw"]) == 0
+    assert json.loads((tmp_path / "digits" / "packed.json").read_text())["format"] == "raw"
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_the_pack_completes(tmp_path, capsys):
+    root = tmp_path / "imagenet"
+    write_tree(root, per_class=2, val_per_class=1, bad=False)
+    folder = root / "train" / CLASSES[0]
+    bad = os.path.join(os.fsencode(folder), b"caf\xe9-notes.jpg")  # Latin-1, not UTF-8
+    with open(bad, "wb") as f:
+        f.write(b"not a photo")
+    out = tmp_path / "p"
+    assert cli.main(["pack", str(folder_recipe(tmp_path, root)), "--out", str(out), "--quiet", "--workers", "0"]) == 0
+    assert "caf\\xe9-notes.jpg" in capsys.readouterr().out  # shown with the byte escaped
+    assert (out / "bad_files.txt").read_bytes().split(b"\t")[0] == bad  # the name's own bytes
+    assert (out / "packed.json").exists()
+
+
 def _killable_child() -> None:
     """Ctrl-C as a terminal gives it: SIGINT at its default, which a shell running this suite in
     the background (as CI may) sets to ignored for everything it starts. At the lowest priority,
@@ -456,6 +481,40 @@ def test_a_corrupt_shard_is_one_clear_error_naming_it(tree, tmp_path, registries
         f.truncate(shard.stat().st_size - 512)
     with pytest.raises(DataError, match=f"{shard}: corrupt shard .* the manifest says"):
         build_dataset(load_recipe(recipe, registries=registries), registries)
+
+
+def test_verify_catches_a_corrupt_index(tree, tmp_path, registries):
+    """The labels come from the index alone (a sample's crc32 covers its image): a flipped label
+    passes the per-sample check, so verify checks the index's sha256 against the manifest."""
+    root, _ = tree
+    _, out, _ = _pack(tmp_path, root, "p", registries, format="raw", shard_size=4)
+    path = out / "train" / "index.npy"
+    index = np.load(path)
+    index[0]["label"] = (int(index[0]["label"]) + 1) % len(CLASSES)
+    np.save(path, index, allow_pickle=False)
+    recipe = packed_recipe(tmp_path, out)
+    assert build_dataset(load_recipe(recipe, registries=registries), registries).train[0] is not None
+    with pytest.raises(DataError, match=f"{path}: corrupt index"):
+        build_dataset(load_recipe(recipe, ["data.dataset.verify=true"], registries=registries), registries)
+
+
+def test_predict_reads_image_files_with_a_recipe_on_packed_data(tree, tmp_path, registries, capsys):
+    """The packed images were made by the imagenet dataset's preprocessing: predict applies the
+    same to a user's file, so a recipe switched to its pack still classifies image files."""
+    root, _ = tree
+    recipe, out, _ = _pack(tmp_path, root, "p", registries, format="raw", shard_size=4)
+    folder = build_dataset(recipe, registries)
+    splits = build_dataset(load_recipe(packed_recipe(tmp_path, out), registries=registries), registries)
+    image = sorted((root / "val" / CLASSES[2]).glob("*.jpg"))[0]
+    assert splits.read_file is not None and torch.equal(splits.read_file(image), folder.read_file(image))
+    run = tmp_path / "run"
+    packed = str(packed_recipe(tmp_path, out))
+    assert cli.main(["run", packed, "--out", str(run), "--quiet", "--set", "train.max_steps=1"]) == 0
+    checkpoint = str(run / "checkpoints" / "last.safetensors")
+    assert cli.main(["predict", packed, "--checkpoint", checkpoint, "--json", str(image)]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()[-1:]
+    result = json.loads(line)
+    assert result["file"] == str(image) and {name for name, _ in result["top5"]} <= set(CLASSES)
 
 
 def test_an_unfinished_pack_is_not_read(tree, tmp_path, registries):

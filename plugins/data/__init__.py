@@ -49,7 +49,7 @@ def _pack(args: argparse.Namespace) -> int:
     import os
 
     from convnet.core import RecipeError, load_plugins, load_recipe
-    from convnet.plugins.data.pack import REPORT, PackSettings, pack
+    from convnet.plugins.data.pack import REPORT, PackSettings, pack, shown
 
     for flag, value, low, high in (
         ("--quality", args.quality, 1, 100),
@@ -71,7 +71,7 @@ def _pack(args: argparse.Namespace) -> int:
     if result.bad:
         print(f"skipped {len(result.bad)} unreadable image(s), listed in {result.out / REPORT}:")
         for line in result.bad:
-            print(f"  {line.replace(chr(9), ': ', 1)}")
+            print(f"  {shown(line)}")
     return 0
 
 

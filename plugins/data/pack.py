@@ -76,6 +76,13 @@ def sample_key(source: int) -> str:
     return f"{source:09d}"
 
 
+def shown(bad: str) -> str:
+    """A ``path<TAB>reason`` line for the console: ``path: reason``, a file name that is not
+    UTF-8 (surrogate escapes in Python) shown with its bytes escaped instead of failing to print."""
+    text = bad.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\t", ": ", 1)
+
+
 def encode(image: torch.Tensor, settings: PackSettings) -> bytes:
     """``uint8 [C, H, W]`` -> JPEG bytes, or any tensor -> ``.npy`` bytes (bitwise lossless)."""
     if settings.format == "raw":
@@ -259,7 +266,11 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             old = None
-        if old != plan:
+        if old != plan and not any((out / split).glob("shard-*.json") for split in SPLITS):
+            # A pack that stopped before its first shard (its first sample could not be encoded,
+            # say) holds nothing these settings could disagree with.
+            write_atomically(path, json.dumps(plan, indent=1).encode())
+        elif old != plan:
             diff = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
             raise RecipeError(
                 f"{out}: holds a pack made with other settings ({', '.join(diff)}); "
@@ -267,6 +278,17 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
             )
     else:
         write_atomically(path, json.dumps(plan, indent=1).encode())
+
+
+def _check_encodable(datasets: dict[str, Dataset], settings: PackSettings, tries: int = 16) -> None:
+    """Encode the first readable sample of each split here, before any plan or shard is written:
+    data the format cannot hold (``--format jpeg`` of float images) fails in one line, not in a
+    data-loader worker's traceback."""
+    for split in SPLITS:
+        encoder = Encoder(datasets[split], settings)
+        for index in range(min(tries, len(encoder))):
+            if encoder[index][2] is not None:
+                break
 
 
 def _pending(sizes: dict[str, int], out: Path, shard_size: int) -> list[tuple[str, int, range]]:
@@ -299,13 +321,15 @@ def _encoded(
             yield split, k, items
 
 
-def write_index(folder: Path, manifests: list[dict[str, Any]]) -> int:
+def write_index(folder: Path, manifests: list[dict[str, Any]]) -> tuple[int, str]:
+    """Write ``folder``'s index; return its number of records and its sha256 (the manifest keeps
+    it: the labels are read from the index alone, so ``verify`` checks the index too)."""
     rows = [(k, s[1], s[2], s[3], s[4], s[0]) for k, m in enumerate(manifests) for s in m["samples"]]
     index = np.array(rows, dtype=INDEX_DTYPE)
     buf = io.BytesIO()
     np.save(buf, index, allow_pickle=False)
     write_atomically(folder / INDEX_FILE, buf.getvalue())
-    return len(index)
+    return len(index), hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 @attrs.define
@@ -338,6 +362,7 @@ def pack(
             (out / split).mkdir(parents=True, exist_ok=True)
             _remove_temp_files(out / split)
         _remove_temp_files(out)
+        _check_encodable(datasets, settings)
         _check_plan(out, plan)
         todo = _pending(sizes, out, settings.shard_size)
         if todo:
@@ -362,7 +387,7 @@ def pack(
                         if payload is None:
                             writer.bad.append(bad)
                             if progress:  # the command lists them all at the end as well
-                                bar.write(f"unreadable, skipped: {bad.replace(chr(9), ': ', 1)}")
+                                bar.write(f"unreadable, skipped: {shown(bad)}")
                         else:
                             writer.add(source, label, payload)
                     bar.update(len(items))
@@ -389,7 +414,7 @@ def _finish(out: Path, plan: dict[str, Any], sizes: dict[str, int], settings: Pa
         manifests = [
             json.loads((folder / shard_name(k)).with_suffix(".json").read_text(encoding="utf-8")) for k in range(count)
         ]
-        samples[split] = write_index(folder, manifests)
+        samples[split], index_sha256 = write_index(folder, manifests)
         shards[split] = count
         split_bad = [b for m in manifests for b in m["bad"]]
         bad += split_bad
@@ -398,11 +423,13 @@ def _finish(out: Path, plan: dict[str, Any], sizes: dict[str, int], settings: Pa
             "shards": [m["shard"] for m in manifests],
             "bytes": [m["bytes"] for m in manifests],
             "sha256": [m["sha256"] for m in manifests],
+            "index_sha256": index_sha256,
             "skipped": len(split_bad),
         }
         if not samples[split]:
             raise DataError(f"{out / split}: no readable sample in the {split} split; nothing to train on")
-    write_atomically(out / REPORT, "".join(b + "\n" for b in bad).encode())
+    # A file name that is not UTF-8 reaches Python as surrogate escapes: written back as its bytes.
+    write_atomically(out / REPORT, "".join(b + "\n" for b in bad).encode("utf-8", "surrogateescape"))
     manifest = {**plan, "index_dtype": INDEX_DTYPE.descr, "splits": splits_info}
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     _fsync_dir(out)

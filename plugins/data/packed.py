@@ -24,7 +24,7 @@ import json
 import os
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,35 @@ def check_shards(folder: Path, info: dict[str, Any], verify: bool) -> None:
                 )
 
 
+def check_index(path: Path, digest: str | None) -> None:
+    """The index's sha256 against the manifest's: the labels are read from the index alone."""
+    if digest is None:
+        return
+    try:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataError(f"{path}: index missing ({exc.strerror}); re-run `convnet pack`") from None
+    if actual != digest:
+        raise DataError(
+            f"{path}: corrupt index (sha256 {actual[:12]}..., the manifest says {digest[:12]}...); "
+            "re-run `convnet pack` into a new folder or restore the index"
+        )
+
+
+def _read_file(manifest: dict[str, Any]) -> Callable[[Path], torch.Tensor] | None:
+    """For ``convnet predict``: a user's image file as the packed images were made from theirs,
+    where the pack's source was the ``imagenet`` folder dataset (shorter side to ``size``, centre
+    crop); other sources have no image files to mirror."""
+    source = manifest.get("dataset")
+    options = source.get("options") if isinstance(source, dict) else None
+    if not (isinstance(options, dict) and source.get("name") == "imagenet" and isinstance(options.get("size"), int)):
+        return None
+    from convnet.plugins.data.imagenet import preprocess
+
+    size = options["size"]
+    return lambda path: preprocess(path, size)
+
+
 def build_packed(options: PackedOptions, ctx: DataContext) -> DatasetSplits:
     root = Path(options.root).expanduser()
     manifest = read_manifest(root)
@@ -250,12 +279,16 @@ def build_packed(options: PackedOptions, ctx: DataContext) -> DatasetSplits:
     for split in SPLITS:
         try:
             info = manifest["splits"][split]
-            info = {k: info[k] for k in ("shards", "bytes", "sha256", "samples")}
+            info = {k: info[k] for k in ("shards", "bytes", "sha256", "samples")} | {
+                "index_sha256": info.get("index_sha256")  # absent from packs made before it was recorded
+            }
         except (KeyError, TypeError):
             raise DataError(
                 f"{root / MANIFEST}: no complete entry for the {split} split; re-run `convnet pack`"
             ) from None
         check_shards(root / split, info, options.verify)
+        if options.verify:
+            check_index(root / split / INDEX_FILE, info["index_sha256"])
         splits[split] = PackedSplit(root / split, info["shards"], manifest["format"], options.decode)
         if len(splits[split]) != info["samples"]:
             raise DataError(
@@ -263,4 +296,6 @@ def build_packed(options: PackedOptions, ctx: DataContext) -> DatasetSplits:
                 f"{info['samples']}; re-run `convnet pack`"
             )
     classes = manifest.get("classes")
-    return DatasetSplits(splits["train"], splits["val"], int(manifest["num_classes"]), classes, "packed")
+    return DatasetSplits(
+        splits["train"], splits["val"], int(manifest["num_classes"]), classes, "packed", read_file=_read_file(manifest)
+    )
