@@ -11,8 +11,8 @@ files only where ``run.is_main``)::
     convnet_load_state                    on --resume, before the first step
     convnet_train_start
       convnet_step_end                    after every optimizer step
-      convnet_save_state                  whenever a checkpoint is written
       convnet_evaluation_end              after each epoch's evaluation
+      convnet_save_state                  whenever a checkpoint is written
       convnet_epoch_end
       convnet_should_stop                 stops at the first True
     convnet_evaluation_end                the final evaluation (``final`` results)
@@ -97,8 +97,10 @@ def convnet_evaluation_end(run: RunView, epoch: int, results: dict[str, Any], fi
     """
 
 
+# FutureWarning, not DeprecationWarning: Python hides the latter outside __main__, and plugins
+# are always loaded from library code, so their authors would never see it.
 @hookspec(
-    warn_on_impl=DeprecationWarning(
+    warn_on_impl=FutureWarning(
         "convnet_evaluation_done is deprecated: implement convnet_evaluation_end(run, epoch, results, final)"
     )
 )

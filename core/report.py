@@ -266,7 +266,8 @@ def _duration(seconds: float) -> str:
 
 def run_info(run: Path, records: list[dict[str, Any]]) -> dict[str, str]:
     """What the page says about the run: from ``run.json`` (command, started, convnet_version,
-    plugins) where the engine wrote one, else from the records; "unknown" where neither says."""
+    the distributions that supplied its components) where the engine wrote one, else from the
+    records; "unknown" where neither says."""
     info_path = run / "run.json"
     meta = _read_json(info_path) if info_path.is_file() else {}
     meta = meta if isinstance(meta, dict) else {}
@@ -277,13 +278,11 @@ def run_info(run: Path, records: list[dict[str, Any]]) -> dict[str, str]:
     metrics = run / "metrics.jsonl"
     updated = metrics.stat().st_mtime if metrics.is_file() else None
     finished = any(r.get("kind") == "final" for r in records)
-    plugins = meta.get("plugins")
-    if isinstance(plugins, list) and plugins:
-        shown = ", ".join(
-            f"{p.get('distribution', '?')} {p.get('version', '?')}" if isinstance(p, dict) else str(p) for p in plugins
-        )
-    else:
-        shown = "unknown"
+    # run.json's "components": per component, the "distribution version" that supplied it.
+    components = meta.get("components")
+    rows = components if isinstance(components, list) else []
+    distributions = sorted({str(r["distribution"]) for r in rows if isinstance(r, dict) and r.get("distribution")})
+    shown = ", ".join(distributions) or "unknown"
     steps = [r["step"] for r in records if _number(r.get("step")) is not None]
     epochs = [r["epoch"] for r in records if r.get("kind") == "eval" and _number(r.get("epoch")) is not None]
     fmt = "%Y-%m-%d %H:%M:%S %Z"

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,32 @@ def test_plugins_lists_hooks_and_commands_per_plugin(capsys) -> None:
     assert table["alexnet"]["commands"] == ["convert", "towers"]
     assert {"convnet_train_start", "convnet_step_end", "convnet_epoch_end"} <= set(table["log"]["hooks"])
     assert table["layers"]["components"] >= 8 and table["log"]["components"] == 0
+
+
+def test_implementing_the_deprecated_hook_warns_with_pythons_default_filters(tmp_path):
+    """A plugin is library code, where Python hides DeprecationWarning: the author of a plugin
+    implementing convnet_evaluation_done must still see that it moved, with no -W flag."""
+    (tmp_path / "old_plugin.py").write_text(
+        textwrap.dedent(
+            """
+            from convnet.core import hookimpl
+
+            @hookimpl
+            def convnet_evaluation_done(run, epoch, results):
+                pass
+            """
+        ),
+        encoding="utf-8",
+    )
+    script = "\n".join(
+        [
+            "import old_plugin",
+            "from convnet.core import plugins",
+            "pm, _ = plugins.create_manager()",
+            "pm.register(old_plugin)",
+        ]
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert "convnet_evaluation_done is deprecated: implement convnet_evaluation_end" in done.stderr

@@ -11,7 +11,9 @@ import pytest
 
 from convnet.core.cli import main
 from convnet.core.hookspecs import hookimpl
+from convnet.core.recipe import load_recipe
 from convnet.core.report import ReportError, curves, render
+from convnet.core.run_folder import write_run_json
 
 
 def write_metrics(folder, records) -> None:
@@ -202,22 +204,22 @@ def test_every_scalar_of_every_evaluator_is_plotted(tmp_path):
     assert not list((tmp_path / "plots").glob(".*"))  # written through temp files, none left behind
 
 
-def test_index_shows_the_run_its_versions_and_skip_counts(tmp_path):
+def test_index_shows_the_run_its_versions_and_skip_counts(tmp_path, registries):
     run = tmp_path / "run"
     write_metrics(run, [*RECORDS[:3], {**RECORDS[4], "skipped_samples": 3}])
     page = render(run) and (run / "index.html").read_text(encoding="utf-8")
     assert "<tr><th>command</th><td>unknown</td></tr>" in page and "Latest evaluation (epoch 2)" in page
     assert "skipped_samples (sum over epochs)</th><td>3</td>" in page and "running" in page
-    (run / "run.json").write_text(
-        json.dumps(
-            {
-                "command": "convnet run alexnet-digits --set train.epochs=2",
-                "started": "2026-11-29T10:00:00+00:00",
-                "convnet_version": "0.1.0",
-                "plugins": [{"distribution": "convnet-swish", "version": "1.2"}],
-            }
-        )
-    )
+    # run.json as the engine writes it (its components name the distributions that supplied them)
+    info = write_run_json(run, load_recipe("alexnet-digits"), registries, "convnet run alexnet-digits")
+    components = [*info["components"], {"kind": "layer", "name": "swish", "distribution": "convnet-swish 1.2"}]
+    info |= {
+        "command": "convnet run alexnet-digits --set train.epochs=2",
+        "started": "2026-11-29T10:00:00+00:00",
+        "convnet_version": "0.1.0",
+        "components": components,
+    }
+    (run / "run.json").write_text(json.dumps(info))
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(RECORDS[5]) + "\n")
     (run / "eval.json").write_text(json.dumps({"top1_error": 0.3}))
@@ -228,6 +230,7 @@ def test_index_shows_the_run_its_versions_and_skip_counts(tmp_path):
         "2026-11-29",
         "0.1.0",
         "convnet-swish 1.2",
+        info["components"][0]["distribution"],  # the built-in components' (convnet's own)
         "Final metrics",
         "finished",
         '<a href="metrics.jsonl">',
