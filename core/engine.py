@@ -124,7 +124,9 @@ class Run:
             return
         if self.out is None:
             self.out = run_folder.fresh_folder(run_folder.default_folder(self.recipe.name).parent)
-        self._lock = run_folder.claim(self.out, resume=self.resume_from is not None, overwrite=self.overwrite)
+        self._lock = run_folder.claim(
+            self.out, resume=self.resume_from is not None, overwrite=self.overwrite, checkpoint=self.resume_from
+        )
         check_writable(self.out, needed_bytes=checkpoint_room(self.recipe, self.registries))
 
     # ------------------------------------------------------------------ plugin state

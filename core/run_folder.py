@@ -63,8 +63,18 @@ def fresh_folder(parent: Path, stamp: str | None = None) -> Path:
 
 
 def run_files(folder: Path) -> list[Path]:
-    """The files and folders of a run in ``folder`` (empty when it holds none)."""
-    return [folder / name for name in RUN_FILES if (folder / name).exists()]
+    """The files and folders of a run in ``folder`` (empty when it holds none). A folder of a
+    run's (``checkpoints``, ``plots``, ``evals``) counts only when it holds something: a start
+    that failed after the write probe made ``checkpoints/`` left no run behind."""
+    found = []
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir():
+            if any(not child.name.startswith(".") for child in path.iterdir()):
+                found.append(path)
+        elif path.exists():
+            found.append(path)
+    return found
 
 
 class FolderLock:
@@ -96,8 +106,9 @@ class FolderLock:
             self._fd = None
 
 
-def claim(folder: Path, resume: bool, overwrite: bool) -> FolderLock:
-    """Make ``folder`` this run's: lock it, and refuse to start afresh over another run's files.
+def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None = None) -> FolderLock:
+    """Make ``folder`` this run's: lock it, and refuse to start afresh over another run's files,
+    or to resume ``checkpoint`` into a folder holding a run it does not belong to.
 
     With ``overwrite`` the other run's files are removed first, each one named on stderr.
     """
@@ -113,10 +124,22 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> FolderLock:
             raise
         raise ConvnetError(f"{folder}: run folder is not writable: {exc.strerror or exc}") from None
     existing = run_files(folder)
-    if existing and not resume:
+    try:
+        foreign = bool(existing) and resume and checkpoint is not None and not _belongs(checkpoint, folder)
+    except ConvnetError:
+        lock.release()
+        raise
+    if existing and (not resume or foreign):
         if not overwrite:
             lock.release()
             names = ", ".join(p.name for p in existing)
+            if foreign:
+                assert checkpoint is not None
+                raise RecipeError(
+                    f"{folder}: holds another run ({names}) than the one {checkpoint} was saved by; "
+                    f"resume into that run's folder ({checkpoint.parent.parent}) or an empty one, "
+                    "or add --overwrite (which replaces those files)"
+                )
             last = folder / "checkpoints" / "last.safetensors"
             how = f"--resume {last}" if last.exists() else "--resume CHECKPOINT"
             raise RecipeError(
@@ -130,6 +153,21 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> FolderLock:
             else:
                 path.unlink()
     return lock
+
+
+def _belongs(checkpoint: Path, folder: Path) -> bool:
+    """Whether resuming ``checkpoint`` into ``folder`` continues the run already there: the
+    checkpoint lies in the folder, or (a copy of it elsewhere) it holds the recipe the folder's
+    run last wrote."""
+    from convnet.core import checkpoint as ckpt
+
+    if checkpoint.resolve().is_relative_to(folder.resolve()):
+        return True
+    try:
+        recorded = (folder / "recipe.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return ckpt.read_metadata(checkpoint).get("convnet.recipe") == recorded
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -74,6 +74,47 @@ def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path, le
     ledger.record("the same with --overwrite", "replaced, each replaced file named on stderr")
 
 
+def test_resuming_into_a_folder_of_another_run_is_refused(tmp_path, ledger) -> None:
+    """--resume continues the checkpoint's own run: into a folder holding a different run it is
+    refused, and nothing there changes; a copy of the checkpoint still resumes into its own run."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for out, seed in ((mine, 1), (other, 2)):
+        first = convnet_run(out, "train.max_steps=2", f"seed={seed}")
+        assert first.wait(timeout=600) == 0, first.stderr.read()
+    checkpoint = mine / "checkpoints" / "last.safetensors"
+    before = _digest(other)
+    into_other = convnet_run(other, "train.max_steps=4", "seed=1", resume=checkpoint)
+    _, err = into_other.communicate(timeout=600)
+    lines = err.strip().splitlines()
+    assert into_other.returncode == 2 and len(lines) == 1, err
+    assert (
+        f"{other}: holds another run (recipe.toml" in lines[0] and f"than the one {checkpoint} was saved by" in lines[0]
+    )
+    assert f"({mine})" in lines[0] and "--overwrite" in lines[0]
+    assert _digest(other) == before
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(checkpoint.read_bytes())
+    own = convnet_run(mine, "train.max_steps=4", "seed=1", resume=copy)
+    assert own.wait(timeout=600) == 0, own.stderr.read()
+    assert last_step(mine / "metrics.jsonl") == 4
+    ledger.record(
+        "--resume into a folder holding another run", "refused in one line naming the checkpoint's own folder"
+    )
+
+
+def test_a_start_that_fails_before_training_leaves_no_run_behind(tmp_path, ledger) -> None:
+    """A recipe error found while building the components (after the folder was claimed and its
+    write probe made checkpoints/) must not make the folder refuse the corrected command."""
+    out = tmp_path / "run"
+    bad = convnet_run(out, "data.batch_size=100000")
+    _, err = bad.communicate(timeout=600)
+    assert bad.returncode == 2 and "data.batch_size" in err, err
+    fixed = convnet_run(out, "train.max_steps=2")
+    assert fixed.wait(timeout=600) == 0, fixed.stderr.read()
+    assert last_step(out / "metrics.jsonl") == 2
+    ledger.record("a start refused by a recipe error, then the corrected command", "the corrected run started")
+
+
 def test_a_second_writer_is_refused_while_the_first_lives_and_accepted_after_sigkill(tmp_path, ledger) -> None:
     out = tmp_path / "run"
     first = convnet_run(out, "train.epochs=1000", "train.checkpoint_every=1")
