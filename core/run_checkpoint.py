@@ -2,7 +2,8 @@
 
 Tensors: ``model/<canonical name>``, ``optimizer/<param name>/<buffer>``, ``rng/...`` and
 ``plugin/<plugin>/<key>``. Metadata: the resolved recipe, ``convnet.state`` (JSON: the
-``TrainState`` fields, optimizer hyper-parameters, schedule state, python/numpy RNG scalars),
+``TrainState`` fields, optimizer hyper-parameters and per-parameter numbers, schedule state,
+python/numpy RNG scalars),
 ``convnet.components`` (which distribution supplied each component) and
 ``convnet.plugin_state`` (the JSON part of plugins' state).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ class RunCheckpoints:
 
     def save(self, which: str, parts: Components, state: TrainState, plugin_state: dict[str, dict[str, Any]]) -> Path:
         """Write ``which`` atomically (every process takes part: sharded state is gathered)."""
-        opt_tensors, groups = _optimizer_state(parts)
+        opt_tensors, opt_numbers, groups = _optimizer_state(parts)
         model_state = self.strategy.state_dict(parts.module)
         opt_tensors = self.strategy.gather_tensors(opt_tensors)
         path = self.path(which)
@@ -61,6 +63,7 @@ class RunCheckpoints:
         saved = {
             **state.to_json(),
             "optimizer_groups": groups,
+            "optimizer_numbers": opt_numbers,
             "schedule": parts.schedule.state_dict(),
             "rng": rng_meta,
         }
@@ -97,6 +100,11 @@ class RunCheckpoints:
             p = parts.parameters.get(name)
             if p is not None:
                 parts.optimizer.state[p][buf] = value.to(device=p.device, dtype=value.dtype)
+        for key, number in saved.get("optimizer_numbers", {}).items():
+            name, _, buf = key.rpartition("/")
+            p = parts.parameters.get(name)
+            if p is not None:
+                parts.optimizer.state[p][buf] = number
         for group, saved_group in zip(parts.optimizer.param_groups, saved["optimizer_groups"], strict=False):
             for k, v in saved_group.items():
                 if k != "params":
@@ -124,19 +132,39 @@ def check_same_run(path: Path, saved_text: str, recipe: Recipe, registries: Regi
         )
 
 
-def _optimizer_state(parts: Components) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The optimizer's buffers by ``<param name>/<buffer>`` and its groups with params by name."""
+def _optimizer_state(
+    parts: Components,
+) -> tuple[dict[str, torch.Tensor], dict[str, bool | int | float], list[dict[str, Any]]]:
+    """The optimizer's per-parameter state by ``<param name>/<key>``: tensors (gathered from every
+    process) and plain numbers (a step counter; this process's, in the metadata's JSON: equal on
+    every shard of a parameter for an elementwise optimizer); and its groups with params by name.
+
+    Other values cannot be saved: a warning names them, since a resume would start them afresh.
+    """
     tensors: dict[str, torch.Tensor] = {}
+    numbers: dict[str, bool | int | float] = {}
+    unsaved: list[str] = []
     for name, p in parts.parameters.items():
         for key, value in parts.optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"{name}/{key}"] = value
+            elif isinstance(value, (bool, int, float)):
+                numbers[f"{name}/{key}"] = value
+            else:
+                unsaved.append(f"{name}/{key} ({type(value).__name__})")
+    if unsaved:
+        warnings.warn(
+            f"{type(parts.optimizer).__name__} keeps per-parameter state that is neither a tensor nor a "
+            f"number, which checkpoints cannot hold and a resume starts afresh: {', '.join(unsaved[:3])}"
+            + (f" and {len(unsaved) - 3} more" if len(unsaved) > 3 else ""),
+            stacklevel=2,
+        )
     names = {id(p): n for n, p in parts.parameters.items()}
     groups = [
         {k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
         for g in parts.optimizer.param_groups
     ]
-    return tensors, groups
+    return tensors, numbers, groups
 
 
 def _plugin_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:

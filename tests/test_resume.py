@@ -201,3 +201,58 @@ def test_channels_last_resumes_bit_exactly_and_stays_near_the_contiguous_run(tmp
     for key in (k for k in nchw if k.startswith("model/")):
         assert nhwc[key].shape == nchw[key].shape and nhwc[key].is_contiguous()
         torch.testing.assert_close(nhwc[key], nchw[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+class _CountingSGD(torch.optim.SGD):
+    """Keeps a Python int per parameter (as third-party optimizers do): its step count."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["count"] = self.state[p].get("count", 0) + 1
+        return super().step(closure)
+
+
+def test_numbers_in_an_optimizers_state_survive_a_resume(tmp_path: Path) -> None:
+    """A step counter kept as a Python int: 3 steps, resume, 5 more counts 8, as straight."""
+    from convnet.plugins.optim import SGDOptions
+
+    pm, regs = plugins.create_manager()
+    regs.optimizer.add(
+        "counting-sgd", lambda options, ctx: _CountingSGD([p for _, p in ctx.parameters], lr=options.lr), SGDOptions
+    )
+
+    def run(out: Path, steps: int, resume: Path | None = None) -> Run:
+        recipe = cn.load_recipe(TINY, [f"train.max_steps={steps}", "train.optimizer.name=counting-sgd"], regs)
+        done = Run(recipe, out=out, registries=regs, pm=pm, resume=resume)
+        done.train()
+        return done
+
+    first = run(tmp_path / "cut", 3)
+    assert {first.parts.optimizer.state[p]["count"] for p in first.parts.module.parameters()} == {3}
+    resumed = run(tmp_path / "cut", 8, resume=tmp_path / "cut" / "checkpoints" / "last.safetensors")
+    assert {resumed.parts.optimizer.state[p]["count"] for p in resumed.parts.module.parameters()} == {8}
+    assert model_bytes(tmp_path / "cut" / "checkpoints" / "last.safetensors") == model_bytes(
+        run(tmp_path / "straight", 8).checkpoints.path()
+    )
+
+
+class _LabellingSGD(torch.optim.SGD):
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["label"] = "seen"
+        return super().step(closure)
+
+
+def test_optimizer_state_a_checkpoint_cannot_hold_is_named_in_a_warning(tmp_path: Path) -> None:
+    from convnet.plugins.optim import SGDOptions
+
+    pm, regs = plugins.create_manager()
+    regs.optimizer.add(
+        "labelling-sgd", lambda options, ctx: _LabellingSGD([p for _, p in ctx.parameters], lr=options.lr), SGDOptions
+    )
+    recipe = cn.load_recipe(TINY, ["train.max_steps=1", "train.optimizer.name=labelling-sgd"], regs)
+    with pytest.warns(UserWarning, match=r"_LabellingSGD keeps per-parameter state .*conv1\.weight/label \(str\)"):
+        Run(recipe, out=tmp_path / "run", registries=regs, pm=pm).train()
