@@ -232,29 +232,27 @@ def check_shards(folder: Path, info: dict[str, Any], verify: bool) -> None:
                 "re-run `convnet pack` into a new folder or restore the shard"
             )
         if verify:
-            sha = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    sha.update(block)
-            if sha.hexdigest() != digest:
-                raise DataError(
-                    f"{path}: corrupt shard (sha256 {sha.hexdigest()[:12]}..., the manifest says "
-                    f"{digest[:12]}...); re-run `convnet pack` into a new folder or restore the shard"
-                )
+            _check_sha256(path, digest, "shard")
 
 
 def check_index(path: Path, digest: str | None) -> None:
     """The index's sha256 against the manifest's: the labels are read from the index alone."""
-    if digest is None:
-        return
+    if digest is not None:
+        _check_sha256(path, digest, "index")
+
+
+def _check_sha256(path: Path, digest: str, what: str) -> None:
+    sha = hashlib.sha256()
     try:
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
     except OSError as exc:
-        raise DataError(f"{path}: index missing ({exc.strerror}); re-run `convnet pack`") from None
-    if actual != digest:
+        raise DataError(f"{path}: {what} missing ({exc.strerror}); re-run `convnet pack`") from None
+    if sha.hexdigest() != digest:
         raise DataError(
-            f"{path}: corrupt index (sha256 {actual[:12]}..., the manifest says {digest[:12]}...); "
-            "re-run `convnet pack` into a new folder or restore the index"
+            f"{path}: corrupt {what} (sha256 {sha.hexdigest()[:12]}..., the manifest says {digest[:12]}...); "
+            f"re-run `convnet pack` into a new folder or restore the {what}"
         )
 
 

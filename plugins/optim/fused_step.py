@@ -99,14 +99,3 @@ def _dense(t: torch.Tensor) -> bool:
 def _order(t: torch.Tensor) -> list[int]:
     """The strides that fix a dense tensor's memory order (a size-1 dimension's stride fixes nothing)."""
     return [stride for size, stride in zip(t.shape, t.stride()) if size > 1]
-
-
-def step(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    velocities: list[torch.Tensor],
-    momentum: float,
-    weight_step: float | None,
-    grad_step: float,
-) -> None:
-    torch.ops.convnet.paper_sgd_(params, grads, velocities, momentum, weight_step, grad_step)

@@ -65,7 +65,7 @@ class PaperSGD(torch.optim.Optimizer):
                     )
                 on = [i for i, f in enumerate(fit) if f]
                 if on:
-                    fused_step.step(
+                    torch.ops.convnet.paper_sgd_(
                         [params[i] for i in on],
                         [grads[i] for i in on],
                         [velocities[i] for i in on],
