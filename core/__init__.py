@@ -64,6 +64,7 @@ from convnet.core.plugins import PluginWarning, load_plugins
 from convnet.core.predict import predict
 from convnet.core.recipe import load_recipe, to_toml
 from convnet.core.registry import KINDS, Entry, Registries, Registry
+from convnet.core.run_folder import FolderLock
 from convnet.core.run_view import RunView
 from convnet.core.schema import Recipe, layer_ids
 from convnet.core.strategy import Strategy, resolve_device, valid_device
@@ -137,6 +138,8 @@ __all__ = [
     "save_checkpoint",
     "model_tensors",
     "check_compatible",
+    # one writer at a time: an fcntl lock on a folder (run folders, packs)
+    "FolderLock",
     # errors
     "ConvnetError",
     "RecipeError",

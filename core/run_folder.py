@@ -78,10 +78,14 @@ def run_files(folder: Path) -> list[Path]:
 
 
 class FolderLock:
-    """An exclusive lock on a run folder for the life of this object's process (or ``release``)."""
+    """An exclusive lock on a folder for the life of this object's process (or ``release``).
 
-    def __init__(self, folder: Path) -> None:
+    ``what`` names the folder in the message a second writer gets (a run folder, a pack).
+    """
+
+    def __init__(self, folder: Path, what: str = "run folder") -> None:
         self.path = folder / LOCK_NAME
+        self.what = what
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -92,8 +96,8 @@ class FolderLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConvnetError(
-                f"{self.path.parent}: another convnet process (pid {holder}) is writing this run "
-                "folder; wait for it to end, or choose another --out"
+                f"{self.path.parent}: another convnet process (pid {holder}) is writing this "
+                f"{self.what}; wait for it to end, or choose another --out"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -101,6 +105,7 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # the folder's bytes do not depend on who last wrote it
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

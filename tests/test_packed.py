@@ -23,7 +23,7 @@ import torch
 from fixtures.tiny_networks import conv_pool_fc
 from PIL import Image
 
-from convnet.core import cli
+from convnet.core import FolderLock, cli
 from convnet.core.data import build_dataset
 from convnet.core.engine import train
 from convnet.core.errors import DataError
@@ -229,6 +229,30 @@ def test_resuming_with_other_settings_is_refused(tree, tmp_path, capsys):
     assert cli.main(["pack", recipe, "--out", out, "--quiet", "--quality", "80"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and out in err[0] and "quality" in err[0]
+
+
+def test_a_second_pack_into_a_folder_being_written_is_refused_and_touches_nothing(tree, tmp_path, capsys):
+    """Another process's pack holds the folder's lock (taken here through a second open file,
+    which flock treats as another holder): the second pack stops in one line and leaves the
+    first one's temp shard alone; once the lock is free the same command packs."""
+    root, _ = tree
+    recipe, out = str(folder_recipe(tmp_path, root)), tmp_path / "p"
+    (out / "train").mkdir(parents=True)
+    in_progress = out / "train" / ".shard-000000.tar.tmp"
+    in_progress.write_bytes(b"being written")
+    other = FolderLock(out, what="pack")
+    other.acquire()
+    try:
+        assert cli.main(["pack", recipe, "--out", str(out), "--quiet", "--workers", "0"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(out) in err[0] and f"pid {os.getpid()}" in err[0], err
+        assert "writing this pack" in err[0] and in_progress.read_bytes() == b"being written"
+        assert not (out / "packed.json").exists()
+    finally:
+        other.release()
+    assert cli.main(["pack", recipe, "--out", str(out), "--quiet", "--workers", "0"]) == 0
+    assert (out / "packed.json").exists() and not in_progress.exists()
+    assert (out / ".lock").read_bytes() == b""
 
 
 def test_a_format_that_cannot_hold_the_data_fails_in_one_line_and_its_advice_works(tmp_path, capsys):

@@ -5,6 +5,7 @@ Layout of ``DIR`` (docs/data.md has the details)::
     packed.json                  written last: its presence means the pack is complete
     pack-plan.json               the settings a resumed pack must match
     bad_files.txt                the unreadable images, one ``path<TAB>reason`` a line
+    .lock                        the writer's lock (``FolderLock``): one pack at a time
     train/shard-000000.tar       key.jpg (or key.npy) + key.cls per sample, ustar, mtime 0
     train/shard-000000.json      that shard's manifest: its done-marker, sha256, samples, bad files
     train/index.npy              one record per sample (shard, offset, size, label, crc32, source)
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from convnet.core import ConvnetError, DataError, RecipeError, Registries, build_dataset, schema
+from convnet.core import ConvnetError, DataError, FolderLock, RecipeError, Registries, build_dataset, schema
 from convnet.plugins.data.imagenet import DECODE_ERRORS
 
 FORMAT_VERSION = 1
@@ -357,7 +358,11 @@ def pack(
     datasets = {"train": splits.train, "val": splits.val}
     sizes = {s: len(datasets[s]) for s in SPLITS}  # type: ignore[arg-type]
     plan = _plan(recipe, settings, sizes, splits.classes, splits.num_classes)
+    lock = FolderLock(out, what="pack")
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Two packs into one folder would write the same temp files and remove each other's.
+        lock.acquire()
         for split in SPLITS:
             (out / split).mkdir(parents=True, exist_ok=True)
             _remove_temp_files(out / split)
@@ -404,6 +409,8 @@ def pack(
             f"{out}: cannot write the pack ({exc.strerror or exc}{where}); the shards finished "
             "so far are whole: re-run the same command to continue"
         ) from None
+    finally:
+        lock.release()
 
 
 def _finish(out: Path, plan: dict[str, Any], sizes: dict[str, int], settings: PackSettings, written: int) -> PackResult:
