@@ -231,6 +231,23 @@ def test_resuming_with_other_settings_is_refused(tree, tmp_path, capsys):
     assert len(err) == 1 and out in err[0] and "quality" in err[0]
 
 
+def test_jpeg_options_do_not_bind_a_raw_pack(tree, tmp_path, capsys):
+    """A raw pack holds no JPEG: re-running it with another --quality or --subsampling finishes
+    it rather than refusing, including a plan written when raw plans still recorded them."""
+    root, _ = tree
+    recipe, out = str(folder_recipe(tmp_path, root)), tmp_path / "raw"
+    base = ["pack", recipe, "--out", str(out), "--quiet", "--workers", "0", "--format", "raw", "--shard-size", "4"]
+    assert cli.main(base) == 0
+    plan = json.loads((out / "pack-plan.json").read_text())
+    assert "quality" not in plan and "subsampling" not in plan
+    (out / "pack-plan.json").write_text(json.dumps({**plan, "quality": 95, "subsampling": "4:2:0"}))
+    (out / "train" / "shard-000001.json").unlink()
+    assert cli.main([*base, "--quality", "80", "--subsampling", "4:4:4"]) == 0
+    assert "(raw; 1 shards written now)" in capsys.readouterr().out
+    assert cli.main([*base, "--format", "jpeg"]) == 2
+    assert "format" in capsys.readouterr().err
+
+
 def test_a_second_pack_into_a_folder_being_written_is_refused_and_touches_nothing(tree, tmp_path, capsys):
     """Another process's pack holds the folder's lock (taken here through a second open file,
     which flock treats as another holder): the second pack stops in one line and leaves the

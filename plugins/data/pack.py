@@ -248,7 +248,7 @@ def _plan(
     options = recipe.data.dataset.options
     plan = {
         "version": FORMAT_VERSION,
-        **attrs.asdict(settings),
+        **_relevant(attrs.asdict(settings)),
         "dataset": {
             "name": recipe.data.dataset.name,
             "options": attrs.asdict(options) if attrs.has(type(options)) else repr(options),
@@ -260,6 +260,14 @@ def _plan(
     return json.loads(json.dumps(plan))  # as it reads back from the file (tuples become lists)
 
 
+def _relevant(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape the bytes: a raw pack has no JPEG quality or subsampling (plans
+    written before this held them, and are read the same way)."""
+    if settings.get("format") == "raw":
+        return {k: v for k, v in settings.items() if k not in ("quality", "subsampling")}
+    return settings
+
+
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     path = out / PLAN
     if path.exists():
@@ -267,6 +275,8 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             old = None
+        if isinstance(old, dict):
+            old = _relevant(old)
         if old != plan and not any((out / split).glob("shard-*.json") for split in SPLITS):
             # A pack that stopped before its first shard (its first sample could not be encoded,
             # say) holds nothing these settings could disagree with.
