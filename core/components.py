@@ -7,6 +7,8 @@ the globally loaded plugins.
 
 from __future__ import annotations
 
+import difflib
+
 import attrs
 import torch
 from torch import nn
@@ -40,6 +42,33 @@ def build_evaluators(recipe: schema.Recipe, registries: Registries) -> list[tupl
             )
         built.append((f"{path} ({comp.name})", ev))
     return built
+
+
+def check_monitor(recipe: schema.Recipe, evaluators: list[tuple[str, Evaluator]]) -> None:
+    """``train.monitor`` (the plateau schedule's metric, and ``best.safetensors``'s) must be a
+    result of an evaluator that runs after every epoch; checked when every such evaluator says
+    what it reports (``Evaluator.metrics``). With none, nothing is monitored, as documented."""
+    reported: list[str] = []
+    at_end: list[str] = []
+    for _, ev in evaluators:
+        metrics = getattr(ev, "metrics", None)
+        if getattr(ev, "when", "epoch") == "end":
+            at_end += metrics or ()
+        elif metrics is None:
+            return
+        else:
+            reported += metrics
+    monitor = recipe.train.monitor
+    if not reported or monitor in reported:
+        return
+    why = (
+        f"{monitor!r} is reported only at the end of the run"
+        if monitor in at_end
+        else f"{monitor!r} is not a result of the recipe's evaluators"
+    )
+    close = difflib.get_close_matches(monitor, reported, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise RecipeError(f"train.monitor: {why}; the ones run after every epoch report {', '.join(reported)}{hint}")
 
 
 def build_optimizer(
@@ -101,6 +130,8 @@ def build_components(recipe: schema.Recipe, registries: Registries, strategy: St
     train_aug = cdata.build_augmenters(recipe.data.train_augment, registries, "data.train_augment", recipe)
     eval_aug = cdata.build_augmenters(recipe.data.eval_augment, registries, "data.eval_augment", recipe)
     in_workers = [] if recipe.data.augment_on == "device" else train_aug
+    evaluators = build_evaluators(recipe, registries)
+    check_monitor(recipe, evaluators)
     return Components(
         network=network,
         module=module,
@@ -110,7 +141,7 @@ def build_components(recipe: schema.Recipe, registries: Registries, strategy: St
         splits=splits,
         train_augmenters=train_aug,
         eval_augmenters=eval_aug,
-        evaluators=build_evaluators(recipe, registries),
+        evaluators=evaluators,
         train_set=cdata.Augmented(splits.train, in_workers, recipe.seed, cdata.STREAM_TRAIN_AUGMENT),
         steps_per_epoch=steps,
     )

@@ -80,7 +80,10 @@ class Run:
         self._interrupt = False  # this process heard Ctrl-C
         self._interrupted_at = 0.0
         self._stop = False  # some process heard it: agreed by every process at a step
-        self._lock: run_folder.FolderLock | None = None
+        self._claim: run_folder.Claim | None = None
+        self._fresh = False  # the run folder was made for this run (removed again if it never starts)
+        self._started = False
+        self._monitor_warned = False
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -99,6 +102,8 @@ class Run:
             )
         self._claim_folder()
         self.parts: Components = build_components(r, self.registries, self.strategy)
+        if self._claim is not None:  # the new run could be built: now the old one may go
+            self._claim.replace_overwritten()
         self.dtype = next(iter(self.parts.module.parameters())).dtype
         self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
         self.total_steps = self.parts.steps_per_epoch * r.train.epochs
@@ -124,10 +129,12 @@ class Run:
             return
         if self.out is None:
             self.out = run_folder.fresh_folder(run_folder.default_folder(self.recipe.name).parent)
-        self._lock = run_folder.claim(
+            self._fresh = True
+        self._claim = run_folder.claim(
             self.out, resume=self.resume_from is not None, overwrite=self.overwrite, checkpoint=self.resume_from
         )
-        check_writable(self.out, needed_bytes=checkpoint_room(self.recipe, self.registries))
+        room = checkpoint_room(self.recipe, self.registries)
+        check_writable(self.out, needed_bytes=max(0, room - self._claim.overwritten_bytes()))
 
     # ------------------------------------------------------------------ plugin state
     def _plugin_state(self) -> dict[str, dict[str, Any]]:
@@ -183,11 +190,14 @@ class Run:
             self.strategy.abandon()
             raise
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            if self._claim is not None:
+                self._claim.lock.release()
+                if self._fresh and not self._started:
+                    run_folder.remove_if_unused(self.out)
 
     def _train(self) -> dict[str, Any]:
         self._setup()
+        self._started = True
         old_handler = None
         if threading.current_thread() is threading.main_thread():  # every rank: the stop is agreed
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
@@ -321,6 +331,15 @@ class Run:
         state = self.state
         results = self._evaluate(final=False)
         metric = results.get(self.recipe.train.monitor)
+        if metric is None and results and not self._monitor_warned and self.strategy.is_main:
+            # An evaluator that does not declare its metrics could not be checked at the start.
+            self._monitor_warned = True
+            print(
+                f"convnet: warning: train.monitor {self.recipe.train.monitor!r} is not among this "
+                f"evaluation's results ({', '.join(results)}): the schedule is told None and "
+                "best.safetensors is not kept",
+                file=sys.stderr,
+            )
         self.parts.schedule.after_epoch(metric)
         state.epoch += 1
         state.batch_in_epoch = 0

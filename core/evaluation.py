@@ -137,9 +137,14 @@ class Evaluator:
     Values are numbers (a 0-d tensor or numpy scalar is converted), strings, or lists and
     dicts of them: they go to metrics.jsonl and eval.json. Numbers must be equal on every
     process (reduce with ``ctx.strategy.all_reduce_sum``); files go to ``ctx.out``.
+
+    ``metrics``: the result keys it reports, where known when it is built (``None``: not
+    declared). When every per-epoch evaluator declares them, a run whose ``train.monitor`` is
+    none of them stops before training instead of never stepping its schedule.
     """
 
     when: str = "epoch"
+    metrics: tuple[str, ...] | None = None
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
         raise NotImplementedError

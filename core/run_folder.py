@@ -3,7 +3,8 @@
 - ``fresh_folder`` creates ``runs/<recipe>/<time>`` exclusively (``-2``, ``-3`` ... when the
   name is taken), so runs started in the same second, by any number of processes, never share.
 - ``claim`` refuses a fresh run into a folder that already holds a run (``--resume`` continues
-  it, ``--overwrite`` replaces it, saying what it replaces) and takes the folder's lock.
+  it, ``--overwrite`` replaces it, saying what it replaces, once the new run has been built)
+  and takes the folder's lock.
 - ``FolderLock`` is an ``fcntl`` lock on ``<folder>/.lock``: the kernel releases it when its
   process ends, however it ends (SIGKILL included), so it never goes stale; the file holds the
   holder's pid for the message a second writer gets.
@@ -22,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from convnet.core.errors import ConvnetError, RecipeError
 from convnet.core.registry import Registries
@@ -111,11 +114,42 @@ class FolderLock:
             self._fd = None
 
 
-def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None = None) -> FolderLock:
+@attrs.define
+class Claim:
+    """A run folder made this run's: its lock, and the other run's files that ``--overwrite``
+    replaces. They are removed by ``replace_overwritten`` once the new run has been built, so
+    a start that fails on its recipe or data loses nothing."""
+
+    lock: FolderLock
+    overwritten: list[Path]
+
+    def overwritten_bytes(self) -> int:
+        """The space removing them frees (what the new run's checkpoints may count on)."""
+        total = 0
+        for path in self.overwritten:
+            for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+                try:
+                    if item.is_file() and not item.is_symlink():
+                        total += item.stat().st_size
+                except OSError:
+                    pass
+        return total
+
+    def replace_overwritten(self) -> None:
+        for path in self.overwritten:
+            print(f"convnet: --overwrite: replacing {path}", file=sys.stderr)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        self.overwritten = []
+
+
+def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None = None) -> Claim:
     """Make ``folder`` this run's: lock it, and refuse to start afresh over another run's files,
     or to resume ``checkpoint`` into a folder holding a run it does not belong to.
 
-    With ``overwrite`` the other run's files are removed first, each one named on stderr.
+    With ``overwrite`` the other run's files are listed in the claim, to be replaced later.
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -151,13 +185,22 @@ def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None =
                 f"{folder}: already holds a run ({names}); continue it with {how}, "
                 "or start afresh with --overwrite (which replaces those files)"
             )
-        for path in existing:
-            print(f"convnet: --overwrite: replacing {path}", file=sys.stderr)
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    return lock
+        return Claim(lock, existing)
+    return Claim(lock, [])
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove ``folder``, made for a run that failed to start, if it holds nothing of a run:
+    its lock file and an empty ``checkpoints/`` (anything else, the folder stays)."""
+    if run_files(folder):
+        return
+    try:
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+        if (folder / "checkpoints").is_dir():
+            (folder / "checkpoints").rmdir()
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _belongs(checkpoint: Path, folder: Path) -> bool:

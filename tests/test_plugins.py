@@ -246,6 +246,38 @@ def test_a_zero_dim_tensor_result_is_converted(tmp_path: Path) -> None:
     assert summary["answer"] == 42.5 and isinstance(summary["answer"], float)
 
 
+def test_a_monitor_no_per_epoch_evaluator_reports_is_refused_before_training(tmp_path: Path) -> None:
+    """train.monitor feeds the plateau schedule and best.safetensors: a typo, or a metric that
+    only an end-of-run evaluator reports, would leave both idle for the whole run."""
+    _, regs = plugins.create_manager()
+    for monitor, evaluate, message in [
+        ("top1_eror", '[{name = "topk"}]', "'top1_eror' is not a result of the recipe's evaluators"),
+        ("tencrop_top1_error", '[{name = "topk"}, {name = "ten-crop"}]', "is reported only at the end of the run"),
+    ]:
+        recipe = cn.load_recipe(TINY, [f"train.monitor={monitor!r}", f"evaluate={evaluate}"], regs)
+        with pytest.raises(cn.RecipeError, match=message) as caught:
+            cn.Run(recipe, out=tmp_path / monitor, registries=regs, quiet=True).train()
+        assert str(caught.value).startswith("train.monitor: ")
+        assert "run after every epoch report samples, top1_error;" in str(caught.value)  # 4 classes: no top-5
+        assert not (tmp_path / monitor / "checkpoints" / "last.safetensors").exists()
+        if monitor == "top1_eror":
+            assert str(caught.value).endswith("; did you mean 'top1_error'?")
+
+
+def test_a_monitor_an_undeclared_evaluator_does_not_report_is_named_once(tmp_path: Path, capsys) -> None:
+    pm, regs = plugins.create_manager()
+    regs.current_plugin = ("test-evaluators", "tests")
+    regs.evaluator.add("plain", lambda options, ctx: lambda ev_ctx: {"answer": 1.0}, regs.evaluator.get("topk").options)
+    recipe = cn.load_recipe(TINY, ["train.epochs=2", 'evaluate=[{name = "plain"}]'], regs)
+    cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "train.monitor" in line]
+    assert warned == [
+        "convnet: warning: train.monitor 'top1_error' is not among this evaluation's results (answer): "
+        "the schedule is told None and best.safetensors is not kept"
+    ]
+    assert not (tmp_path / "checkpoints" / "best.safetensors").exists()
+
+
 def test_plugins_shows_a_components_options_with_types_and_defaults(capsys) -> None:
     assert cli_main(["plugins", "schedule", "cosine"]) == 0
     out = capsys.readouterr().out

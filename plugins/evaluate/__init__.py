@@ -15,7 +15,10 @@ from convnet.plugins.evaluate.topk import Topk, TopkOptions
 def convnet_register(registries: Registries) -> None:
     add = registries.evaluator.add
     add(
-        "topk", lambda options, ctx: Topk(options), TopkOptions, "top-1 and top-5 (any k) error on the validation split"
+        "topk",
+        lambda options, ctx: Topk(options, ctx.recipe.model.num_classes),
+        TopkOptions,
+        "top-1 and top-5 (any k) error on the validation split",
     )
     add(
         "ten-crop",

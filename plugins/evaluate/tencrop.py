@@ -55,6 +55,12 @@ class TenCrop(Evaluator):
                 f"{ctx.path}.size: crops of {self.height}x{self.width} do not fit the model's input "
                 f"{h}x{w} (model.input); leave size = 0 to use the input size"
             )
+        prefix = split_prefix(options.split)
+        ks = usable_ks(options.k, ctx.recipe.model.num_classes)
+        self.metrics = (
+            f"{prefix}tencrop_samples",
+            *(f"{prefix}{view}_top{k}_error" for k in ks for view in ("centre", "tencrop")),
+        )
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5:

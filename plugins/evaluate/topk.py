@@ -44,8 +44,12 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks: list[int]) -> di
 class Topk(Evaluator):
     when = "epoch"
 
-    def __init__(self, options: TopkOptions) -> None:
+    def __init__(self, options: TopkOptions, num_classes: int | None = None) -> None:
         self.options = options
+        if num_classes is not None:
+            prefix = split_prefix(options.split)
+            ks = usable_ks(options.k, num_classes)
+            self.metrics = (f"{prefix}samples", *(f"{prefix}top{k}_error" for k in ks))
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:
         pred = ctx.predict(self.options.split)

@@ -61,6 +61,11 @@ def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path, le
     assert f"--resume {out / 'checkpoints' / 'last.safetensors'}" in lines[0] and "--overwrite" in lines[0]
     assert _digest(out) == before  # not a byte changed
     ledger.record("fresh run into a folder holding a run", "refused in one line naming --resume / --overwrite")
+    failing = convnet_run(out, "data.batch_size=100000", overwrite=True)
+    _, err = failing.communicate(timeout=600)
+    assert failing.returncode == 2 and "data.batch_size" in err and "replacing" not in err, err
+    assert _digest(out) == before  # the old run is replaced only once the new one could be built
+    ledger.record("--overwrite with a recipe error found while building", "refused; the old run untouched")
     over = subprocess.run(
         [*CONVNET, "run", str(TINY), "--set", "train.max_steps=3", "--out", str(out), "--quiet", "--overwrite"],
         capture_output=True,
@@ -113,6 +118,18 @@ def test_a_start_that_fails_before_training_leaves_no_run_behind(tmp_path, ledge
     assert fixed.wait(timeout=600) == 0, fixed.stderr.read()
     assert last_step(out / "metrics.jsonl") == 2
     ledger.record("a start refused by a recipe error, then the corrected command", "the corrected run started")
+    default = subprocess.run(
+        [*CONVNET, "run", str(TINY), "--set", "data.batch_size=100000", "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
+    assert default.returncode == 2 and "data.batch_size" in default.stderr, default.stderr
+    runs = tmp_path / "runs"
+    assert sorted(runs.rglob("*")) == [runs / "tiny"]  # runs/<recipe>/<time>, made for it, is gone again
+    ledger.record("the same without --out", "the fresh folder made for it removed again")
 
 
 def test_a_second_writer_is_refused_while_the_first_lives_and_accepted_after_sigkill(tmp_path, ledger) -> None:
