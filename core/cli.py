@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -161,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `convnet plugins | head -1`: the reader left. Quietly, as a pipe's writer does; stdout
+        # goes to /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _version() -> str:

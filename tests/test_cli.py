@@ -214,3 +214,12 @@ def test_an_error_of_several_lines_reaches_stderr_in_one_write(monkeypatch) -> N
     assert main(["recipes"]) == 1
     message = b"convnet: error: interrupted at step 3; checkpoint saved to c.safetensors\nresume with: convnet run r\n"
     assert message in raw.writes, raw.writes
+
+
+@pytest.mark.parametrize("command", [["plugins"], ["show", "alexnet-digits"]])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(command) -> None:
+    """`convnet plugins | head -1`: the pipe's reader is gone before the output is written."""
+    proc = subprocess.Popen([str(CONVNET), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
