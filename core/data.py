@@ -328,9 +328,27 @@ def sample_name(dataset: Any, index: int) -> str:
     return f"sample {index}" if index >= 0 else "a sample"
 
 
-def check_bad_samples(skipped: int, policy: str, where: str) -> None:
-    if skipped and policy == "fatal":
-        raise DataError(f'{where}: {skipped} unreadable sample(s) and data.bad_samples = "fatal"')
+def unreadable_reason(dataset: Any, index: int) -> str:
+    """Why sample ``index`` cannot be read, where the dataset can say: its ``read(index)``
+    raises the decode error that ``dataset[index]`` turns into None (read again, once)."""
+    read = getattr(dataset, "read", None)
+    if index >= 0 and callable(read):
+        try:
+            read(index)
+        except Exception as exc:  # the error is the answer
+            return (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0][:200]
+    return "the dataset gave no sample"
+
+
+def check_bad_samples(dataset: Any, bad: list[int], policy: str, where: str) -> None:
+    """With ``data.bad_samples = "fatal"``, stop at the first unreadable sample, naming it and why."""
+    if bad and policy == "fatal":
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more in the same batch)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{where}: {sample_name(dataset, first)} is unreadable ({unreadable_reason(dataset, first)}){more}, "
+            'and data.bad_samples = "fatal"'
+        )
 
 
 def ten_crop_views(images: torch.Tensor, height: int, width: int, flip: bool = True) -> torch.Tensor:

@@ -296,7 +296,9 @@ class Run:
             self.parts.train_set, batches, r.data.workers, r.data.pin_memory
         ):
             skipped += bad
-            cdata.check_bad_samples(len(bad), r.data.bad_samples, f"training set, epoch {state.epoch + 1}")
+            cdata.check_bad_samples(
+                self.parts.splits.train, bad, r.data.bad_samples, f"training set, epoch {state.epoch + 1}"
+            )
             self._train_step(images, labels, indices)
             if r.train.checkpoint_every and state.step % r.train.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -318,7 +320,8 @@ class Run:
             shown = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
             shown = shown or "all in other processes' shares, not named here"
             listed = self.out / run_folder.SKIPPED_FILE
-            with listed.open("a", encoding="utf-8") as f:
+            # A file name that is not UTF-8 reaches Python as surrogate escapes: written as its bytes.
+            with listed.open("a", encoding="utf-8", errors="surrogateescape") as f:
                 f.writelines(f"{when}\t{split}\t{name}\n" for name in names)
             print(
                 f"{when}: skipped {count} unreadable {split} sample(s): {shown}; all listed in {listed}",

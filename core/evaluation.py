@@ -85,6 +85,7 @@ class EvalContext:
         self.skipped[split] = 0
         self.skipped_names[split] = []
         for images, y, idx, bad in cdata.loader(ds, batches, self.recipe.data.workers):
+            cdata.check_bad_samples(dataset, bad, self.recipe.data.bad_samples, f"{split} set")
             self.skipped[split] += len(bad)
             self.skipped_names[split] += [cdata.sample_name(dataset, i) for i in bad]
             if len(y):

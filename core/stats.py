@@ -173,7 +173,7 @@ def compute(
     with tqdm(total=n, unit="img", desc="stats", disable=not progress, dynamic_ncols=True) as bar:
         for images, _, _, bad in cdata.loader(dataset, batches, recipe.data.workers):
             skipped += len(bad)
-            cdata.check_bad_samples(len(bad), recipe.data.bad_samples, "training set (stats)")
+            cdata.check_bad_samples(splits.train, bad, recipe.data.bad_samples, "training set (stats)")
             if len(images):
                 stats.add(images)
             bar.update(len(images) + len(bad))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -276,9 +277,28 @@ def test_unreadable_validation_images_are_counted_and_named(tree, tmp_path, regi
     assert "final evaluation: skipped 2 unreadable val sample(s)" in err
 
 
-def test_unreadable_training_image_is_fatal_when_the_recipe_says_so(tree, tmp_path, registries):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_unreadable_image_is_fatal_when_the_recipe_says_so_naming_it_and_why(tree, tmp_path, registries, split):
     root, _ = tree
-    _corrupt(root)
+    files = _corrupt(root, split)
     recipe = load_recipe(tiny_recipe(tmp_path, root, extra='bad_samples = "fatal"'), registries=registries)
-    with pytest.raises(DataError, match="unreadable sample"):
+    with pytest.raises(DataError) as caught:
         train(recipe, out=tmp_path / "run", registries=registries)
+    message = str(caught.value)
+    assert message.startswith("training set, epoch 1: " if split == "train" else "val set: "), message
+    named = [f for f in files if f"{f} is unreadable (" in message]
+    assert len(named) == 1 and message.endswith(', and data.bad_samples = "fatal"'), message
+    why = message.split(f"{named[0]} is unreadable (", 1)[1]
+    assert why.startswith(("OSError: image file is truncated", "UnidentifiedImageError: cannot identify")), message
+
+
+def test_an_unreadable_file_whose_name_is_not_utf8_is_skipped_and_listed_by_its_bytes(tree, tmp_path, registries):
+    root, _ = tree
+    folder = next(p for p in sorted((root / "train").iterdir()) if p.is_dir())
+    name = os.fsencode(folder) + b"/caf\xe9.JPEG"
+    with open(name, "wb") as f:
+        f.write(b"not an image")
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    summary = train(recipe, out=tmp_path / "run", registries=registries)
+    assert summary["skipped_samples"] == 1
+    assert (tmp_path / "run" / "skipped.txt").read_bytes() == b"epoch 1\ttraining\t" + name + b"\n"
