@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "name in their `stats` option, else runs/<recipe>/stats.safetensors)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per streamed batch (memory bound)")
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="use only the first N training images")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="use N training images spread over the split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="replace an existing statistics file that differs")
 

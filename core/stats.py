@@ -165,9 +165,13 @@ def compute(
     from tqdm import tqdm
 
     splits = cdata.build_dataset(recipe, registries)
-    n = len(splits.train) if not limit else min(limit, len(splits.train))
+    total = len(splits.train)
+    n = total if not limit else min(limit, total)
     dataset = cdata.Augmented(splits.train, [], recipe.seed, cdata.STREAM_EVAL_AUGMENT)
-    batches = cdata.eval_batches(n, batch_size)
+    # --limit: images spread evenly over the split, which folder datasets order by class (the
+    # first N would be the first classes only); read in order, as the whole split is.
+    chosen = [i * total // n for i in range(n)]
+    batches = [chosen[i : i + batch_size] for i in range(0, n, batch_size)]
     stats = PixelStats()
     skipped = 0
     with tqdm(total=n, unit="img", desc="stats", disable=not progress, dynamic_ncols=True) as bar:

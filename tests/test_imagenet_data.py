@@ -203,6 +203,27 @@ def test_devkit_meta_must_be_weights_only(tmp_path, registries):
         build_dataset(recipe, registries)
 
 
+def test_a_flat_val_folder_without_the_devkit_says_what_labels_it_needs(tmp_path, registries):
+    root = tmp_path / "ilsvrc"
+    write_tree(root, flat_val=True)  # no meta.bin: the folders layout, and val/ holds files only
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    with pytest.raises(DataError) as err:
+        build_dataset(recipe, registries)
+    assert str(err.value).startswith(f"{root / 'val'}: holds images but no class folders (the devkit's flat layout)")
+    assert f"{root / 'meta.bin'} or {root / 'ILSVRC2012_devkit_t12.tar.gz'}, and neither is there" in str(err.value)
+
+
+def test_a_training_class_folder_without_images_is_refused_by_name(tree, tmp_path, registries):
+    root, _ = tree
+    (root / "train" / "n99999999").mkdir()
+    (root / "train" / "n99999999" / "readme.txt").write_text("no images here")
+    recipe = load_recipe(tiny_recipe(tmp_path, root), registries=registries)
+    with pytest.raises(DataError) as err:
+        build_dataset(recipe, registries)
+    assert str(err.value).startswith(f"{root / 'train'}: class folder(s) without images (")
+    assert "): n99999999; each would be a class no training image shows" in str(err.value)
+
+
 @pytest.mark.parametrize("case", ["missing", "no-train", "no-images"])
 def test_bad_root_is_one_line_naming_path_and_layout(tmp_path, registries, case):
     root = tmp_path / "data"

@@ -81,6 +81,20 @@ def test_stats_command_matches_the_training_images(tree_recipe, tmp_path, regist
     torch.testing.assert_close(dots, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
+def test_limit_reads_images_spread_over_the_split_so_every_class(tree_recipe, registries):
+    """Folder datasets list the training split class by class: --limit N takes N images spread
+    evenly over it (one per class here), not the first class's first N."""
+    _, recipe_path = tree_recipe
+    recipe = load_recipe(recipe_path, registries=registries)
+    train = build_dataset(recipe, registries).train
+    classes = sorted({int(train[i][1]) for i in range(len(train))})
+    tensors, summary = cstats.compute(recipe, registries, batch_size=2, limit=len(classes), progress=False)
+    chosen = [i * len(train) // len(classes) for i in range(len(classes))]
+    assert sorted(int(train[i][1]) for i in chosen) == classes and summary["images"] == len(classes)
+    mean, _ = direct(torch.stack([train[i][0] for i in chosen]))
+    torch.testing.assert_close(tensors["mean"].double(), mean, rtol=0, atol=1e-4)
+
+
 def test_default_output_is_next_to_the_data_root(tree_recipe, registries):
     root, recipe_path = tree_recipe
     assert cli.main(["stats", str(recipe_path), "--quiet", "--limit", "3"]) == 0

@@ -130,17 +130,30 @@ def _class_dirs(folder: Path) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_classes(folder: Path, class_to_idx: dict[str, int], limit: int) -> tuple[list[str], list[int]]:
+def _scan_classes(
+    folder: Path, class_to_idx: dict[str, int], limit: int, allow_empty: bool = True
+) -> tuple[list[str], list[int]]:
+    """Image paths and labels of ``folder``'s class folders. ``allow_empty = False`` (training)
+    refuses a class folder without images: it would be a class the network never sees."""
     paths: list[str] = []
     labels: list[int] = []
+    empty: list[str] = []
     for name in _class_dirs(folder):
         if name not in class_to_idx:
             raise DataError(f"{folder / name}: class folder not in the training classes; {LAYOUT_HELP}")
         files = _images_in(folder / name)
+        if not files:
+            empty.append(name)
         if limit:
             files = files[:limit]
         paths += files
         labels += [class_to_idx[name]] * len(files)
+    if empty and paths and not allow_empty:
+        shown = ", ".join(empty[:3]) + (f" (and {len(empty) - 3} more)" if len(empty) > 3 else "")
+        raise DataError(
+            f"{folder}: class folder(s) without images ({', '.join(EXTENSIONS)}): {shown}; "
+            "each would be a class no training image shows: add images or remove the folder"
+        )
     return paths, labels
 
 
@@ -201,7 +214,7 @@ def build_imagenet(options: ImageNetOptions, ctx: DataContext) -> DatasetSplits:
         return DatasetSplits(
             empty, empty, len(wnids), class_names(wnids, words) if words else names, "imagenet", read_file=read_file
         )
-    train_paths, train_labels = _scan_classes(train_root, class_to_idx, options.per_class_limit)
+    train_paths, train_labels = _scan_classes(train_root, class_to_idx, options.per_class_limit, allow_empty=False)
     if layout == "devkit":
         wnid_to_classes, val_wnids = read_meta(root)
         names = [f"{w} {wnid_to_classes[w][0]}" if w in wnid_to_classes else w for w in wnids]
@@ -214,6 +227,12 @@ def build_imagenet(options: ImageNetOptions, ctx: DataContext) -> DatasetSplits:
         val_paths, val_labels = _scan_classes(val_root, class_to_idx, 0)
     if not train_paths:
         raise DataError(f"{train_root}: no images ({', '.join(EXTENSIONS)}); {LAYOUT_HELP}")
+    if not val_paths and layout == "folders" and _images_in(val_root):
+        raise DataError(
+            f"{val_root}: holds images but no class folders (the devkit's flat layout): their labels "
+            f"come from the devkit, {root / META_FILE} or {root / DEVKIT_ARCHIVE}, and neither is there; "
+            f"{LAYOUT_HELP}"
+        )
     if not val_paths:
         raise DataError(f"{val_root}: no images ({', '.join(EXTENSIONS)}); {LAYOUT_HELP}")
     if words:
