@@ -146,8 +146,8 @@ def convnet_train_end(run: RunView, summary: dict[str, Any]) -> None:
 def convnet_save_state(run: RunView) -> dict[str, Any] | None:
     """Return this plugin's state to store in the checkpoint being written, or None.
 
-    The dict may hold tensors (stored as tensors, bit-exact) and JSON values (numbers,
-    strings, lists, dicts of them). It is keyed by the plugin's name in the checkpoint and
+    The dict may hold tensors (stored as tensors, bit-exact, copied) and JSON values (numbers,
+    strings, lists, dicts of them; tensors inside them too). It is keyed by the plugin's name in the checkpoint and
     handed back by ``convnet_load_state`` on ``--resume``. Called on every process; the main
     process's state is the one saved.
     """

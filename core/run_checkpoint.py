@@ -20,7 +20,7 @@ import torch
 
 from convnet.core import checkpoint as ckpt
 from convnet.core.components import Components
-from convnet.core.errors import CheckpointError
+from convnet.core.errors import CheckpointError, PluginError
 from convnet.core.recipe import resume_difference
 from convnet.core.registry import Registries
 from convnet.core.schema import Recipe
@@ -53,13 +53,8 @@ class RunCheckpoints:
         tensors = {f"model/{k}": v for k, v in model_state.items()}
         tensors.update({f"optimizer/{k}": v for k, v in opt_tensors.items()})
         tensors.update(rng)
-        plugin_json: dict[str, dict[str, Any]] = {}
-        for plugin, values in plugin_state.items():
-            for key, value in values.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{PLUGIN_PREFIX}{plugin}/{key}"] = value
-                else:
-                    plugin_json.setdefault(plugin, {})[key] = value
+        plugin_json = {plugin: _plugin_values(plugin, values, tensors) for plugin, values in plugin_state.items()}
+        plugin_json = {plugin: values for plugin, values in plugin_json.items() if values}
         saved = {
             **state.to_json(),
             "optimizer_groups": groups,
@@ -167,13 +162,66 @@ def _optimizer_state(
     return tensors, numbers, groups
 
 
+TENSOR_REF = "$tensor"  # in a plugin's JSON state: {"$tensor": name} stands for the tensor plugin/<plugin>/<name>
+
+
+def _plugin_values(plugin: str, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A plugin's state split into tensors (added to ``tensors`` as ``plugin/<plugin>/<path>``,
+    copied: they may be the live weights, whose memory safetensors will not store twice) and
+    the JSON rest, where a tensor inside a dict or list is a ``{"$tensor": path}`` reference."""
+
+    def split(value: Any, path: list[str]) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = "/".join(path)
+            key = f"{PLUGIN_PREFIX}{plugin}/{name}"
+            if key in tensors:
+                raise PluginError(f"plugin {plugin!r}: convnet_save_state gives two tensors the name {name!r}")
+            tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+            return {TENSOR_REF: name}
+        if isinstance(value, dict):
+            return {str(k): split(v, [*path, str(k)]) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [split(v, [*path, str(i)]) for i, v in enumerate(value)]
+        return value
+
+    rest: dict[str, Any] = {}
+    for key, value in dict(values).items():
+        kept = split(value, [str(key)])
+        if not isinstance(value, torch.Tensor):  # a top-level tensor needs no reference
+            rest[str(key)] = kept
+        try:
+            json.dumps(kept, allow_nan=True)
+        except (TypeError, ValueError) as exc:
+            raise PluginError(
+                f"plugin {plugin!r}: convnet_save_state's {key!r} cannot be saved ({exc}); "
+                "return tensors and JSON values (numbers, strings, lists and dicts of them)"
+            ) from None
+    return rest
+
+
 def _plugin_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     try:
         state: dict[str, dict[str, Any]] = json.loads(metadata.get("convnet.plugin_state", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: checkpoint metadata 'convnet.plugin_state' is corrupt") from None
+    referenced: set[str] = set()
+
+    def join(value: Any, plugin: str) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {TENSOR_REF}:
+                key = f"{PLUGIN_PREFIX}{plugin}/{value[TENSOR_REF]}"
+                if key not in tensors:
+                    raise CheckpointError(f"{path}: plugin {plugin!r}'s state names a tensor {key!r} it does not hold")
+                referenced.add(key)
+                return tensors[key]
+            return {k: join(v, plugin) for k, v in value.items()}
+        if isinstance(value, list):
+            return [join(v, plugin) for v in value]
+        return value
+
+    state = {plugin: join(values, plugin) for plugin, values in state.items()}
     for key, value in tensors.items():
-        if key.startswith(PLUGIN_PREFIX):
+        if key.startswith(PLUGIN_PREFIX) and key not in referenced:
             plugin, _, name = key[len(PLUGIN_PREFIX) :].partition("/")
             state.setdefault(plugin, {})[name] = value
     return state

@@ -200,6 +200,62 @@ def test_hooks_fire_in_the_documented_order(tmp_path: Path) -> None:
     ]
 
 
+class _Averager:
+    """Keeps a running average of the weights in a nested dict, plus the live weights as they are
+    (sharing their memory), a list and plain numbers: all must come back on --resume."""
+
+    def __init__(self, bad: object = None) -> None:
+        self.loaded: dict | None = None
+        self.bad = bad
+
+    @cn.hookimpl
+    def convnet_save_state(self, run) -> dict:
+        weights = run.model_state()
+        state = {
+            "ema": {"decay": 0.9, "weights": {k: v * 0.5 for k, v in weights.items()}},
+            "live": dict(weights),
+            "history": [torch.tensor([float(run.step)]), {"step": run.step}],
+            "step": run.step,
+        }
+        if self.bad is not None:
+            state["bad"] = self.bad
+        return state
+
+    @cn.hookimpl
+    def convnet_load_state(self, run, state) -> None:
+        self.loaded = state
+
+
+def test_plugin_state_with_nested_and_shared_tensors_survives_a_resume(tmp_path: Path) -> None:
+    pm, regs = plugins.create_manager()
+    pm.register(_Averager(), name="averager")
+    recipe = cn.load_recipe(TINY, ["train.max_steps=4"], regs)
+    cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+    last = tmp_path / "checkpoints" / "last.safetensors"
+    weights = cn.model_tensors(cn.load_checkpoint(last)[0])
+    again = _Averager()
+    pm2, regs2 = plugins.create_manager()
+    pm2.register(again, name="averager")
+    recipe = cn.load_recipe(TINY, ["train.max_steps=5"], regs2)
+    cn.Run(recipe, out=tmp_path, resume=last, registries=regs2, pm=pm2, quiet=True).train()
+    state = again.loaded
+    assert state is not None and state["step"] == 4 and state["ema"]["decay"] == 0.9
+    assert state["ema"]["weights"].keys() == state["live"].keys() == weights.keys()
+    for name, value in weights.items():
+        assert torch.equal(state["live"][name], value) and torch.equal(state["ema"]["weights"][name], value * 0.5)
+    assert torch.equal(state["history"][0], torch.tensor([4.0])) and state["history"][1] == {"step": 4}
+
+
+def test_plugin_state_that_cannot_be_saved_names_the_plugin_and_key(tmp_path: Path) -> None:
+    pm, regs = plugins.create_manager()
+    pm.register(_Averager(bad={"when": object()}), name="averager")
+    recipe = cn.load_recipe(TINY, ["train.max_steps=4"], regs)
+    with pytest.raises(cn.PluginError) as caught:
+        cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+    assert str(caught.value).startswith("plugin 'averager': convnet_save_state's 'bad' cannot be saved (")
+    assert not (tmp_path / "checkpoints" / "last.safetensors").exists()
+
+
 def test_a_recipe_can_disable_a_hook_only_plugin(tmp_path: Path, capsys) -> None:
     pm, regs = plugins.create_manager()
     recorder = _Recorder()
