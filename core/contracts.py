@@ -55,7 +55,7 @@ class BuildContext:
 @attrs.frozen
 class OptimizerContext:
     """What an optimizer factory knows: the parameters this process trains, by canonical name
-    (``conv1.weight``; under tower-parallel only this rank's tower), and the recipe."""
+    (``layers.conv1.weight``; under tower-parallel only this rank's tower), and the recipe."""
 
     parameters: list[tuple[str, nn.Parameter]]
     recipe: Recipe

@@ -54,5 +54,5 @@ class RunView:
     registries: Registries = property(lambda self: self._run.registries)  # type: ignore[assignment]
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The canonical model state (``conv1.weight`` ...), gathered to the main process."""
+        """The canonical model state (``layers.conv1.weight`` ...), gathered to the main process."""
         return self._run.strategy.state_dict(self._run.parts.module)
