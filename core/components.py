@@ -17,7 +17,7 @@ from convnet.core import data as cdata
 from convnet.core import schema
 from convnet.core.compiling import compile_in_place
 from convnet.core.contracts import BuildContext, OptimizerContext, Schedule, ScheduleContext
-from convnet.core.errors import RecipeError
+from convnet.core.errors import PluginError, RecipeError
 from convnet.core.evaluation import Evaluator
 from convnet.core.model import Network, build_model
 from convnet.core.registry import Registries
@@ -36,9 +36,9 @@ def build_evaluators(recipe: schema.Recipe, registries: Registries) -> list[tupl
         path = f"evaluate[{i}]"
         ev = registries.evaluator.build(comp, path, BuildContext(recipe, registries, path))
         if not callable(ev) or getattr(ev, "when", "epoch") not in ("epoch", "end"):
-            raise RecipeError(
-                f"{path}: evaluator {comp.name!r} returned {type(ev).__name__}, which is not an "
-                'Evaluator (callable, with when = "epoch" or "end")'
+            raise PluginError(
+                f"{path}: evaluator {comp.name!r} from {registries.evaluator.get(comp.name).origin} returned "
+                f'{type(ev).__name__}, which is not an Evaluator (callable, with when = "epoch" or "end")'
             )
         built.append((f"{path} ({comp.name})", ev))
     return built

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from convnet.core import schema
-from convnet.core.errors import DataError, RecipeError
+from convnet.core.errors import DataError, PluginError, RecipeError
 from convnet.core.registry import Registries
 
 # Streams keep the generators of different uses independent for the same (seed, epoch, index).
@@ -168,10 +168,17 @@ def build_dataset(recipe: schema.Recipe, registries: Registries, purpose: str = 
 def build_augmenters(
     components: Sequence[schema.Augmenter], registries: Registries, path: str, recipe: schema.Recipe
 ) -> list[Augment]:
-    return [
-        registries.augmenter.build(comp, f"{path}[{i}]", DataContext(recipe, registries, f"{path}[{i}]"))
-        for i, comp in enumerate(components)
-    ]
+    built = []
+    for i, comp in enumerate(components):
+        where = f"{path}[{i}]"
+        aug = registries.augmenter.build(comp, where, DataContext(recipe, registries, where))
+        if not callable(aug):
+            raise PluginError(
+                f"{where}: augmenter {comp.name!r} from {registries.augmenter.get(comp.name).origin} returned "
+                f"{type(aug).__name__}, which is not callable as aug(image, generator)"
+            )
+        built.append(aug)
+    return built
 
 
 class Augmented(Dataset):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from convnet.core import schema
-from convnet.core.errors import RecipeError
+from convnet.core.errors import ConvnetError, RecipeError
 from convnet.core.registry import Registries
 
 
@@ -149,12 +149,16 @@ def build_model(
                         f"{type(built).__name__}, not a BuiltLayer"
                     )
                 built.module.to(device=dev, dtype=dtype)
+            except ConvnetError:
+                raise
             except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
                 # sizes torch cannot hold (a 10**12-channel conv, a 10**18-feature fc): the recipe's fault
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise RecipeError(
                     f"{path} ({layer_id}): cannot build this layer for input {list(shape)}: {reason}"
                 ) from None
+            except Exception as exc:  # AttributeError, KeyError ...: a bug in the layer's plugin
+                raise regs.layer.failed_in(entry, f"{path} ({layer_id})", exc) from exc
             params = sum(p.numel() for p in built.module.parameters())
             info.append(LayerInfo(layer_id, spec.name, spec.towers, shape, tuple(built.out_shape), params, built.macs))
             modules.append((layer_id, built.module))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from convnet.core.errors import PluginError, RecipeError
+from convnet.core.errors import ConvnetError, PluginError, RecipeError
 
 if TYPE_CHECKING:
     from convnet.core.schema import Component
@@ -114,13 +114,19 @@ class Registry:
         """Build the recipe's ``component`` (found at ``path``) with ``factory(options, ctx)``.
 
         A ``ValueError`` from the factory is the recipe's fault: it becomes a ``RecipeError``
-        naming ``path``. With ``returns``, a result of another type is the plugin's fault.
+        naming ``path``; a ``ConvnetError`` passes as it is; any other exception is the plugin's
+        fault: a ``PluginError`` naming the component, its plugin and the exception. With
+        ``returns``, a result of another type is the plugin's fault too.
         """
         entry = self.get(component.name, f"{path}.{getattr(type(component), 'key', 'name')}")
         try:
             built = entry.factory(component.options, ctx)
+        except ConvnetError:
+            raise
         except ValueError as exc:
             raise RecipeError(f"{path}: {exc}") from None
+        except Exception as exc:
+            raise self.failed_in(entry, path, exc) from exc
         if returns is not None and not isinstance(built, returns):
             expected = returns.__name__ if isinstance(returns, type) else " or ".join(t.__name__ for t in returns)
             raise PluginError(
@@ -128,6 +134,14 @@ class Registry:
                 f"{type(built).__name__}, not {expected}"
             )
         return built
+
+    def failed_in(self, entry: Entry, path: str, exc: BaseException) -> PluginError:
+        """The one-line error for a factory that raised ``exc`` (a bug in the plugin, not the recipe)."""
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        return PluginError(
+            f"{path}: {self.kind} {entry.name!r} from {entry.origin} failed: {type(exc).__name__}"
+            + (f": {reason}" if reason else "")
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -334,6 +334,52 @@ def test_a_monitor_an_undeclared_evaluator_does_not_report_is_named_once(tmp_pat
     assert not (tmp_path / "checkpoints" / "best.safetensors").exists()
 
 
+def _raise(exc: Exception):
+    def factory(options, ctx):
+        raise exc
+
+    return factory
+
+
+@pytest.mark.parametrize(
+    "kind, like, override",
+    [
+        ("dataset", "synthetic", 'data.dataset.name="broken"'),
+        ("augmenter", "hflip", 'data.train_augment=[{name = "broken"}]'),
+        ("evaluator", "topk", 'evaluate=[{name = "broken"}]'),
+        ("optimizer", "paper-sgd", 'train.optimizer.name="broken"'),
+        ("schedule", "plateau", 'train.schedule.name="broken"'),
+        ("strategy", "single", 'parallel.strategy="broken"'),
+        ("layer", "tanh", 'model.layers.tanh1.name="broken"'),
+    ],
+)
+def test_a_factory_that_raises_is_one_line_naming_its_plugin(kind, like, override, tmp_path: Path) -> None:
+    """A plugin's bug (here an AttributeError) is the plugin's fault, not the recipe's: one
+    PluginError naming the recipe path, the component, its plugin and the exception."""
+    pm, regs = plugins.create_manager()
+    regs.current_plugin = ("test-factories", "tests")
+    regs[kind].add(
+        "broken", _raise(AttributeError("'LayerContext' object has no attribute 'x'")), regs[kind].get(like).options
+    )
+    with pytest.raises(cn.PluginError) as caught:  # a layer's factory runs when the recipe loads
+        recipe = cn.load_recipe(TINY, ["train.max_steps=1", override], regs)
+        cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+    message = str(caught.value)
+    assert f"{kind} 'broken' from plugin 'test-factories'" in message, message
+    assert message.endswith("failed: AttributeError: 'LayerContext' object has no attribute 'x'"), message
+
+
+def test_an_augmenter_factory_that_returns_no_callable_is_named_at_build(tmp_path: Path) -> None:
+    pm, regs = plugins.create_manager()
+    regs.current_plugin = ("test-factories", "tests")
+    regs.augmenter.add("inert", lambda options, ctx: object(), regs.augmenter.get("hflip").options)
+    recipe = cn.load_recipe(TINY, ["train.max_steps=1", 'data.train_augment=[{name = "inert"}]'], regs)
+    with pytest.raises(
+        cn.PluginError, match=r"^data.train_augment\[0\]: augmenter 'inert' from plugin 'test-factories'"
+    ):
+        cn.Run(recipe, out=tmp_path, registries=regs, pm=pm, quiet=True).train()
+
+
 def test_plugins_shows_a_components_options_with_types_and_defaults(capsys) -> None:
     assert cli_main(["plugins", "schedule", "cosine"]) == 0
     out = capsys.readouterr().out
