@@ -59,6 +59,7 @@ from convnet.core.errors import (
 )
 from convnet.core.evaluation import EvalContext, Evaluator, Predictions, multiview_logits
 from convnet.core.hookspecs import hookimpl, hookspec
+from convnet.core.image_modes import eight_bit
 from convnet.core.model import BuiltLayer, LayerContext, LayerInfo, Network, build_model
 from convnet.core.plugins import PluginWarning, load_plugins
 from convnet.core.predict import predict
@@ -133,6 +134,7 @@ __all__ = [
     "splitmix64",
     "GOLDEN_GAMMA",
     "ten_crop_views",
+    "eight_bit",
     # checkpoints: safetensors only (convnet never unpickles)
     "load_checkpoint",
     "save_checkpoint",

@@ -30,6 +30,7 @@ from convnet.core import schema
 from convnet.core.contracts import BuildContext
 from convnet.core.errors import ConvnetError, DataError
 from convnet.core.evaluation import multiview_logits
+from convnet.core.image_modes import eight_bit
 from convnet.core.model import build_model
 from convnet.core.registry import Registries
 
@@ -244,7 +245,7 @@ def plot(predictions: Sequence[Prediction], path: str | Path, columns: int = 4, 
         try:
             with Image.open(pred.file) as img:
                 img.thumbnail((256, 256))
-                pixels = np.asarray(img.convert("RGB"))
+                pixels = np.asarray(eight_bit(img).convert("RGB"))
         except Exception:
             pixels = np.full((8, 8, 3), 255, dtype=np.uint8)
         ax.imshow(pixels, interpolation="nearest" if max(pixels.shape[:2]) < 64 else "antialiased")

@@ -323,3 +323,17 @@ def test_an_unreadable_file_whose_name_is_not_utf8_is_skipped_and_listed_by_its_
     summary = train(recipe, out=tmp_path / "run", registries=registries)
     assert summary["skipped_samples"] == 1
     assert (tmp_path / "run" / "skipped.txt").read_bytes() == b"epoch 1\ttraining\t" + name + b"\n"
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    """Pillow clips 16-bit values above 255 when converting: a 16-bit photograph would read as
+    white. It reads as the same picture saved with 8 bits."""
+    from convnet.plugins.data.digits import read_grey
+
+    deep = np.random.default_rng(0).integers(0, 65536, (50, 60)).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    Image.fromarray(np.rint(deep / 257).astype(np.uint8)).save(tmp_path / "shallow.png")
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode.startswith("I")  # Pillow opens it as 16-bit
+    assert torch.equal(preprocess(tmp_path / "deep.png", 36), preprocess(tmp_path / "shallow.png", 36))
+    assert np.array_equal(read_grey(tmp_path / "deep.png"), read_grey(tmp_path / "shallow.png"))

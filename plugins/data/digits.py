@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from attrs import validators as v
 
-from convnet.core import DataContext, DatasetSplits, generator
+from convnet.core import DataContext, DatasetSplits, eight_bit, generator
 from convnet.plugins.data.labelled import LabelledTensors
 
 CLASSES = [str(i) for i in range(10)]
@@ -46,7 +46,7 @@ def read_grey(path: Path) -> np.ndarray:
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        grey = img.convert("L")
+        grey = eight_bit(img).convert("L")  # a 16-bit PNG: scaled, not clipped to white
     return np.asarray(grey, dtype=np.float32) / 255.0
 
 

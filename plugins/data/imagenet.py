@@ -26,7 +26,7 @@ from attrs import validators as v
 from PIL import Image
 from torch.utils.data import Dataset
 
-from convnet.core import DataContext, DataError, DatasetSplits
+from convnet.core import DataContext, DataError, DatasetSplits, eight_bit
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 META_FILE = "meta.bin"
@@ -55,6 +55,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode fully (so truncation shows now) and convert grey, CMYK, palette, RGBA to RGB."""
     with Image.open(path) as img:
         img.load()
+        img = eight_bit(img)  # a 16-bit PNG: scaled, not clipped to white
         return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 

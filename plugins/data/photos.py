@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from attrs import validators as v
 
-from convnet.core import DataContext, DatasetSplits, generator
+from convnet.core import DataContext, DatasetSplits, eight_bit, generator
 from convnet.plugins.data.labelled import LabelledTensors
 
 EXTRA = "pip install 'convnet[photos]'  (or: pip install scikit-image)"
@@ -150,7 +150,7 @@ def read_patch(path: Path, patch: int) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        rgb = np.asarray(eight_bit(img).convert("RGB"), dtype=np.uint8)
     h, w = rgb.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
