@@ -194,6 +194,13 @@ def predict(
         if not pending:
             return
         probs = predictor.probabilities(torch.stack([x for _, x in pending]))
+        broken = torch.isnan(probs).any(1)
+        if broken.any():
+            first = entries[pending[int(broken.nonzero()[0])][0]]
+            raise ConvnetError(
+                f"{checkpoint}: the network's outputs are NaN for {first}: these weights give no "
+                "prediction (a run that diverged?)"
+            )
         values, indices = probs.topk(k, dim=1)
         for (at, _), p, i in zip(pending, values.tolist(), indices.tolist()):
             results[at] = Prediction(str(entries[at]), [(predictor.classes[c], float(q)) for c, q in zip(i, p)])

@@ -94,6 +94,15 @@ def test_topk_equals_plain_reference_for_every_k_with_ties(case):
     assert counts[classes][0] == 0
 
 
+def test_a_nan_in_the_logits_is_wrong_for_every_k_and_predicts_no_class():
+    """Comparisons with NaN are all false: without care a NaN network ranks every label first."""
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 0.0], [float("nan")] * 3])
+    labels = torch.tensor([2, 1, 0])
+    assert topk_errors(logits, labels, [1, 3]) == {1: (2, 3), 3: (2, 3)}
+    matrix = confusion_matrix(logits, labels, 3)
+    assert int(matrix.sum()) == 1 and int(matrix[2, 2]) == 1
+
+
 def test_topk_tie_goes_to_lower_class():
     logits = torch.zeros(2, 4)  # all tied: class 0 ranks first
     assert topk_errors(logits, torch.tensor([0, 3]), [1, 3, 4]) == {1: (1, 2), 3: (1, 2), 4: (0, 2)}

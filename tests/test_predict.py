@@ -20,7 +20,7 @@ from convnet.core import plugins, predict
 from convnet.core.cli import main
 from convnet.core.data import build_dataset, ten_crop_views
 from convnet.core.engine import train
-from convnet.core.errors import CheckpointError
+from convnet.core.errors import CheckpointError, ConvnetError
 from convnet.core.model import build_model
 from convnet.core.predict import Prediction, image_files, load_predictor
 from convnet.core.recipe import load_recipe
@@ -223,3 +223,16 @@ def test_imagenet_reads_a_file_as_its_validation_images_and_names_classes_by_syn
     assert full.classes == splits.classes
     path = full.val.path(0)
     torch.testing.assert_close(splits.read_file(Path(path)), full.val[0][0])
+
+
+@pytest.mark.slow  # trains a digits network first (module fixture)
+def test_a_checkpoint_whose_outputs_are_nan_is_named_not_reported_as_a_prediction(trained, pictures, tmp_path):
+    folder, _ = pictures
+    tensors, metadata = ckpt.load(trained)
+    tensors = dict(tensors)
+    bias = next(k for k in tensors if k.startswith("model/") and k.endswith("fc8.bias"))
+    tensors[bias] = torch.full_like(tensors[bias], float("nan"))
+    broken = tmp_path / "nan.safetensors"
+    ckpt.save(broken, tensors, {k: v for k, v in metadata.items() if k != "convnet.sha256"})
+    with pytest.raises(ConvnetError, match=re.escape(f"{broken}: the network's outputs are NaN for ")):
+        predict(load_recipe("alexnet-digits", DIGITS), broken, [folder / "digit000.png"])

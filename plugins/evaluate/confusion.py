@@ -31,8 +31,10 @@ def top1(logits: torch.Tensor) -> torch.Tensor:
 
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """``[classes, classes]`` counts, rows = true class, columns = predicted class."""
-    flat = labels * classes + top1(logits)
+    """``[classes, classes]`` counts, rows = true class, columns = predicted class; a sample
+    whose logits hold a NaN predicts no class and is left out (``Confusion`` counts them)."""
+    scored = ~torch.isnan(logits).any(1)
+    flat = labels[scored] * classes + top1(logits[scored])
     return torch.bincount(flat, minlength=classes * classes).reshape(classes, classes)
 
 
@@ -54,6 +56,8 @@ class Confusion(Evaluator):
         k = ctx.recipe.model.num_classes
         matrix = ctx.strategy.all_reduce_sum(confusion_matrix(pred.logits, pred.labels, k).to(torch.float64))
         matrix = matrix.round().to(torch.long)
+        total = ctx.strategy.all_reduce_sum(torch.tensor([float(len(pred.labels))], dtype=torch.float64))
+        unscored = int(total.item()) - int(matrix.sum())
         names = ctx.splits.classes or [str(i) for i in range(k)]
         support = matrix.sum(1)
         pairs = [
@@ -71,6 +75,17 @@ class Confusion(Evaluator):
         write_json(
             ctx.out,
             f"{prefix}confusion.json",
-            {"split": self.options.split, "classes": names, "matrix": matrix.tolist(), "pairs": pairs},
+            {
+                "split": self.options.split,
+                "classes": names,
+                "matrix": matrix.tolist(),
+                "pairs": pairs,
+                "nan_samples": unscored,
+            },
         )
-        return {f"{prefix}most_confused": [f"{p['true']}->{p['predicted']}: {p['count']}" for p in pairs[:3]]}
+        results: dict[str, Any] = {
+            f"{prefix}most_confused": [f"{p['true']}->{p['predicted']}: {p['count']}" for p in pairs[:3]]
+        }
+        if unscored:  # the network gave NaN for these: they are in no row of the matrix
+            results[f"{prefix}confusion_nan_samples"] = unscored
+        return results

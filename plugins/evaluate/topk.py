@@ -26,13 +26,15 @@ class TopkOptions:
 def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Where each label's logit ranks (0 = top); ties go to the lower class index.
 
-    Deterministic, unlike ``torch.topk`` whose order among equal values is unspecified.
+    Deterministic, unlike ``torch.topk`` whose order among equal values is unspecified. A row
+    with a NaN ranks last (wrong for every k): every comparison with NaN is false, which would
+    otherwise rank the label first and score a broken network as perfect.
     """
     target = logits.gather(1, labels[:, None])
     above = (logits > target).sum(1)
     classes = torch.arange(logits.shape[1], device=logits.device)
     tied_before = ((logits == target) & (classes[None, :] < labels[:, None])).sum(1)
-    return above + tied_before
+    return torch.where(torch.isnan(logits).any(1), logits.shape[1], above + tied_before)
 
 
 def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks: list[int]) -> dict[int, tuple[int, int]]:
