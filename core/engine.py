@@ -313,21 +313,7 @@ class Run:
         state.skipped_samples += self._skipped_epoch
 
     def _report_skips(self, when: str, split: str, names: list[str]) -> int:
-        """The unreadable samples of all processes, counted; this process's named on stderr
-        (the first few) and in ``skipped.txt`` in the run folder (all) by the main process."""
-        count = int(self.strategy.all_reduce_sum(torch.tensor([float(len(names))])).item())
-        if count and self.strategy.is_main:
-            shown = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
-            shown = shown or "all in other processes' shares, not named here"
-            listed = self.out / run_folder.SKIPPED_FILE
-            # A file name that is not UTF-8 reaches Python as surrogate escapes: written as its bytes.
-            with listed.open("a", encoding="utf-8", errors="surrogateescape") as f:
-                f.writelines(f"{when}\t{split}\t{name}\n" for name in names)
-            print(
-                f"{when}: skipped {count} unreadable {split} sample(s): {shown}; all listed in {listed}",
-                file=sys.stderr,
-            )
-        return count
+        return run_folder.report_skipped(self.strategy, self.out, when, split, names)
 
     def _end_epoch(self) -> dict[str, Any]:
         """Evaluate, step the schedule, log, checkpoint (``best`` too when improved), tell plugins."""

@@ -22,7 +22,7 @@ from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
 from convnet.core import run_folder, schema
 from convnet.core.components import build_evaluators, build_strategy
-from convnet.core.errors import RecipeError
+from convnet.core.errors import ConvnetError, RecipeError
 from convnet.core.evaluation import EvalContext, run_evaluators
 from convnet.core.model import build_model
 from convnet.core.registry import Registries
@@ -50,14 +50,18 @@ def with_members(recipe: schema.Recipe, others: Sequence[str], registries: Regis
 def output_folder(recipe: schema.Recipe, out: str | Path | None) -> Path:
     """Where this evaluation writes: OUT as given, unless it holds a run's files (then a fresh
     folder inside it); by default ``runs/<recipe>/eval-<time>``."""
-    if out is None:
-        folder = run_folder.default_folder(recipe.name, "eval-")
-        return run_folder.fresh_folder(folder.parent, folder.name)
-    folder = Path(out)
-    if run_folder.run_files(folder) or (folder / "eval.json").exists():
-        return run_folder.fresh_folder(folder / "evals")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    try:
+        if out is None:
+            folder = run_folder.default_folder(recipe.name, "eval-")
+            return run_folder.fresh_folder(folder.parent, folder.name)
+        folder = Path(out)
+        if run_folder.run_files(folder) or (folder / "eval.json").exists():
+            return run_folder.fresh_folder(folder / "evals")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except OSError as exc:
+        where = exc.filename or out
+        raise ConvnetError(f"{where}: cannot make the evaluation's folder there ({exc.strerror or exc})") from None
 
 
 def evaluate(
@@ -86,7 +90,16 @@ def evaluate(
     ctx = EvalContext(recipe, module, strategy, splits, eval_aug, out_dir, 0, True, registries, weights=str(first))
     with torch.random.fork_rng(devices=[]):
         results = run_evaluators(evaluators, ctx)
-    results = {"checkpoints": [str(p) for p in checkpoints], "metrics_from": str(first), **results}
+    skipped = sum(
+        run_folder.report_skipped(strategy, out_dir, "evaluation", split, list(dict.fromkeys(ctx.skipped_names[split])))
+        for split in sorted(ctx.skipped_names)
+    )
+    results = {
+        "checkpoints": [str(p) for p in checkpoints],
+        "metrics_from": str(first),
+        **results,
+        "skipped_eval_samples": skipped,
+    }
     is_main = strategy.is_main
     if is_main:
         run_folder.write_json(out_dir / "eval.json", results)

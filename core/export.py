@@ -2,8 +2,9 @@
 for serving, without convnet's training code.
 
 - ``torch``: a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``). Custom
-  operators stay custom operators (``convnet::lrn_forward``), so loading it needs convnet's
-  kernels imported (``import convnet.plugins.lrn``).
+  operators stay custom operators (``convnet::lrn_forward``), so running it needs convnet's
+  kernels loaded: ``from convnet.plugins.lrn import kernels; kernels.get("cpu")`` (importing
+  ``convnet.plugins.lrn`` defines the operator; ``kernels.get`` builds or loads its CPU code).
 - ``onnx``: the same program through ``torch.onnx.export`` (dynamo exporter, onnxscript). A
   plugin whose layers call a custom operator says how that operator becomes ONNX: its registry
   entry's factory carries ``onnx_translations``, a dict ``{OpOverload: onnxscript function}``
@@ -81,7 +82,10 @@ def onnx_translations(registries: Registries) -> dict[Any, Callable[..., Any]]:
 
 
 def save_torch(program: torch.export.ExportedProgram, out: Path) -> None:
-    torch.export.save(program, out)
+    try:
+        torch.export.save(program, out)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a failed open as RuntimeError
+        raise ConvnetError(f"{out}: cannot write the program ({_first_line(exc)})") from None
 
 
 def save_onnx(
@@ -129,10 +133,15 @@ def export(
         raise RecipeError(f"--out {out}: a torch.export program is a .pt2 file (torch.export.load expects the suffix)")
     if fmt == "onnx":  # before the slow part: a missing extra fails at once
         _require("onnx", "onnxscript")
+    try:  # and a place the file cannot go
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvnetError(f"{out}: cannot write there ({exc.strerror or exc}: {exc.filename})") from None
+    if out.is_dir():
+        raise ConvnetError(f"{out}: is a folder; give --out a file name")
     network = load_network(recipe, checkpoint, registries)
     x = example_batch(recipe, network)
     program = export_program(network, x)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torch":
         save_torch(program, out)
         return Exported(out, fmt, check_torch(program, network, x))

@@ -22,12 +22,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from convnet.core.errors import ConvnetError, RecipeError
 from convnet.core.registry import Registries
+
+if TYPE_CHECKING:
+    from convnet.core.strategy import Strategy
 
 # What a run writes; a folder holding any of these holds a run.
 # Every unreadable sample of a run, one line each: "when<TAB>split<TAB>name".
@@ -294,3 +297,20 @@ def provenance_hint(kind: str, name: str, sources: list[Path]) -> str | None:
                     f"which is not installed here: pip install '{dist}{pin}'"
                 )
     return None
+
+
+def report_skipped(strategy: Strategy, folder: Path | None, when: str, split: str, names: list[str]) -> int:
+    """The unreadable samples of all processes, counted; this process's named on stderr (the
+    first few) and in ``folder/skipped.txt`` (all) by the main process."""
+    import torch
+
+    count = int(strategy.all_reduce_sum(torch.tensor([float(len(names))])).item())
+    if count and strategy.is_main and folder is not None:
+        shown = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+        shown = shown or "all in other processes' shares, not named here"
+        listed = folder / SKIPPED_FILE
+        # A file name that is not UTF-8 reaches Python as surrogate escapes: written as its bytes.
+        with listed.open("a", encoding="utf-8", errors="surrogateescape") as f:
+            f.writelines(f"{when}\t{split}\t{name}\n" for name in names)
+        print(f"{when}: skipped {count} unreadable {split} sample(s): {shown}; all listed in {listed}", file=sys.stderr)
+    return count

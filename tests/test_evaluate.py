@@ -296,6 +296,12 @@ def test_cli_eval_bad_inputs(tmp_path, capsys):
     assert len(err) == 1 and "layers.conv1.weight" in err[0] and "[16, 3, 5, 5]" in err[0]
     assert main(["eval", "alexnet-digits", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 1
     assert "no such checkpoint file" in capsys.readouterr().err
+    good = save_model(tmp_path / "good.safetensors", build_model(load_recipe("alexnet-digits")))
+    (tmp_path / "a-file").write_text("x")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        assert main(["eval", "alexnet-digits", "--checkpoint", good, "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot make the evaluation's folder there" in err[0] and "a-file" in err[0], err
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "alexnet-digits"])
     assert exit_info.value.code == 2

@@ -168,3 +168,16 @@ def test_bad_checkpoint_and_bad_out_are_one_line_errors(digits_checkpoint, tmp_p
         == 1
     )
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_written_is_one_line_before_the_export(digits_checkpoint, tmp_path, capsys):
+    (tmp_path / "folder.pt2").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for out, says in [
+        (tmp_path / "folder.pt2", "is a folder; give --out a file name"),
+        (tmp_path / "a-file" / "m.pt2", "cannot write there"),
+    ]:
+        args = ["export", "alexnet-digits", "--checkpoint", str(digits_checkpoint), "--format", "torch"]
+        assert main([*args, "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"convnet: error: {out}: {says}"), err

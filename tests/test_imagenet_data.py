@@ -296,6 +296,15 @@ def test_unreadable_validation_images_are_counted_and_named(tree, tmp_path, regi
     err = capsys.readouterr().err
     assert "epoch 1 evaluation: skipped 2 unreadable val sample(s): " in err and all(str(f) in err for f in files)
     assert "final evaluation: skipped 2 unreadable val sample(s)" in err
+    evals = tmp_path / "eval"  # convnet eval says the same, as the end of a run does
+    path = tiny_recipe(tmp_path, root)
+    checkpoint = out / "checkpoints" / "last.safetensors"
+    assert cli.main(["eval", str(path), "--checkpoint", str(checkpoint), "--out", str(evals)]) == 0
+    err = capsys.readouterr().err
+    assert "evaluation: skipped 2 unreadable val sample(s): " in err and all(str(f) in err for f in files)
+    assert json.loads((evals / "eval.json").read_text())["skipped_eval_samples"] == 2
+    listed = sorted(line.split("\t") for line in (evals / "skipped.txt").read_text().splitlines())
+    assert listed == sorted(["evaluation", "val", str(f)] for f in files)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
