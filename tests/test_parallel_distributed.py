@@ -439,6 +439,10 @@ print("sum", s.all_reduce_sum(torch.tensor([len(idx), r + 1.0], dtype=torch.floa
 print("idx", s.all_gather_cat(idx).tolist())
 print("feat", s.all_gather_cat(feat).tolist())
 print("batch", s.shard_batch(list(range(100, 108))))
+# rank 1 has nothing and does not know the trailing shape (an evaluator's torch.empty(0, 0))
+some = torch.arange(6.0).reshape(3, 2) if r == 0 else torch.empty(0, 0)
+print("some", s.all_gather_cat(some).tolist())
+print("none", list(s.all_gather_cat(torch.empty(0, 0)).shape))
 s.close()
 """
 
@@ -464,7 +468,7 @@ def test_ddp_sharding_and_reductions_over_two_processes() -> None:
             {
                 line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
                 for line in text.splitlines()
-                if line.split(" ", 1)[0] in ("shard", "sum", "idx", "feat", "batch")
+                if line.split(" ", 1)[0] in ("shard", "sum", "idx", "feat", "batch", "some", "none")
             }
         )
     assert outputs[0]["shard"] == list(range(0, 11)) and outputs[1]["shard"] == list(range(11, 21))
@@ -472,6 +476,7 @@ def test_ddp_sharding_and_reductions_over_two_processes() -> None:
         assert out["sum"] == [21.0, 3.0]
         assert out["idx"] == list(range(21))
         assert out["feat"] == [[float(i), -float(i)] for i in range(21)]
+        assert out["some"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]] and out["none"] == [0, 0]
     assert outputs[0]["batch"] == [100, 101, 102, 103] and outputs[1]["batch"] == [104, 105, 106, 107]
 
 

@@ -58,6 +58,7 @@ class _DDP(DistributedDataParallel):
 
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+MAX_GATHER_DIMS = 8  # all_gather_cat exchanges shapes in a fixed-size tensor
 
 
 class DDP(DistributedStrategy):
@@ -124,14 +125,32 @@ class DDP(DistributedStrategy):
             return tensor
         local = tensor.detach().to(self.device)
         with self.collective("gathering results from ranks"):
-            sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
-            dist.all_gather(sizes, torch.tensor([local.shape[0]], device=self.device))
-            longest = int(max(s.item() for s in sizes))
+            # Every rank's whole shape: a rank with no rows may not know the others' trailing
+            # shape (an evaluator's torch.empty(0, 0)), and all_gather needs equal shapes, or waits.
+            ndim = MAX_GATHER_DIMS
+            if local.dim() > ndim:
+                raise ValueError(f"all_gather_cat: {local.dim()} dimensions, at most {ndim}")
+            mine = torch.full((ndim + 1,), -1, dtype=torch.long, device=self.device)
+            mine[0] = local.dim()
+            mine[1 : local.dim() + 1] = torch.tensor(local.shape, dtype=torch.long)
+            shapes = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(shapes, mine)
+            dims = [[int(v) for v in s[1 : int(s[0]) + 1]] for s in shapes]
+            filled = {tuple(d[1:]) for d in dims if d and d[0] > 0}
+            if len(filled) > 1:
+                raise ValueError(f"all_gather_cat: ranks hold rows of different shapes {sorted(filled)}")
+            if not filled:
+                return tensor
+            trailing = filled.pop()
+            if local.shape[0] == 0:
+                local = local.reshape(0, *trailing)
+            sizes = [d[0] if d else 0 for d in dims]
+            longest = max(sizes)
             padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=self.device)
             padded[: local.shape[0]] = local
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(parts, padded)
-        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(tensor.device)
 
     def describe(self, model: Network) -> list[dict]:
         """Each rank holds the whole model; a step all-reduces every gradient (a ring moves
