@@ -97,7 +97,7 @@ def edit_layers(layers: list[Any], edits: dict[str, Any], path: str = "model.lay
             raise RecipeError(f"{where}: a new layer needs a name (the registered layer it is)")
         else:
             _place(entries, key, edit, anchor, where, chained)
-    return _pin_ids(entries)
+    return pin_ids(entries)
 
 
 def _place(
@@ -132,7 +132,7 @@ def _edit_keys(edit: dict[str, Any], where: str) -> tuple[bool, tuple[str, str] 
     return remove, (sides[0] if sides else None)
 
 
-def _pin_ids(entries: list[tuple[str, Any]]) -> list[Any]:
+def pin_ids(entries: list[tuple[str, Any]]) -> list[Any]:
     """The layers, each with its id written out where the default rule would now give another."""
     layers = [layer for _, layer in entries]
     for (wanted, layer), got in zip(entries, raw_layer_ids(layers), strict=True):

@@ -22,7 +22,7 @@ from cattrs.errors import ClassValidationError, IterableValidationError
 from convnet.core import schema
 from convnet.core.converter import make_converter, show, structure_error
 from convnet.core.errors import RecipeError
-from convnet.core.layer_edits import edit_layers, find_layer
+from convnet.core.layer_edits import edit_layers, find_layer, pin_ids, raw_layer_ids
 from convnet.core.registry import Registries
 
 MAX_EXTENDS_DEPTH = 16
@@ -180,6 +180,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise RecipeError(f"--set {assignment}: expected KEY=VALUE")
     parts = parse_path(key.strip())
     node: Any = raw
+    layers = raw.get("model", {}).get("layers") if isinstance(raw.get("model"), dict) else None
+    edits_a_layer = tuple(parts[:2]) == LAYERS and len(parts) > 2 and isinstance(layers, list)
+    ids_before = raw_layer_ids(layers) if edits_a_layer else []
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(part, str) and isinstance(node, list) and tuple(parts[:depth]) == LAYERS:
@@ -192,12 +195,26 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
                 raise RecipeError(f"--set {key}: {_fmt_path(parts[: depth + 1])} does not exist")
         elif not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {_fmt_path(parts[:depth])} is not a table")
+        if depth == 2 and edits_a_layer:
+            touched = part
         if last:
             node[part] = parse_value(text.strip())
         elif isinstance(part, int):
             node = node[part]
         else:
             node = node.setdefault(part, {})
+    if edits_a_layer:
+        # Ids stay with their layers: renaming relu3 to tanh must not make it tanh1 and shift
+        # every later relu's id (a second --set by id would hit the wrong layer), and a layer
+        # replaced as a table keeps its id unless the table gives one.
+        assert isinstance(layers, list)
+        explicit = (len(parts) == 4 and parts[3] == "id") or (
+            len(parts) == 3 and isinstance(layers[touched], dict) and "id" in layers[touched]
+        )
+        wanted = list(ids_before)
+        if explicit:
+            wanted[touched] = raw_layer_ids(layers)[touched]
+        pin_ids(list(zip(wanted, layers, strict=True)))
 
 
 def _fmt_path(parts: list[str | int]) -> str:

@@ -65,6 +65,25 @@ def test_set_by_id_is_set_by_index(registries) -> None:
     assert whole.model.layers[21].options.p == 0.25
 
 
+def test_ids_stay_with_their_layers_through_set(registries) -> None:
+    """Renaming relu3 to tanh keeps it relu3 (and relu4 the layer after conv4), so a second --set
+    by id reaches the layer the user sees in `convnet show`; a layer replaced as a table keeps its
+    id unless the table names one; a --set of an id renames that layer only."""
+    plain = ids_of(load_recipe("alexnet-digits", registries=registries))
+    renamed = load_recipe(
+        "alexnet-digits", ["model.layers.relu3.name=tanh", "model.layers.relu4.inplace=false"], registries
+    )
+    assert ids_of(renamed) == plain
+    at = plain.index("relu4")
+    assert renamed.model.layers[at].options.inplace is False
+    assert [layer.options.inplace for layer in renamed.model.layers if layer.name == "relu"].count(False) == 1
+    table = load_recipe("alexnet-digits", ['model.layers.fc7={name = "fc", out = 64, towers = "cross"}'], registries)
+    assert ids_of(table) == plain and table.model.layers[plain.index("fc7")].options.out == 64
+    named = load_recipe("alexnet-digits", ["model.layers.fc7.id=hidden", "model.layers.hidden.out=33"], registries)
+    assert ids_of(named) == [("hidden" if i == "fc7" else i) for i in plain]
+    assert named.model.layers[plain.index("fc7")].options.out == 33
+
+
 def test_set_by_unknown_id_names_the_path_the_ids_and_the_closest(registries, capsys) -> None:
     with pytest.raises(RecipeError) as info:
         load_recipe("alexnet-imagenet", ["model.layers.fc9.out=3"], registries)
