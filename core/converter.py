@@ -59,6 +59,8 @@ def show(value: Any) -> str:
 def strict_int(value: Any, _: Any = int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer, found {show(value)}")
+    if not -(2**63) <= value < 2**63:  # TOML's integers are 64-bit; Python's reader does not check
+        raise ValueError(f"expected an integer that fits 64 bits, found {value}")
     return value
 
 

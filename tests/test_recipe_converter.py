@@ -36,6 +36,8 @@ def test_strict_scalars_take_each_type_only_as_itself() -> None:
     for value, type_, message in [
         ("2", int, "expected an integer, found '2' (str)"),
         (True, int, "expected an integer, found True (bool)"),
+        (2**63, int, f"expected an integer that fits 64 bits, found {2**63}"),
+        (-(2**63) - 1, int, "expected an integer that fits 64 bits"),
         (1, bool, "expected true or false, found 1 (int)"),
         (1, str, "expected a string, found 1 (int)"),
         (float("inf"), float, "expected a finite number"),
