@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from convnet.core import schema
-from convnet.core.errors import DataError, PluginError, RecipeError
+from convnet.core.errors import ConvnetError, DataError, PluginError, RecipeError
 from convnet.core.registry import Registries
 
 # Streams keep the generators of different uses independent for the same (seed, epoch, index).
@@ -300,10 +300,34 @@ class Pass:
     def __iter__(self) -> Iterator[Any]:
         try:
             yield from self.loader
+        except ConvnetError as exc:
+            original = worker_message(exc)
+            if original is None:
+                raise
+            try:
+                clean = type(exc)(original)
+            except Exception:  # a subclass with another constructor: keep torch's
+                raise exc from None
+            raise clean from None
         finally:
             end = getattr(self.dataset, "end_pass", None)
             if end is not None:
                 end()
+
+
+def worker_message(exc: BaseException) -> str | None:
+    """The message a data-loader worker's error had, or None if ``exc`` is not a re-raised one.
+
+    torch re-raises a worker's exception in the main process as the same type with the worker's
+    whole traceback as its message; a ``ConvnetError`` (a corrupt shard, an augmenter's bad
+    input) is one line for the user, whichever process raised it.
+    """
+    text = str(exc)
+    if not (text.startswith("Caught ") and "DataLoader worker process" in text):
+        return None
+    tail = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(tail)
+    return text[at + len(tail) :].strip() if at >= 0 else None
 
 
 def loader(dataset: Dataset, batches: Iterable[list[int]], workers: int, pin_memory: bool = False) -> Pass:

@@ -152,6 +152,27 @@ def test_grey_images_work_and_channel_mismatches_are_named(tmp_path):
         p.PcaLighting(p.PcaLightingOptions(stats=str(path)), ctx())(grey, gen(0))
 
 
+class _Images(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        return torch.zeros(1, 9, 9, dtype=torch.uint8), 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_augmenters_error_in_a_worker_reaches_the_user_as_its_own_line(workers):
+    """torch re-raises a worker's exception with the worker's traceback as its message; the user
+    sees the augmenter's one line, as without workers."""
+    pca = p.PcaLighting(p.PcaLightingOptions(eigvals=[1.0, 2.0], eigvecs=[[1.0, 0.0], [0.0, 1.0]]), ctx())
+    images = cdata.Augmented(_Images(), [pca], seed=0, stream=cdata.STREAM_TRAIN_AUGMENT)
+    with pytest.raises(DataError) as caught:
+        for _ in cdata.loader(images, [[0, 1], [2, 3]], workers):
+            pass
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("data.train_augment[0] (pca-lighting): "), message
+
+
 def test_mean_image_refuses_images_larger_than_the_mean(tmp_path):
     path = tmp_path / "stats.safetensors"
     write_stats(path, size=8)
