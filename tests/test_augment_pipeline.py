@@ -173,6 +173,16 @@ def test_an_augmenters_error_in_a_worker_reaches_the_user_as_its_own_line(worker
     assert "\n" not in message and message.startswith("data.train_augment[0] (pca-lighting): "), message
 
 
+@pytest.mark.parametrize("fill", [300.0, -1.0, 0.5])
+def test_a_fill_uint8_images_cannot_hold_is_named(fill):
+    image = torch.zeros(3, 6, 6, dtype=torch.uint8)
+    crop = g.RandomCrop(g.RandomCropOptions(size=6, padding=2, fill=fill), ctx())
+    with pytest.raises(DataError, match=rf"random-crop\): fill = {fill} does not fit torch.uint8 images"):
+        crop(image, gen(0))
+    assert crop(image.float(), gen(0)).shape == (3, 6, 6)  # float images take any fill
+    assert g.RandomCrop(g.RandomCropOptions(size=6, padding=2, fill=255.0), ctx())(image, gen(0)).dtype == torch.uint8
+
+
 def test_mean_image_refuses_images_larger_than_the_mean(tmp_path):
     path = tmp_path / "stats.safetensors"
     write_stats(path, size=8)

@@ -109,6 +109,13 @@ def _pad(x: torch.Tensor, padding: int, mode: str, fill: float, where: str) -> t
     lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
     flat = x.reshape(-1, c, h, w)
     if mode == "constant":
+        if not flat.is_floating_point():
+            info = torch.iinfo(flat.dtype)
+            if fill != int(fill) or not info.min <= fill <= info.max:
+                raise DataError(
+                    f"{where}: fill = {fill} does not fit {flat.dtype} images (whole numbers "
+                    f"{info.min}..{info.max}); give a fill in the images' own range"
+                )
         out = F.pad(flat, (padding,) * 4, mode="constant", value=fill)
     else:
         if mode == "reflect" and padding >= min(h, w):
