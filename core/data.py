@@ -90,8 +90,10 @@ def sample_keys(
     return z & np.uint64(_MASK63)
 
 
-# The stage key the global generators are seeded with for a sample, before its chain runs.
+# The stage key the global generators are seeded with for a sample, before its chain runs;
+# and for a batch, before a batched (``augment_on = "device"``) chain runs, with its first index.
 GLOBALS_STAGE = -1
+BATCH_GLOBALS_STAGE = -2
 
 
 def seed_global_generators(key: int) -> None:
@@ -226,8 +228,12 @@ def augment_batch(
 
     Stage i of the chain gets the per-sample keys the worker placement seeds sample i's
     generator with (same stream), so key-driven augmenters crop/flip/light each sample the
-    same way in either placement.
+    same way in either placement. The global generators are seeded from the batch's first
+    sample before the chain: a batched form that draws from them gives the same batches with
+    any number of workers (which reseed them per sample in their own processes, not here).
     """
+    if len(indices):
+        seed_global_generators(sample_key(seed, STREAM_TRAIN_AUGMENT, epoch, int(indices[0]), BATCH_GLOBALS_STAGE))
     for stage, aug in enumerate(augmenters):
         batch = getattr(aug, "batch", None)
         if batch is None:

@@ -60,6 +60,17 @@ def test_an_augmenter_drawing_from_global_generators_is_the_same_with_0_and_2_wo
     assert _model(quiet) != _model(zero)
 
 
+def test_its_batched_form_on_the_device_is_the_same_with_0_and_2_workers(managed, tmp_path) -> None:
+    """augment_on = "device" runs the chain in the training process, where workers do not reseed
+    the global generators: the batch seeds them."""
+    device = ['data.augment_on="device"', "train.max_steps=5"]
+    zero = _run(managed, tmp_path / "w0", "data.workers=0", *device)
+    two = _run(managed, tmp_path / "w2", "data.workers=2", *device)
+    assert _model(zero) == _model(two)
+    quiet = _run(managed, tmp_path / "q", "data.workers=0", *device, NOISE.replace("0.5", "0.0"))
+    assert _model(quiet) != _model(zero)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_six_straight_equals_three_resume_three_in_every_tensor(managed, tmp_path, workers: int) -> None:
     """Model, optimizer and every generator's state (torch, numpy, python) bit for bit."""
