@@ -346,3 +346,16 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
         assert img.mode.startswith("I")  # Pillow opens it as 16-bit
     assert torch.equal(preprocess(tmp_path / "deep.png", 36), preprocess(tmp_path / "shallow.png", 36))
     assert np.array_equal(read_grey(tmp_path / "deep.png"), read_grey(tmp_path / "shallow.png"))
+
+
+@pytest.mark.parametrize("shape", [(2, 3000), (40, 3000), (2000, 30)])
+def test_a_long_thin_image_is_resampled_in_the_crop_only_and_looks_the_same(shape, monkeypatch):
+    """2 x 3000 pixels would become 256 x 384,000 before the centre crop (about 300 MB): only the
+    crop's source region is resampled, at the same scale, within one grey level of the full path."""
+    from convnet.plugins.data import imagenet
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8))
+    region = np.asarray(imagenet.resize_center_crop(img, 256)).astype(int)
+    monkeypatch.setattr(imagenet, "ELONGATED", 10**9)
+    whole = np.asarray(imagenet.resize_center_crop(img, 256)).astype(int)
+    assert region.shape == whole.shape == (256, 256, 3) and np.abs(region - whole).max() <= 1

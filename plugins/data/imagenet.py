@@ -59,6 +59,10 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
+# Resized images more than this many times the crop's area are resampled in the crop's region only.
+ELONGATED = 16
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Shorter side to ``size`` (PIL bilinear, antialiased when shrinking), then the centre square.
 
@@ -70,9 +74,15 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
+    left, top = round((nw - size) / 2.0), round((nh - size) / 2.0)
+    if nw * nh > ELONGATED * size * size:
+        # A very long, thin image (2 x 3000 pixels becomes 256 x 384,000): resample only the
+        # source region the crop keeps, at the same scale, instead of the whole resized image.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = round((nw - size) / 2.0), round((nh - size) / 2.0)
     return img.crop((left, top, left + size, top + size))
 
 
