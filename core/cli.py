@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from convnet.core.command_args import add_recipe_arguments
-from convnet.core.errors import ConvnetError, RecipeError
+from convnet.core.errors import ConvnetError, PluginError, RecipeError
 
 EPILOG = "RECIPE is a bundled recipe's name (see `convnet recipes`) or a path to a .toml file."
 
@@ -129,19 +129,30 @@ def _plugin_commands(sub: argparse._SubParsersAction) -> None:
         try:
             impl.function(subparsers=sub)
         except Exception as exc:  # one plugin's bad command must not take the CLI down
-            print(
-                f"convnet: warning: plugin {impl.plugin_name!r} could not add its commands: "
-                f"{type(exc).__name__}: {exc}",
-                file=sys.stderr,
+            COMMAND_PROBLEMS.append(
+                f"plugin {impl.plugin_name!r} could not add its commands: {type(exc).__name__}: {exc}"
             )
+
+
+# Plugins whose commands could not be added while the parser was built (before --strict is
+# known): main reports them with the other plugin problems, and --strict makes them fatal.
+COMMAND_PROBLEMS: list[str] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from convnet.core import plugins
 
+    COMMAND_PROBLEMS.clear()
     args = build_parser().parse_args(argv)
     try:
-        plugins.report_problems(plugins.registries(strict=args.strict))  # nothing about plugins is silent
+        regs = plugins.registries(strict=args.strict)
+        plugins.report_problems(regs)  # nothing about plugins is silent
+        for problem in COMMAND_PROBLEMS:
+            if args.strict:
+                raise PluginError(problem)
+            print(f"convnet: warning: {problem}", file=sys.stderr)
+            if problem not in regs.problems:
+                regs.problems.append(problem)  # `convnet plugins --json` lists it
         handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
         if handler is None:
             print(f"convnet: error: command {args.command!r} (from a plugin) has no handler", file=sys.stderr)
@@ -198,8 +209,8 @@ def _provenance(exc: ConvnetError, args: argparse.Namespace) -> str | None:
 
     from convnet.core.run_folder import provenance_hint
 
-    unknown = getattr(exc, "unknown", None)
-    if unknown is None:
+    unknown = getattr(exc, "unknowns", None) or ([exc.unknown] if getattr(exc, "unknown", None) else [])
+    if not unknown:
         return None
     sources = [
         getattr(args, "resume", None),
@@ -207,7 +218,7 @@ def _provenance(exc: ConvnetError, args: argparse.Namespace) -> str | None:
         getattr(args, "recipe", None),
         getattr(args, "run_folder", None),
     ]
-    return provenance_hint(*unknown, [Path(s) for s in sources if s])
+    return provenance_hint(unknown, [Path(s) for s in sources if s])
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -260,9 +260,10 @@ def structure_error(exc: BaseException, source: str) -> RecipeError:
         pretty.append(f"{path}: {message}")
     head = f"{source}: " if source else ""
     error = RecipeError(head + "; ".join(pretty))
-    unknown = {leaf.unknown for leaf in _leaves(exc) if getattr(leaf, "unknown", None)}
-    if len(unknown) == 1:  # one component no plugin provides: a command can say where it came from
-        error.unknown = unknown.pop()
+    # Components no plugin provides: a command can say where they came from.
+    error.unknowns = list(dict.fromkeys(leaf.unknown for leaf in _leaves(exc) if getattr(leaf, "unknown", None)))
+    if len(error.unknowns) == 1:
+        error.unknown = error.unknowns[0]
     return error
 
 

@@ -18,11 +18,13 @@ class ConvnetError(Exception):
 class RecipeError(ConvnetError):
     """A bad recipe or command line: names the path to the bad value. Exit code 2.
 
-    ``unknown``: (kind, name) when the error is a component no loaded plugin provides.
+    ``unknown``: (kind, name) when the error is a component no loaded plugin provides;
+    ``unknowns``: every such (kind, name) when the recipe names several.
     """
 
     exit_code = 2
     unknown: tuple[str, str] | None = None
+    unknowns: list[tuple[str, str]] = []  # noqa: RUF012 (never mutated: instances assign a new list)
 
 
 class PluginError(ConvnetError):

@@ -273,11 +273,13 @@ def write_run_json(folder: Path, recipe: Any, registries: Registries, command: s
     return info
 
 
-def provenance_hint(kind: str, name: str, sources: list[Path]) -> str | None:
-    """For a component missing here: which distribution supplied it, from a run folder's
-    ``run.json`` or a checkpoint's metadata among ``sources``, and how to install it."""
+def provenance_hint(components: list[tuple[str, str]], sources: list[Path]) -> str | None:
+    """For components missing here: which distribution supplied each, from a run folder's
+    ``run.json`` or a checkpoint's metadata among ``sources``, and how to install it; None
+    unless every one of them is found."""
     from convnet.core import checkpoint
 
+    found: dict[tuple[str, str], dict[str, str]] = {}
     for source in sources:
         rows: list[dict[str, str]] = []
         try:
@@ -289,14 +291,25 @@ def provenance_hint(kind: str, name: str, sources: list[Path]) -> str | None:
         except (OSError, ValueError, ConvnetError):
             continue
         for row in rows:
-            if row.get("kind") == kind and row.get("name") == name:
-                dist, _, version = str(row.get("distribution", "")).partition(" ")
-                pin = f"=={version}" if version else ""
-                return (
-                    f"{kind} {name!r} came from the distribution {dist} {version} (plugin {row.get('plugin')!r}), "
-                    f"which is not installed here: pip install '{dist}{pin}'"
-                )
-    return None
+            key = (row.get("kind"), row.get("name"))
+            if key in components and key not in found:
+                found[key] = row  # type: ignore[index]
+    if not components or len(found) < len(set(components)):
+        return None
+    by_source: dict[tuple[str, str], list[str]] = {}
+    for kind, name in dict.fromkeys(components):
+        row = found[(kind, name)]
+        by_source.setdefault((str(row.get("distribution", "")), str(row.get("plugin"))), []).append(f"{kind} {name!r}")
+    hints = []
+    for (distribution, plugin), names in by_source.items():
+        dist, _, version = distribution.partition(" ")
+        pin = f"=={version}" if version else ""
+        what = names[0] if len(names) == 1 else "components " + ", ".join(names)
+        hints.append(
+            f"{what} came from the distribution {dist} {version} (plugin {plugin!r}), "
+            f"which is not installed here: pip install '{dist}{pin}'"
+        )
+    return "; ".join(hints)
 
 
 def report_skipped(strategy: Strategy, folder: Path | None, when: str, split: str, names: list[str]) -> int:

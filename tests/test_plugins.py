@@ -426,3 +426,26 @@ def test_implementing_the_deprecated_hook_warns_with_pythons_default_filters(tmp
     env.pop("PYTHONWARNINGS", None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert "convnet_evaluation_done is deprecated: implement convnet_evaluation_end" in done.stderr
+
+
+class _BadCommands:
+    @cn.hookimpl
+    def convnet_add_commands(self, subparsers) -> None:
+        raise RuntimeError("boom adding commands")
+
+
+def test_a_plugin_whose_commands_fail_is_a_problem_and_fatal_under_strict(capsys) -> None:
+    pm = plugins.manager()
+    pm.register(_BadCommands(), name="bad_commands")
+    try:
+        problem = "plugin 'bad_commands' could not add its commands: RuntimeError: boom adding commands"
+        assert cli_main(["plugins", "--json"]) == 0
+        captured = capsys.readouterr()
+        assert f"convnet: warning: {problem}" in captured.err
+        assert problem in json.loads(captured.out)["problems"]
+        assert cli_main(["--strict", "plugins"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"convnet: error: {problem}"
+    finally:
+        pm.unregister(name="bad_commands")
+        for regs in (plugins.registries(), plugins.registries(strict=True)):
+            regs.problems[:] = [p for p in regs.problems if "bad_commands" not in p]

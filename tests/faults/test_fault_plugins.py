@@ -189,3 +189,28 @@ def test_a_run_folder_names_its_plugins_and_eval_without_them_says_what_to_insta
             "pip install 'convnet-fixture-good-extra==0.0.1'"
         ), lines[0]
     ledger.record("eval / resume without the plugin a run used", "one line: the distribution and its pip install")
+    two = tmp_path / "two"  # a recipe using two of its components: still one line, one install
+    sets += ["--set", "model.layers[5].name=fixture_passthrough"]
+    done = subprocess.run(
+        [*CONVNET, "run", str(recipe), *sets, "--out", str(two), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=_with(site["all"]),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    checkpoint = str(two / "checkpoints" / "last.safetensors")
+    proc = subprocess.run(
+        [*CONVNET, "eval", str(two / "recipe.toml"), "--checkpoint", checkpoint, "--out", str(tmp_path / "ev2")],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == (
+        "convnet: error: components layer 'fixture_passthrough', dataset 'fixture_constant' came from the "
+        "distribution convnet-fixture-good-extra 0.0.1 (plugin 'good_extra'), which is not installed here: "
+        "pip install 'convnet-fixture-good-extra==0.0.1'"
+    ), lines[0]
