@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -244,6 +245,10 @@ def format_exception(exc: BaseException, type_: Any) -> str:
         return f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}{hint} ({listed})"
     if isinstance(exc, KeyError):
         return "required key missing"
+    if typing.get_origin(type_) is typing.Literal:  # cattrs says "c not in literal typing.Literal['a', 'b']"
+        allowed = ", ".join(repr(a) for a in typing.get_args(type_))
+        value = str(exc).split(" not in literal ", 1)[0]
+        return f"expected one of {allowed}, found {value!r}"
     if isinstance(exc, (ValueError, TypeError, RecipeError)):
         # attrs' in_ validator passes (message, attribute, options, value) as its arguments
         return exc.args[0] if len(exc.args) > 1 and isinstance(exc.args[0], str) else str(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from pathlib import Path
 
 import attrs
@@ -11,7 +12,7 @@ import cattrs
 import pytest
 
 from convnet.core import cli
-from convnet.core.converter import configure_checked_classes, configure_strict_scalars
+from convnet.core.converter import configure_checked_classes, configure_strict_scalars, structure_error
 from convnet.core.errors import RecipeError
 from convnet.core.recipe import load_recipe, to_toml
 
@@ -60,6 +61,21 @@ def test_checked_classes_name_the_field_a_validator_refuses() -> None:
     with pytest.raises(cattrs.ClassValidationError) as info:
         conv.structure({"size": 0}, Section)
     assert cattrs.transform_error(info.value, path="$")[0].endswith("@ $.size")
+
+
+def test_a_literal_option_names_its_choices() -> None:
+    """A third party's options may use typing.Literal: its error reads like attrs' in_ validator's."""
+
+    @attrs.define
+    class Options:
+        mode: typing.Literal["a", "b"] = "a"
+
+    conv = cattrs.Converter(detailed_validation=True)
+    configure_strict_scalars(conv)
+    with pytest.raises(cattrs.ClassValidationError) as info:
+        conv.structure({"mode": "c"}, Options)
+    error = structure_error(info.value, "r.toml")
+    assert str(error) == "r.toml: mode: expected one of 'a', 'b', found 'c'"
 
 
 # ------------------------------------------------------------------ messages, with their paths
