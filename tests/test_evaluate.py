@@ -185,6 +185,9 @@ def test_ten_crop_uses_views_from_the_eval_augmentation(digits):
     assert result["centre_top1_error"] == topk_errors(probs[:, 4], y, [1])[1][0] / 20
     assert result["tencrop_top1_error"] == topk_errors(probs.mean(1), y, [1])[1][0] / 20
     assert Topk(TopkOptions(k=[1]))(ctx)["top1_error"] == result["tencrop_top1_error"]
+    for options in (TenCropOptions(pad=2), TenCropOptions(flip=False)):  # they would be ignored: said so
+        with pytest.raises(RecipeError, match="already gives the 10 views"):
+            TenCrop(options, built(recipe))(context(recipe, model, Pairs(images, labels), augment=[ten_views]))
 
 
 def test_ten_crop_agrees_with_the_ten_crop_augmenter(registries):

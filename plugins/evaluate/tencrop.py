@@ -66,6 +66,11 @@ class TenCrop(Evaluator):
         if x.dim() == 5:
             if x.shape[1] != 10:
                 raise RecipeError(f"ten-crop: the eval augmentation gives {x.shape[1]} views per image, expected 10")
+            if self.options.pad or not self.options.flip:
+                raise RecipeError(
+                    "ten-crop: pad and flip shape the crops the evaluator cuts itself, but the eval "
+                    "augmentation already gives the 10 views; leave them at their defaults"
+                )
             return x
         p = self.options.pad
         if p:
