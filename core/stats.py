@@ -19,6 +19,7 @@ the batch size beyond rounding and does not lose precision over a million images
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +175,18 @@ def compute(
     batches = [chosen[i : i + batch_size] for i in range(0, n, batch_size)]
     stats = PixelStats()
     skipped = 0
+    named: list[str] = []
     with tqdm(total=n, unit="img", desc="stats", disable=not progress, dynamic_ncols=True) as bar:
         for images, _, _, bad in cdata.loader(dataset, batches, recipe.data.workers):
             skipped += len(bad)
+            named += [cdata.sample_name(splits.train, i) for i in bad[: max(0, 3 - len(named))]]
             cdata.check_bad_samples(splits.train, bad, recipe.data.bad_samples, "training set (stats)")
             if len(images):
                 stats.add(images)
             bar.update(len(images) + len(bad))
+    if skipped:
+        more = f" (and {skipped - len(named)} more)" if skipped > len(named) else ""
+        print(f"stats: skipped {skipped} unreadable training sample(s): {', '.join(named)}{more}", file=sys.stderr)
     tensors = stats.result()
     summary = {
         "images": stats.images,

@@ -147,7 +147,9 @@ def test_unreadable_images_are_skipped_and_counted(tree_recipe, tmp_path, regist
     bad = len(_corrupt(root))
     out = tmp_path / "s.safetensors"
     assert cli.main(["stats", str(recipe_path), "--out", str(out), "--quiet"]) == 0
-    assert f"({bad} unreadable skipped)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"({bad} unreadable skipped)" in captured.out
+    assert f"stats: skipped {bad} unreadable training sample(s): {root / 'train'}" in captured.err  # named
     fatal = tiny_recipe(tmp_path, root, extra='bad_samples = "fatal"')
     assert cli.main(["stats", str(fatal), "--out", str(out), "--quiet"]) == 1
     assert "unreadable" in capsys.readouterr().err
