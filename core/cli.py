@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 
 from convnet.core.command_args import add_recipe_arguments
@@ -178,6 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # goes to /dev/null so that the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except Exception as exc:
+        who = plugins.culprit(exc)
+        if who is None:  # convnet's own bug: the traceback, as Python prints it
+            raise
+        # A third-party plugin's bug: its traceback (its author needs it), then one line naming it.
+        traceback.print_exc()
+        reason = (str(exc).strip().splitlines() or [""])[-1][:300]  # a worker's: its traceback's last line
+        reason = reason.removeprefix(f"{type(exc).__name__}: ")
+        sys.stderr.write(f"convnet: error: {who} failed: {type(exc).__name__}: {reason}\n")
+        return 1
 
 
 def _version() -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -186,3 +188,32 @@ class _HookSubset:
         caller = self._pm.subset_hook_caller(name, remove_plugins=self._removed)
         setattr(self, name, caller)
         return caller
+
+
+def culprit(exc: BaseException) -> str | None:
+    """``plugin 'name' (distribution d v) at FILE:LINE`` for the innermost frame of ``exc``'s
+    traceback inside a third-party plugin's package (a hook, an evaluator, a dataset read in
+    the main process), or in the traceback text a data-loader worker's error carries; else None.
+    """
+    roots: list[tuple[str, str]] = []
+    for ep in _entry_points():
+        dist = _dist_name(ep)
+        if dist.split(" ")[0] == OWN_DISTRIBUTION:
+            continue
+        module = sys.modules.get(ep.value.split(":")[0].strip().split(".")[0])
+        path = getattr(module, "__file__", None)
+        if path:
+            root = os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
+            roots.append((root, f"plugin {ep.name!r} (distribution {dist})"))
+    if not roots:
+        return None
+    for frame, line in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        name = frame.f_code.co_filename
+        for root, who in roots:
+            if name == root or name.startswith(root + os.sep):
+                return f"{who} at {name}:{line}"
+    text = str(exc)
+    for root, who in roots:
+        if f'File "{root}' in text:
+            return who
+    return None

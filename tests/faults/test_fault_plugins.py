@@ -214,3 +214,33 @@ def test_a_run_folder_names_its_plugins_and_eval_without_them_says_what_to_insta
         "distribution convnet-fixture-good-extra 0.0.1 (plugin 'good_extra'), which is not installed here: "
         "pip install 'convnet-fixture-good-extra==0.0.1'"
     ), lines[0]
+
+
+@pytest.mark.parametrize("where", ["hook", "dataset in a worker"])
+def test_a_plugins_own_error_at_run_time_is_named_after_its_traceback(where, site, tmp_path, ledger) -> None:
+    """A third party's bug is its author's to fix: the traceback stays (they need it), and the
+    last line names the plugin and its distribution, not convnet."""
+    sets = ["--set", "train.max_steps=3", "--set", "data.workers=2"]
+    if where == "hook":
+        sets += ["--set", 'data.dataset={name = "fixture_constant", size = 64}']
+        run_env = dict(_with(site["all"]), CONVNET_FIXTURE_FAIL_AT_STEP="2")
+    else:
+        sets += ["--set", 'data.dataset={name = "fixture_constant", size = 64, fail_at = 5}']
+        run_env = _with(site["all"])
+    proc = subprocess.run(
+        [*CONVNET, "run", str(TINY), *sets, "--out", str(tmp_path / "run"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        timeout=300,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr
+    assert last.startswith("convnet: error: plugin 'good_extra' (distribution convnet-fixture-good-extra 0.0.1)"), (
+        proc.stderr
+    )
+    expected = "the step_end hook fails at step 2" if where == "hook" else "sample 5 cannot be made"
+    assert last.endswith(f"failed: RuntimeError: fixture: {expected}"), last
+    if where == "hook":
+        assert " at " in last and "convnet_fixture_good_extra" in last  # the file and line
+    ledger.record(f"a plugin's bug at run time ({where})", "its traceback, then one line naming the plugin")
