@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -19,6 +20,8 @@ EPILOG = "RECIPE is a bundled recipe's name (see `convnet recipes`) or a path to
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own exit code is 2 as well
+        for problem in COMMAND_PROBLEMS:  # why a plugin's command may be missing from the choices
+            print(f"convnet: warning: {problem}", file=sys.stderr)
         self.print_usage(sys.stderr)
         print(f"convnet: error: {message}", file=sys.stderr)
         raise SystemExit(2)
@@ -174,21 +177,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convnet: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # another pipe (a plugin's socket, a worker's): not the reader
+            return _unexpected(exc)
         # `convnet plugins | head -1`: the reader left. Quietly, as a pipe's writer does; stdout
         # goes to /dev/null so that the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except Exception as exc:
-        who = plugins.culprit(exc)
-        if who is None:  # convnet's own bug: the traceback, as Python prints it
-            raise
-        # A third-party plugin's bug: its traceback (its author needs it), then one line naming it.
-        traceback.print_exc()
-        reason = (str(exc).strip().splitlines() or [""])[-1][:300]  # a worker's: its traceback's last line
-        reason = reason.removeprefix(f"{type(exc).__name__}: ")
-        sys.stderr.write(f"convnet: error: {who} failed: {type(exc).__name__}: {reason}\n")
-        return 1
+        return _unexpected(exc)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # not a file: not a pipe either
+        return False
+
+
+def _unexpected(exc: Exception) -> int:
+    """An exception no convnet code turned into a message: a third-party plugin's bug gets its
+    traceback (its author needs it), then one line naming it; convnet's own is re-raised."""
+    from convnet.core import plugins
+
+    who = plugins.culprit(exc)
+    if who is None:
+        raise exc
+    traceback.print_exception(exc)
+    reason = (str(exc).strip().splitlines() or [""])[-1][:300]  # a worker's: its traceback's last line
+    reason = reason.removeprefix(f"{type(exc).__name__}: ")
+    sys.stderr.write(f"convnet: error: {who} failed: {type(exc).__name__}: {reason}\n")
+    return 1
 
 
 def _version() -> str:

@@ -191,9 +191,9 @@ class Run:
             raise
         finally:
             if self._claim is not None:
-                self._claim.lock.release()
-                if self._fresh and not self._started:
+                if self._fresh and not self._started:  # under the lock: no one can take the folder meanwhile
                     run_folder.remove_if_unused(self.out)
+                self._claim.lock.release()
 
     def _train(self) -> dict[str, Any]:
         self._setup()

@@ -1,9 +1,9 @@
 """Decoded images with more than 8 bits per channel, brought to 8 bits by scaling.
 
-Pillow converts 16-bit greyscale (modes ``I;16*``, and ``I``, which 16-bit PNGs also open as) to
+Pillow converts 16-bit greyscale (modes ``I;16*``, and ``I`` when a 16-bit PNG opens as that) to
 ``L`` or ``RGB`` by clipping every value above 255: a 16-bit photograph comes out nearly white.
-Scaling by 255/65535 keeps the picture. 32-bit float images (mode ``F``) have no fixed range and
-are left to Pillow.
+Scaling by 255/65535 keeps the picture. Mode ``I`` from other formats (a 32-bit TIFF, which may
+hold 0..255) and 32-bit float images (mode ``F``) have no fixed range and are left to Pillow.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def eight_bit(img: Image.Image) -> Image.Image:
     """``img`` itself, or an ``L`` image scaled from its 16-bit values (0..65535 -> 0..255)."""
-    if img.mode not in SIXTEEN_BIT:
+    if img.mode not in SIXTEEN_BIT and not (img.mode == "I" and img.format == "PNG"):
         return img
     from PIL import Image
 

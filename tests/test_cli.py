@@ -223,3 +223,23 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(command) -> None:
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+class _HookWithABrokenPipe:
+    @cn.hookimpl
+    def convnet_step_end(self, run, step) -> None:
+        raise BrokenPipeError(32, "the metrics server went away")
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_silenced(tmp_path: Path, capsys) -> None:
+    """Only stdout's reader leaving ends a command quietly; a plugin's broken socket is an error."""
+    from convnet.core import plugins
+
+    pm = plugins.manager()
+    pm.register(_HookWithABrokenPipe(), name="broken_pipe_hook")
+    try:
+        tiny = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
+        with pytest.raises(BrokenPipeError, match="the metrics server went away"):
+            main(["run", str(tiny), "--set", "train.max_steps=2", "--out", str(tmp_path / "r"), "--quiet"])
+    finally:
+        pm.unregister(name="broken_pipe_hook")

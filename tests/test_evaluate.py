@@ -190,6 +190,14 @@ def test_ten_crop_uses_views_from_the_eval_augmentation(digits):
             TenCrop(options, built(recipe))(context(recipe, model, Pairs(images, labels), augment=[ten_views]))
 
 
+def test_ten_crop_options_the_ten_crop_augmenter_would_ignore_fail_when_built(registries):
+    """Found when the recipe loads, not after the training it evaluates."""
+    recipe = load_recipe("alexnet-digits", ['data.eval_augment=[{name = "ten-crop", size = 32}]'], registries)
+    with pytest.raises(RecipeError, match="already gives the 10 views"):
+        TenCrop(TenCropOptions(pad=2), built(recipe))
+    assert TenCrop(TenCropOptions(), built(recipe)).metrics is not None
+
+
 def test_ten_crop_agrees_with_the_ten_crop_augmenter(registries):
     """Crops cut by the evaluator = the views of the `ten-crop` augmenter (same order, centre = view 4)."""
     from convnet.core.data import DataContext

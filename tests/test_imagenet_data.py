@@ -211,6 +211,10 @@ def test_a_flat_val_folder_without_the_devkit_says_what_labels_it_needs(tmp_path
         build_dataset(recipe, registries)
     assert str(err.value).startswith(f"{root / 'val'}: holds images but no class folders (the devkit's flat layout)")
     assert f"{root / 'meta.bin'} or {root / 'ILSVRC2012_devkit_t12.tar.gz'}, and neither is there" in str(err.value)
+    torch.save(({}, []), root / "meta.bin")  # the devkit is there, but the recipe forces the folders layout
+    forced = load_recipe(tiny_recipe(tmp_path, root), ['data.dataset.layout="folders"'], registries=registries)
+    with pytest.raises(DataError, match='but layout = "folders" was chosen: use "auto" or "devkit"'):
+        build_dataset(forced, registries)
 
 
 def test_a_training_class_folder_without_images_is_refused_by_name(tree, tmp_path, registries):
@@ -337,6 +341,7 @@ def test_an_unreadable_file_whose_name_is_not_utf8_is_skipped_and_listed_by_its_
 def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     """Pillow clips 16-bit values above 255 when converting: a 16-bit photograph would read as
     white. It reads as the same picture saved with 8 bits."""
+    from convnet.core import eight_bit
     from convnet.plugins.data.digits import read_grey
 
     deep = np.random.default_rng(0).integers(0, 65536, (50, 60)).astype(np.uint16)
@@ -346,6 +351,10 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
         assert img.mode.startswith("I")  # Pillow opens it as 16-bit
     assert torch.equal(preprocess(tmp_path / "deep.png", 36), preprocess(tmp_path / "shallow.png", 36))
     assert np.array_equal(read_grey(tmp_path / "deep.png"), read_grey(tmp_path / "shallow.png"))
+    # a 32-bit TIFF (mode I too) holds whatever range its writer chose: left to Pillow, as before
+    Image.fromarray(np.array([[0, 128, 255]], dtype=np.int32)).save(tmp_path / "wide.tif")
+    with Image.open(tmp_path / "wide.tif") as img:
+        assert img.mode == "I" and np.asarray(eight_bit(img).convert("L")).tolist() == [[0, 128, 255]]
 
 
 @pytest.mark.parametrize("shape", [(2, 3000), (40, 3000), (2000, 30)])
@@ -355,7 +364,12 @@ def test_a_long_thin_image_is_resampled_in_the_crop_only_and_looks_the_same(shap
     from convnet.plugins.data import imagenet
 
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8))
+    asked, resize = [], Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda self, size, *a, **k: asked.append(size) or resize(self, size, *a, **k)
+    )
     region = np.asarray(imagenet.resize_center_crop(img, 256)).astype(int)
+    assert asked == [(256, 256)]  # no image larger than the crop was made
     monkeypatch.setattr(imagenet, "ELONGATED", 10**9)
     whole = np.asarray(imagenet.resize_center_crop(img, 256)).astype(int)
     assert region.shape == whole.shape == (256, 256, 3) and np.abs(region - whole).max() <= 1

@@ -445,6 +445,10 @@ def test_a_plugin_whose_commands_fail_is_a_problem_and_fatal_under_strict(capsys
         assert problem in json.loads(captured.out)["problems"]
         assert cli_main(["--strict", "plugins"]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"convnet: error: {problem}"
+        with pytest.raises(SystemExit):  # its command is missing: argparse's error says why
+            cli_main(["bad-command"])
+        err = capsys.readouterr().err
+        assert f"convnet: warning: {problem}" in err and "invalid choice: 'bad-command'" in err
     finally:
         pm.unregister(name="bad_commands")
         for regs in (plugins.registries(), plugins.registries(strict=True)):

@@ -239,10 +239,14 @@ def build_imagenet(options: ImageNetOptions, ctx: DataContext) -> DatasetSplits:
     if not train_paths:
         raise DataError(f"{train_root}: no images ({', '.join(EXTENSIONS)}); {LAYOUT_HELP}")
     if not val_paths and layout == "folders" and _images_in(val_root):
+        why = (
+            "and neither is there"
+            if detect_layout(root) == "folders"
+            else 'but layout = "folders" was chosen: use "auto" or "devkit"'
+        )
         raise DataError(
             f"{val_root}: holds images but no class folders (the devkit's flat layout): their labels "
-            f"come from the devkit, {root / META_FILE} or {root / DEVKIT_ARCHIVE}, and neither is there; "
-            f"{LAYOUT_HELP}"
+            f"come from the devkit, {root / META_FILE} or {root / DEVKIT_ARCHIVE}, {why}; {LAYOUT_HELP}"
         )
     if not val_paths:
         raise DataError(f"{val_root}: no images ({', '.join(EXTENSIONS)}); {LAYOUT_HELP}")

@@ -55,6 +55,11 @@ class TenCrop(Evaluator):
                 f"{ctx.path}.size: crops of {self.height}x{self.width} do not fit the model's input "
                 f"{h}x{w} (model.input); leave size = 0 to use the input size"
             )
+        if (options.pad or not options.flip) and any(a.name == "ten-crop" for a in ctx.recipe.data.eval_augment):
+            raise RecipeError(
+                f"{ctx.path}: pad and flip shape the crops the evaluator cuts itself, but the eval "
+                "augmentation (ten-crop) already gives the 10 views; leave them at their defaults"
+            )
         prefix = split_prefix(options.split)
         ks = usable_ks(options.k, ctx.recipe.model.num_classes)
         self.metrics = (
