@@ -255,14 +255,41 @@ def format_exception(exc: BaseException, type_: Any) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# How the registry ends the message for an unknown component while some plugin failed to import.
+MAY_PROVIDE = "; a plugin that failed to load may provide it: "
+
+
 def structure_error(exc: BaseException, source: str) -> RecipeError:
     """cattrs' error tree as one ``RecipeError`` line: ``source: path: message; path: message``."""
     lines = cattrs.transform_error(exc, path="$", format_exception=format_exception)
     pretty = []
+    failed_plugins: dict[str, list[str]] = {}  # "plugin ... which failed to load: ..." -> components
+    may_provide: list[str] = []
     for line in lines:
         message, _, path = line.rpartition(" @ ")
         path = path.removeprefix("$").removeprefix(".") or "(top level)"
+        what, sep, origin = message.partition(" comes from plugin ")
+        if sep and ", which failed to load: " in origin:  # said once for all its components
+            if origin not in failed_plugins:
+                pretty.append(origin)
+            failed_plugins.setdefault(origin, []).append(f"{path} ({what})")
+            continue
+        unknown, sep, maybe = message.partition(MAY_PROVIDE)
+        if sep:  # an import failure: any failed plugin may provide it; said once, at the end
+            may_provide.append(maybe)
+            message = unknown
         pretty.append(f"{path}: {message}")
+    if may_provide:
+        pretty.append(
+            f"a plugin that failed to load may provide {'it' if len(may_provide) == 1 else 'them'}: {may_provide[0]}"
+        )
+    for origin, parts in failed_plugins.items():
+        if len(parts) == 1:
+            path, what = parts[0][:-1].split(" (", 1)
+            said = f"{path}: {what} comes from plugin {origin}"
+        else:
+            said = f"{', '.join(parts)} come from plugin {origin}"
+        pretty[pretty.index(origin)] = said
     head = f"{source}: " if source else ""
     error = RecipeError(head + "; ".join(pretty))
     # Components no plugin provides: a command can say where they came from.

@@ -85,7 +85,8 @@ def test_a_recipe_using_swish_trains(swish, tmp_path: Path) -> None:
     ]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     x = torch.linspace(-3, 3, 7)
-    assert torch.allclose(run.parts.network.layers["swish2"](x), x * torch.sigmoid(2.0 * x))
+    # ids stay with their layers through --set: the sixth layer (tanh1) is now a swish
+    assert torch.allclose(run.parts.network.layers["tanh1"](x), x * torch.sigmoid(2.0 * x))
 
 
 def test_convnet_plugins_lists_swish_with_its_distribution(swish_path) -> None:

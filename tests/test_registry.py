@@ -96,3 +96,32 @@ def test_unknown_names_in_a_recipe_name_the_path(registries) -> None:
         with pytest.raises(RecipeError) as info:
             load_recipe(TINY, [override], registries)
         assert expected in str(info.value), str(info.value)
+
+
+def test_components_of_one_failed_plugin_are_named_in_one_sentence() -> None:
+    """A recipe using several components of a plugin that failed to import: the failure is said
+    once, after every component it takes away (it was repeated per component)."""
+    from convnet.core import load_recipe, plugins
+    from convnet.core.errors import RecipeError
+    from convnet.core.registry import FailedPlugin
+
+    _, regs = plugins.create_manager()
+    error = "failed to import: ImportError: no module named 'torch_foo'"
+    attempted = (("layer", "chan"), ("dataset", "squares"))  # what it registered before it failed
+    regs.failed.append(FailedPlugin("p4", "p4", "p4-dist 1.0", error, f"plugin 'p4' {error}", attempted))
+    sets = ['model.layers[1].name="chan"', 'data.dataset={name = "squares"}']
+    with pytest.raises(RecipeError) as caught:
+        load_recipe("alexnet-digits", sets, regs)
+    assert str(caught.value) == (
+        "alexnet-digits (with --set overrides): model.layers[1] (layer 'chan'), data.dataset (dataset 'squares') "
+        f"come from plugin 'p4' (distribution p4-dist 1.0), which failed to load: {error}"
+    )
+    regs.failed[0] = FailedPlugin("p4", "p4", "p4-dist 1.0", error, f"plugin 'p4' {error}")  # failed at import
+    with pytest.raises(RecipeError) as caught:
+        load_recipe("alexnet-digits", sets, regs)
+    message = str(caught.value)
+    assert message.count(error) == 1 and message.endswith(
+        f"; a plugin that failed to load may provide them: plugin 'p4' {error}"
+    ), message
+    assert "model.layers[1]: unknown layer 'chan' (known: " in message
+    assert "data.dataset: unknown dataset 'squares' (known: " in message
