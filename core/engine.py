@@ -439,6 +439,11 @@ class Run:
             torch.tensor([len(labels), 1.0, float(self._interrupt)], dtype=torch.float64)
         ).tolist()
         self._stop = stops > 0
+        if shards < self.strategy.world_size:
+            # The sum spans data shards only (tower-parallel's ranks share one batch and sum
+            # nothing): the stop must still be agreed by every process, or one rank saves a
+            # checkpoint while the other waits in the forward's exchange.
+            self._stop = self.strategy.any_rank(self._stop)
         if count:
             value = self._forward_backward(images, labels, indices, count, shards)
             self._apply_update(value)

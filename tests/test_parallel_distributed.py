@@ -594,6 +594,49 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_the_printed_c
     _assert_same_checkpoint(out, tmp_path / "straight", 0.0)
 
 
+def _worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank`` (from /proc)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for child in children:
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
+def test_a_ctrl_c_heard_by_one_rank_only_stops_every_rank_at_one_step(
+    tiny: Path, tmp_path: Path, strategy: str
+) -> None:
+    """SIGINT to rank 1 alone (a signal sent to one process, or a terminal race): every rank
+    still stops after the same step with one checkpoint. Tower-parallel's ranks share a batch
+    and sum no data, so its stop needs its own agreement."""
+    sets = ["--set", f"parallel.strategy={strategy}", "--set", "parallel.timeout=60"]
+    sets += ["--set", "train.epochs=1000", "--set", "train.log_every=1"]
+    out = tmp_path / "run"
+    launch = _torchrun_cmd("--standalone", "--nproc-per-node=2", "-m", "convnet.core", "run", str(tiny), "--quiet")
+    proc = subprocess.Popen(
+        [*launch, "--out", str(out), *sets],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while _last_logged_step(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(_worker_of_rank(proc.pid, 1), signal.SIGINT)
+    ((_, text),) = _wait_all([proc], LAUNCH_TIMEOUT)
+    steps = {int(n) for n in re.findall(r"interrupted at step (\d+)", text)}
+    assert len(steps) == 1 and len(re.findall(r"interrupted at step", text)) == 2, text
+    last = out / "checkpoints" / "last.safetensors"
+    assert json.loads(cn.load_checkpoint(last)[1]["convnet.state"])["step"] == steps.pop()
+    assert "another process probably died" not in text, text
+
+
 @pytest.mark.slow
 def test_ddp_over_two_nodes_on_one_machine_follows_single(tiny: Path, tmp_path: Path) -> None:
     """Two torchrun launches, one process each, meeting through a c10d rendezvous on 127.0.0.1
