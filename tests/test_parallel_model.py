@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -26,7 +27,15 @@ from convnet.core.summary import summarize
 
 
 def _recipe(
-    registries, layers: list[dict], towers: int, size: int, classes: int, strategy: dict, dtype: str = "float64", **data
+    registries,
+    layers: list[dict],
+    towers: int,
+    size: int,
+    classes: int,
+    strategy: dict,
+    dtype: str = "float64",
+    optimizer: dict | None = None,
+    **data,
 ) -> Recipe:
     raw = {
         "seed": 1,
@@ -37,7 +46,7 @@ def _recipe(
             "dataset": {"name": "synthetic", "train_size": 32, "val_size": 8},
             **data,
         },
-        "train": {"epochs": 2, "log_every": 1, "optimizer": {"name": "paper-sgd", "lr": 0.05}},
+        "train": {"epochs": 2, "log_every": 1, "optimizer": optimizer or {"name": "paper-sgd", "lr": 0.05}},
         "parallel": strategy,
     }
     return structure(raw, registries, "test")
@@ -282,6 +291,46 @@ def test_checkpoints_resume_across_strategies(registries, tmp_path: Path, first:
     got = {r["step"]: r["loss"] for r in losses if r["kind"] == "train"}
     assert got.keys() == tail.keys()
     assert all(abs(got[s] - tail[s]) <= 1e-10 * abs(tail[s]) for s in tail)
+
+
+@attrs.define
+class _AdamWOptions:
+    lr: float = 0.01
+
+
+def test_an_optimizer_with_a_0d_state_saves_and_resumes_under_model_parallel(tmp_path: Path) -> None:
+    """AdamW keeps a 0-d ``step`` per parameter: not rows to split between towers or gather."""
+    from convnet.core import plugins
+
+    _, regs = plugins.create_manager()
+    regs.current_plugin = ("test-adamw", "tests")
+    regs.optimizer.add(
+        "adamw", lambda o, ctx: torch.optim.AdamW([p for _, p in ctx.parameters], lr=o.lr), _AdamWOptions, "AdamW"
+    )
+    model_parallel = {"strategy": "model-parallel", "devices": ["cpu", "cpu"], "fuse_shared_devices": False}
+
+    def recipe(strategy: dict, steps: int) -> Recipe:
+        r = _recipe(regs, TINY_LAYERS, 2, 16, 5, strategy, optimizer={"name": "adamw"})
+        r.train.max_steps = steps
+        return r
+
+    Run(
+        recipe({"strategy": "single", "device": "cpu"}, 5), out=tmp_path / "straight", registries=regs, quiet=True
+    ).train()
+    Run(recipe(model_parallel, 2), out=tmp_path / "a", registries=regs, quiet=True).train()
+    Run(
+        recipe(model_parallel, 5),
+        out=tmp_path / "b",
+        registries=regs,
+        quiet=True,
+        resume=tmp_path / "a" / "checkpoints" / "last.safetensors",
+    ).train()
+    straight, resumed = _final_model(tmp_path / "straight"), _final_model(tmp_path / "b")
+    steps = [k for k in straight if k.endswith("/step")]
+    assert steps and all(straight[k].dim() == 0 and float(resumed[k]) == 5.0 for k in steps)
+    assert sorted(straight) == sorted(resumed)
+    for k in straight:
+        assert _rel(straight[k], resumed[k]) <= 1e-10, k
 
 
 def test_summary_shows_params_activations_and_exchanges_per_device(registries) -> None:

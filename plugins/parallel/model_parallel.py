@@ -173,7 +173,10 @@ class ModelParallel(Strategy):
                 yield (canonical(s.id, name) if plain else group_name(group, canonical(s.id, name))), t
 
     def _assemble(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Group pieces (by group index) -> the canonical tensor, rows in tower order."""
+        """Group pieces (by group index) -> the canonical tensor, rows in tower order. A 0-d
+        optimizer state (AdamW's step) is not split: every piece holds the same, the first is kept."""
+        if any(value.dim() == 0 for value in parts.values()):
+            return parts[min(parts)].to(self.devices[0])
         by_tower: dict[int, torch.Tensor] = {}
         for g, value in parts.items():
             group = self.groups[g]
@@ -233,7 +236,8 @@ class ModelParallel(Strategy):
             name, _, buf = key.rpartition("/")
             if name in sharded:
                 for group in self.groups:
-                    out[f"{group_name(group, name)}/{buf}"] = take_blocks(value, group, len(self.devices), 0).clone()
+                    piece = take_blocks(value, group, len(self.devices), 0) if value.dim() > 0 else value
+                    out[f"{group_name(group, name)}/{buf}"] = piece.clone()
             else:
                 out[key] = value
         return out

@@ -203,7 +203,7 @@ class TowerParallel(DistributedStrategy):
             for key in sorted(tensors):
                 value = tensors[key].detach()
                 name = key if key in sharded else key.rpartition("/")[0]
-                if name in sharded:
+                if name in sharded and value.dim() > 0:  # a 0-d state (AdamW's step) is the same on every rank
                     value = value.contiguous()
                     parts = [torch.empty_like(value) for _ in range(self.world_size)]
                     dist.all_gather(parts, value)
@@ -233,7 +233,7 @@ class TowerParallel(DistributedStrategy):
     def scatter_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sharded = self._sharded()
         return {
-            k: v.chunk(self.world_size, 0)[self.rank].clone() if k.rpartition("/")[0] in sharded else v
+            k: v.chunk(self.world_size, 0)[self.rank].clone() if k.rpartition("/")[0] in sharded and v.dim() > 0 else v
             for k, v in tensors.items()
         }
 
