@@ -357,11 +357,15 @@ class Run:
 
     def _finish(self, stopped_early: bool) -> dict[str, Any]:
         state = self.state
-        if state.batch_in_epoch:  # stopped mid-epoch: keep the position for a resume
+        mid_epoch = state.batch_in_epoch > 0
+        if mid_epoch:  # stopped mid-epoch (train.max_steps): keep the position for a resume
             self.save_checkpoint()
         final = self._evaluate(final=True)
         metric = final.get(self.recipe.train.monitor)
-        if metric is not None and (state.best is None or metric < state.best):  # best.safetensors is current
+        # best.safetensors is the best of the per-epoch evaluations: a mid-epoch stop's final
+        # numbers go to eval.json only, or a resumed run would measure later epochs against
+        # an evaluation the uninterrupted run never made.
+        if not mid_epoch and metric is not None and (state.best is None or metric < state.best):
             state.best = metric
             self.save_checkpoint()
             self.checkpoints.copy("last", "best")

@@ -44,15 +44,23 @@ def train(out: Path, *overrides: str, resume: Path | None = None) -> dict:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-_straight: dict[int, dict[str, bytes]] = {}
+_straight: dict[int, tuple[dict[str, bytes], tuple]] = {}
 
 
-def straight(n: int, tmp: Path) -> dict[str, bytes]:
+def outcome(out: Path) -> tuple:
+    """What a run leaves that a resume must reproduce besides the weights: its saved position and
+    best value, and best.safetensors' weights."""
+    last, best = out / "checkpoints" / "last.safetensors", out / "checkpoints" / "best.safetensors"
+    state = ckpt.state_of(ckpt.load(last)[1], last)
+    return state["step"], state["epoch"], state["best"], model_bytes(best) if best.exists() else None
+
+
+def straight(n: int, tmp: Path, with_outcome: bool = False):
     if n not in _straight:
         out = tmp / f"straight-{n}"
         train(out, f"train.max_steps={n}")
-        _straight[n] = model_bytes(out / "checkpoints" / "last.safetensors")
-    return _straight[n]
+        _straight[n] = (model_bytes(out / "checkpoints" / "last.safetensors"), outcome(out))
+    return _straight[n] if with_outcome else _straight[n][0]
 
 
 class _SigintAtStep:
@@ -112,7 +120,18 @@ def test_resume_anywhere_is_bit_exact(tmp_path_factory, n: int, data, how: str) 
     assert ckpt.state_of(ckpt.load(last)[1], last)["step"] == k
     summary = train(out, f"train.max_steps={n}", resume=last)
     assert summary["step"] == n
-    assert model_bytes(last) == straight(n, tmp_path_factory.getbasetemp())
+    assert (model_bytes(last), outcome(out)) == straight(n, tmp_path_factory.getbasetemp(), with_outcome=True)
+
+
+def test_a_stop_mid_epoch_does_not_change_what_best_means_after_a_resume(tmp_path: Path) -> None:
+    """max_steps = 3 ends mid-epoch with a final evaluation; resumed to 12 steps, the best value
+    and best.safetensors are those of the run that never stopped."""
+    out = tmp_path / "cut"
+    train(out, "train.max_steps=3")
+    train(out, "train.max_steps=12", resume=out / "checkpoints" / "last.safetensors")
+    assert (model_bytes(out / "checkpoints" / "last.safetensors"), outcome(out)) == straight(
+        12, tmp_path, with_outcome=True
+    )
 
 
 def test_resume_replays_the_pending_epoch_end(tmp_path: Path) -> None:
