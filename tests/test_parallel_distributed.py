@@ -673,3 +673,18 @@ def test_ddp_over_two_nodes_on_one_machine_follows_single(tiny: Path, tmp_path: 
         assert code == 0, text
     _assert_same_losses(_losses(single), _losses(tmp_path / "nodes"), 1e-5)
     _assert_same_checkpoint(single, tmp_path / "nodes", 1e-5)
+
+
+def test_only_the_process_groups_failures_are_reported_as_a_lost_peer() -> None:
+    """collective() wraps local code too (a tower's forward): a layer's error or an out-of-memory
+    is that rank's own and keeps its message; a gloo failure is a lost peer."""
+    from convnet.plugins.parallel.ddp import DDP, DDPOptions
+    from convnet.plugins.parallel.distributed import LostPeerError
+
+    strategy = DDP(DDPOptions(device="cpu", timeout=60), batch_size=4)
+    local = pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied")
+    with local, strategy.collective("exchanging activations"):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+    lost = pytest.raises(LostPeerError, match="exchanging activations failed, another process probably died")
+    with lost, strategy.collective("exchanging activations"):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")

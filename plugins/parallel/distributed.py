@@ -131,11 +131,15 @@ class DistributedStrategy(Strategy):
 
     @contextlib.contextmanager
     def collective(self, what: str) -> Iterator[None]:
-        """Turn a failed collective into one clear error naming this rank."""
+        """Turn a failed collective into one clear error naming this rank. Only the process
+        group's own failures: the block may also run local code (a tower's forward) whose
+        errors (a layer's, out of memory) are not a lost peer and pass as they are."""
         try:
             yield
         except (RuntimeError, dist.DistError) as exc:
-            raise self.failure(exc, what) from exc
+            if isinstance(exc, dist.DistError) or any(m in str(exc) for m in _PEER_MARKERS):
+                raise self.failure(exc, what) from exc
+            raise
 
     def translate_error(self, exc: BaseException) -> Exception | None:
         if isinstance(exc, LostPeerError):
@@ -156,7 +160,7 @@ class DistributedStrategy(Strategy):
         if not self._started:
             return flag
         work = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        with self.collective("agreeing on a non-finite step"):
+        with self.collective("agreeing across ranks (a non-finite step, a stop)"):
             dist.all_reduce(work, op=dist.ReduceOp.MAX)
         return bool(work.item() > 0)
 
