@@ -424,3 +424,16 @@ def test_distributed_strategies_outside_torchrun_say_how_to_launch(registries, t
         recipe = _tiny(registries, {"strategy": name, "device": "cpu"}, max_steps=1)
         with pytest.raises(ConvnetError, match="launch it with torchrun"):
             Run(recipe, out=tmp_path / name, quiet=True).train()
+
+
+def test_one_process_strategies_under_torchrun_say_so(registries, monkeypatch) -> None:
+    """torchrun with "single" or "model-parallel" would train one independent copy per process."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for strategy in (
+        {"strategy": "single", "device": "cpu"},
+        {"strategy": "model-parallel", "devices": ["cpu", "cpu"]},
+    ):
+        with pytest.raises(RecipeError, match=r'^parallel: "[a-z-]+" runs in one process, but torchrun started 2'):
+            build_strategy(_tiny(registries, strategy), registries)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert build_strategy(_tiny(registries, {"strategy": "single", "device": "cpu"}), registries).world_size == 1
