@@ -54,8 +54,9 @@ class BuildContext:
 
 @attrs.frozen
 class OptimizerContext:
-    """What an optimizer factory knows: the parameters this process trains, by canonical name
-    (``layers.conv1.weight``; under tower-parallel only this rank's tower), and the recipe."""
+    """What an optimizer factory knows: the parameters this process trains, by name
+    (``layers.conv1.weight``; under tower-parallel only this rank's tower; under model-parallel
+    with separate towers each group's piece, ``towers0/layers.conv1.weight``), and the recipe."""
 
     parameters: list[tuple[str, nn.Parameter]]
     recipe: Recipe

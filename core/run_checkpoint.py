@@ -87,6 +87,12 @@ class RunCheckpoints:
         model_state = ckpt.model_tensors(tensors)
         ckpt.check_compatible(path, parts.network.state_dict(), model_state)
         check_same_run(path, metadata.get("convnet.recipe", ""), recipe, registries)
+        groups_now, groups_saved = len(parts.optimizer.param_groups), len(saved["optimizer_groups"])
+        if groups_now != groups_saved:  # settings matched by position would go to the wrong parameters
+            raise CheckpointError(
+                f"{path}: saved by an optimizer with {groups_saved} parameter group(s); this run's has "
+                f"{groups_now}, so its settings (lr, weight decay) cannot be put back group by group"
+            )
         self.strategy.load_state_dict(parts.module, model_state)
         opt = {k[len("optimizer/") :]: v for k, v in tensors.items() if k.startswith("optimizer/")}
         opt = self.strategy.scatter_tensors(opt)
@@ -100,7 +106,7 @@ class RunCheckpoints:
             p = parts.parameters.get(name)
             if p is not None:
                 parts.optimizer.state[p][buf] = number
-        for group, saved_group in zip(parts.optimizer.param_groups, saved["optimizer_groups"], strict=False):
+        for group, saved_group in zip(parts.optimizer.param_groups, saved["optimizer_groups"], strict=True):
             for k, v in saved_group.items():
                 if k != "params":
                     group[k] = v

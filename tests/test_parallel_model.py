@@ -437,3 +437,29 @@ def test_one_process_strategies_under_torchrun_say_so(registries, monkeypatch) -
             build_strategy(_tiny(registries, strategy), registries)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert build_strategy(_tiny(registries, {"strategy": "single", "device": "cpu"}), registries).world_size == 1
+
+
+def test_a_resume_into_another_number_of_optimizer_groups_is_refused(tmp_path: Path) -> None:
+    """An optimizer with a group per parameter has more groups under model-parallel (a piece per
+    tower): settings matched by position would reach the wrong parameters, so the resume stops."""
+    from convnet.core import plugins
+
+    _, regs = plugins.create_manager()
+    regs.current_plugin = ("test-groups", "tests")
+    regs.optimizer.add(
+        "per-param",
+        lambda o, ctx: torch.optim.SGD([{"params": [p]} for _, p in ctx.parameters], lr=o.lr),
+        _AdamWOptions,
+        "SGD, a group per parameter",
+    )
+    optimizer = {"name": "per-param"}
+    single = _recipe(regs, TINY_LAYERS, 2, 16, 5, {"strategy": "single", "device": "cpu"}, optimizer=optimizer)
+    single.train.max_steps = 2
+    Run(single, out=tmp_path / "a", registries=regs, quiet=True).train()
+    towers = {"strategy": "model-parallel", "devices": ["cpu", "cpu"], "fuse_shared_devices": False}
+    split = _recipe(regs, TINY_LAYERS, 2, 16, 5, towers, optimizer=optimizer)
+    last = tmp_path / "a" / "checkpoints" / "last.safetensors"
+    with pytest.raises(
+        cn.CheckpointError, match=r"saved by an optimizer with \d+ parameter group\(s\); this run's has"
+    ):
+        Run(split, out=tmp_path / "a", registries=regs, quiet=True, resume=last).train()
