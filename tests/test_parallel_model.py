@@ -463,3 +463,16 @@ def test_a_resume_into_another_number_of_optimizer_groups_is_refused(tmp_path: P
         cn.CheckpointError, match=r"saved by an optimizer with \d+ parameter group\(s\); this run's has"
     ):
         Run(split, out=tmp_path / "a", registries=regs, quiet=True, resume=last).train()
+
+
+def test_tower_parallel_summary_counts_whole_layers_and_gathers_on_every_rank(registries) -> None:
+    """Every tower-parallel rank holds the whole layers and gathers before them: with a 5-class
+    last layer that cannot split in 2 towers, both ranks hold it and both receive the gather."""
+    recipe = _recipe(
+        registries, TINY_LAYERS, 2, 16, 5, {"strategy": "tower-parallel", "device": "cpu"}, dtype="float32"
+    )
+    rows = summarize(recipe, registries)["devices"]
+    assert len(rows) == 2 and rows[0] == {**rows[1], "device": rows[0]["device"]}
+    whole = cn.build_model(recipe, "meta", registries).layers["fc5"]
+    assert rows[0]["params"] > sum(p.numel() for p in whole.parameters()) > 0
+    assert rows[1]["exchanged_bytes_per_sample"] > 0

@@ -240,7 +240,7 @@ class TowerParallel(DistributedStrategy):
     def describe(self, model: Network) -> list[dict]:
         dev = self.device.type
         names = [f"rank {t}: {dev}" + (f":{t}" if dev == "cuda" else "") for t in range(model.towers)]
-        return describe_towers(model, names, self.batch_size)
+        return describe_towers(model, names, self.batch_size, replicated=True)
 
 
 def build_tower_parallel(options: TowerParallelOptions, ctx: BuildContext) -> TowerParallel:

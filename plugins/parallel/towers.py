@@ -285,29 +285,34 @@ def piece_tensor(module: nn.Module, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------- accounting
 
 
-def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]] | None = None) -> list[dict[str, int]]:
+def tower_costs(
+    model: Network, elem_bytes: int, groups: Sequence[Sequence[int]] | None = None, replicated: bool = False
+) -> list[dict[str, int]]:
     """Per tower group (default: one per tower): parameters, activation bytes and bytes
     received from other groups per sample, forward.
 
     Activations count every layer's output blocks a group keeps plus the blocks it
-    receives at cross layers. The input image is on every group already. Group 0 holds
-    tower 0, where whole layers run.
+    receives at cross layers. The input image is on every group already. Whole layers run
+    on the group holding tower 0 (model-parallel), or, ``replicated`` (tower-parallel: one
+    process per tower), on every group, each gathering the others' blocks before them.
     """
     towers = model.towers
     groups = [list(g) for g in (groups if groups is not None else [[t] for t in range(towers)])]
     n = len(groups)
     home = next(i for i, g in enumerate(groups) if 0 in g)
+    runs_whole = range(n) if replicated else [home]
     params, act, recv = [0] * n, [0] * n, [0] * n
     split = False
     for index, (info, mode) in enumerate(zip(model.info, layer_modes(model))):
         n_in, n_out = math.prod(info.in_shape), math.prod(info.out_shape)
         if mode == "whole" or (mode == "local" and not split and not info.params):
-            if split:
-                other = n_in * (towers - len(groups[home])) // towers
-                recv[home] += other
-                act[home] += other
-            params[home] += info.params
-            act[home] += n_out
+            for g in runs_whole:
+                if split:
+                    other = n_in * (towers - len(groups[g])) // towers
+                    recv[g] += other
+                    act[g] += other
+                params[g] += info.params
+                act[g] += n_out
             split = False
             continue
         for g, group in enumerate(groups):
@@ -316,7 +321,7 @@ def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]]
                 other = n_in * (towers - share) // towers
                 recv[g] += other
                 act[g] += other
-            elif not split and index > 0 and g != home:  # a whole activation on the home group goes out
+            elif not split and index > 0 and g not in runs_whole:  # a whole activation on the home group goes out
                 part = n_in if mode == "cross" else n_in * share // towers
                 recv[g] += part
                 act[g] += part
@@ -325,7 +330,8 @@ def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]]
         split = True
     if split:
         last = math.prod(model.info[-1].out_shape)
-        recv[home] += last * (towers - len(groups[home])) // towers
+        for g in runs_whole:
+            recv[g] += last * (towers - len(groups[g])) // towers
     return [
         {
             "params": params[g],
@@ -337,13 +343,17 @@ def tower_costs(model: Network, elem_bytes: int, groups: Sequence[Sequence[int]]
 
 
 def describe_towers(
-    model: Network, devices: Sequence[str], batch_size: int, groups: Sequence[Sequence[int]] | None = None
+    model: Network,
+    devices: Sequence[str],
+    batch_size: int,
+    groups: Sequence[Sequence[int]] | None = None,
+    replicated: bool = False,
 ) -> list[dict]:
     """``Strategy.describe`` rows, one per tower group: backward moves as many bytes as forward."""
     params = list(model.parameters())
     elem = params[0].element_size() if params else 4
     rows = []
-    for label, cost in zip(devices, tower_costs(model, elem, groups)):
+    for label, cost in zip(devices, tower_costs(model, elem, groups, replicated)):
         per_sample = 2 * cost["received_bytes_per_sample"]
         rows.append(
             {
