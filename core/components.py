@@ -8,6 +8,7 @@ the globally loaded plugins.
 from __future__ import annotations
 
 import difflib
+import os
 
 import attrs
 import torch
@@ -27,6 +28,18 @@ from convnet.core.strategy import Strategy
 def build_strategy(recipe: schema.Recipe, registries: Registries) -> Strategy:
     ctx = BuildContext(recipe, registries, "parallel")
     return registries.strategy.build(recipe.parallel, "parallel", ctx, returns=Strategy)
+
+
+def check_launch(strategy: Strategy, recipe: schema.Recipe) -> None:
+    """Before a run or an evaluation starts: a one-process strategy that torchrun started as one
+    of several processes would train (or evaluate) one independent copy per process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    if world > 1 and strategy.world_size == 1:
+        raise RecipeError(
+            f'parallel.strategy = "{recipe.parallel.name}" runs in one process, but torchrun started '
+            f"{world} (WORLD_SIZE={world}): each would work alone. Launch it without torchrun, or use "
+            '"ddp" or "tower-parallel"'
+        )
 
 
 def build_evaluators(recipe: schema.Recipe, registries: Registries) -> list[tuple[str, Evaluator]]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from convnet.core import cpu_memory, keyed, plugins, run_folder, schema
 from convnet.core import data as cdata
-from convnet.core.components import Components, build_components, build_strategy, checkpoint_room
+from convnet.core.components import Components, build_components, build_strategy, check_launch, checkpoint_room
 from convnet.core.data import augment_batch
 from convnet.core.errors import ConvnetError, NonFiniteLossError
 from convnet.core.evaluation import EvalContext, run_evaluators
@@ -100,6 +100,7 @@ class Run:
                 "allocator is used as it is",
                 file=sys.stderr,
             )
+        check_launch(self.strategy, r)
         self._claim_folder()
         self.parts: Components = build_components(r, self.registries, self.strategy)
         if self._claim is not None:  # the new run could be built: now the old one may go

@@ -21,7 +21,7 @@ import torch
 from convnet.core import checkpoint as ckpt
 from convnet.core import data as cdata
 from convnet.core import run_folder, schema
-from convnet.core.components import build_evaluators, build_strategy
+from convnet.core.components import build_evaluators, build_strategy, check_launch
 from convnet.core.errors import ConvnetError, RecipeError
 from convnet.core.evaluation import EvalContext, run_evaluators
 from convnet.core.model import build_model
@@ -76,6 +76,7 @@ def evaluate(
     first = Path(checkpoints[0])
     recipe = with_members(recipe, [str(p) for p in checkpoints[1:]], registries)
     strategy = build_strategy(recipe, registries)
+    check_launch(strategy, recipe)
     network = build_model(recipe, "cpu", registries)
     state = ckpt.model_tensors(ckpt.load(first)[0])
     ckpt.check_compatible(first, network.state_dict(), state)

@@ -426,17 +426,20 @@ def test_distributed_strategies_outside_torchrun_say_how_to_launch(registries, t
             Run(recipe, out=tmp_path / name, quiet=True).train()
 
 
-def test_one_process_strategies_under_torchrun_say_so(registries, monkeypatch) -> None:
-    """torchrun with "single" or "model-parallel" would train one independent copy per process."""
+def test_one_process_strategies_under_torchrun_say_so(registries, tmp_path: Path, monkeypatch, capsys) -> None:
+    """torchrun with "single" or "model-parallel" would train one independent copy per process;
+    `convnet summary` with WORLD_SIZE set by hand still describes them."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     for strategy in (
         {"strategy": "single", "device": "cpu"},
         {"strategy": "model-parallel", "devices": ["cpu", "cpu"]},
     ):
-        with pytest.raises(RecipeError, match=r'^parallel: "[a-z-]+" runs in one process, but torchrun started 2'):
-            build_strategy(_tiny(registries, strategy), registries)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert build_strategy(_tiny(registries, {"strategy": "single", "device": "cpu"}), registries).world_size == 1
+        recipe = _tiny(registries, strategy, max_steps=1)
+        with pytest.raises(RecipeError, match=r'^parallel.strategy = "[a-z-]+" runs in one process, but torchrun'):
+            Run(recipe, out=tmp_path / strategy["strategy"], quiet=True).train()
+        assert not (tmp_path / strategy["strategy"] / "checkpoints").exists()
+        assert summarize(recipe, registries)["devices"]
+    assert main(["summary", "alexnet-digits"]) == 0 and capsys.readouterr().out
 
 
 def test_a_resume_into_another_number_of_optimizer_groups_is_refused(tmp_path: Path) -> None:

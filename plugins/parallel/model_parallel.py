@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from convnet.core import BuildContext, Network, Strategy, resolve_device, valid_device
-from convnet.plugins.parallel.single import require_one_process
 from convnet.plugins.parallel.towers import (
     LayerSplit,
     canonical,
@@ -255,7 +254,6 @@ def _default_devices(device: str, towers: int) -> list[str]:
 
 
 def build_model_parallel(options: ModelParallelOptions, ctx: BuildContext) -> Strategy:
-    require_one_process("model-parallel", ctx)
     recipe = ctx.recipe
     towers = recipe.model.towers
     names = options.devices or _default_devices(options.device, towers)
