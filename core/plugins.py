@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -191,10 +192,18 @@ class _HookSubset:
 
 
 def culprit(exc: BaseException) -> str | None:
-    """``plugin 'name' (distribution d v) at FILE:LINE`` for the innermost frame of ``exc``'s
-    traceback inside a third-party plugin's package (a hook, an evaluator, a dataset read in
-    the main process), or in the traceback text a data-loader worker's error carries; else None.
+    """``plugin 'name' (distribution d v) at FILE:LINE`` when ``exc`` was raised in a third-party
+    plugin's own code (a hook, an evaluator, a dataset read in the main process), else None.
+
+    The traceback is read from the innermost frame outward, past the libraries (torch, the
+    standard library): the first frame that is a plugin's names it; one that is convnet's own
+    means convnet's bug (None). A data-loader worker's error carries its frames as text only:
+    the last ``File "..."`` line that is a plugin's or convnet's decides the same way.
     """
+    import convnet.core
+    import convnet.plugins
+
+    ours = [os.path.dirname(convnet.core.__file__) + os.sep, os.path.dirname(convnet.plugins.__file__) + os.sep]
     roots: list[tuple[str, str]] = []
     for ep in _entry_points():
         dist = _dist_name(ep)
@@ -203,17 +212,32 @@ def culprit(exc: BaseException) -> str | None:
         module = sys.modules.get(ep.value.split(":")[0].strip().split(".")[0])
         path = getattr(module, "__file__", None)
         if path:
-            root = os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
-            roots.append((root, f"plugin {ep.name!r} (distribution {dist})"))
+            is_package = os.path.basename(path) == "__init__.py"
+            roots.append(
+                (os.path.dirname(path) + os.sep if is_package else path, f"plugin {ep.name!r} (distribution {dist})")
+            )
     if not roots:
         return None
-    for frame, line in reversed(list(traceback.walk_tb(exc.__traceback__))):
-        name = frame.f_code.co_filename
+
+    def owner(filename: str) -> str | None:
+        """``"convnet"``, a plugin's label, or None (a library)."""
+        if any(filename.startswith(root) for root in ours):
+            return "convnet"
         for root, who in roots:
-            if name == root or name.startswith(root + os.sep):
-                return f"{who} at {name}:{line}"
+            inside = filename == root if not root.endswith(os.sep) else filename.startswith(root)
+            # a project folder used as the package may hold a virtualenv: its libraries are not the plugin
+            if inside and not any(part in filename[len(root) :] for part in ("site-packages", "dist-packages")):
+                return who
+        return None
+
+    frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(exc.__traceback__)]
     text = str(exc)
-    for root, who in roots:
-        if f'File "{root}' in text:
-            return who
+    if "Original Traceback" in text:  # a data-loader worker's: its frames come after the main process's
+        frames += [(m.group(1), int(m.group(2))) for m in re.finditer(r'File "([^"]+)", line (\d+)', text)]
+    for filename, line in reversed(frames):
+        who = owner(filename)
+        if who == "convnet":
+            return None
+        if who is not None:
+            return f"{who} at {filename}:{line}"
     return None

@@ -454,3 +454,48 @@ def test_a_plugin_whose_commands_fail_is_a_problem_and_fatal_under_strict(capsys
         pm.unregister(name="bad_commands")
         for regs in (plugins.registries(), plugins.registries(strict=True)):
             regs.problems[:] = [p for p in regs.problems if "bad_commands" not in p]
+
+
+def test_culprit_names_only_a_plugins_own_code(tmp_path: Path, monkeypatch) -> None:
+    """The innermost frame that is a plugin's or convnet's decides: a plugin calling convnet code
+    that fails is convnet's bug; a library under a plugin's project folder (its virtualenv) or a
+    package whose name only starts like the plugin's is not the plugin."""
+    (tmp_path / "acme").mkdir()
+    (tmp_path / "acme" / "__init__.py").write_text(
+        "from convnet.core import plugins\n"
+        "def own():\n    raise RuntimeError('acme broke')\n"
+        "def calls_convnet():\n    plugins.report_problems(None)\n"
+    )
+    (tmp_path / "acme_extra").mkdir()
+    (tmp_path / "acme_extra" / "__init__.py").write_text("def other():\n    raise RuntimeError('not acme')\n")
+    lib = tmp_path / "acme" / "venv" / "lib" / "python3.11" / "site-packages" / "somelib"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("def fails():\n    raise RuntimeError('a library')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(lib.parent))
+    import acme
+    import acme_extra
+    import somelib
+
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [md.EntryPoint("acme", "acme", "convnet")])
+
+    def blamed(call) -> str | None:
+        try:
+            call()
+        except Exception as exc:
+            return plugins.culprit(exc)
+        raise AssertionError("did not raise")
+
+    assert blamed(acme.own).startswith(f"plugin 'acme' (distribution <unknown distribution>) at {tmp_path}")
+    assert blamed(acme.calls_convnet) is None
+    assert blamed(acme_extra.other) is None and blamed(somelib.fails) is None
+    worker = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        f'  File "{tmp_path}/acme_extra/__init__.py", line 2, in other\nRuntimeError: not acme'
+    )
+    assert plugins.culprit(worker) is None
+    worker = RuntimeError(worker.args[0].replace("acme_extra", "acme"))
+    assert (
+        plugins.culprit(worker)
+        == f"plugin 'acme' (distribution <unknown distribution>) at {tmp_path}/acme/__init__.py:2"
+    )
