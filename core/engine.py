@@ -131,6 +131,8 @@ class Run:
         if self.out is None:
             self.out = run_folder.fresh_folder(run_folder.default_folder(self.recipe.name).parent)
             self._fresh = True
+        elif not self.out.exists():
+            self._fresh = True  # made here: a start that fails removes it again
         self._claim = run_folder.claim(
             self.out, resume=self.resume_from is not None, overwrite=self.overwrite, checkpoint=self.resume_from
         )

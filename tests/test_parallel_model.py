@@ -424,6 +424,7 @@ def test_distributed_strategies_outside_torchrun_say_how_to_launch(registries, t
         recipe = _tiny(registries, {"strategy": name, "device": "cpu"}, max_steps=1)
         with pytest.raises(ConvnetError, match="launch it with torchrun"):
             Run(recipe, out=tmp_path / name, quiet=True).train()
+        assert not (tmp_path / name).exists()  # the folder made for the run went with it
 
 
 def test_one_process_strategies_under_torchrun_say_so(registries, tmp_path: Path, monkeypatch, capsys) -> None:
