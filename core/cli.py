@@ -161,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             print(f"convnet: error: command {args.command!r} (from a plugin) has no handler", file=sys.stderr)
             return 2
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, not at the interpreter's exit: a reader that left is handled below
+        return code
     except ConvnetError as exc:
         hint = _provenance(exc, args)
         # One write for the whole message: print() writes a multi-line message and its final

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -216,10 +217,15 @@ def test_an_error_of_several_lines_reaches_stderr_in_one_write(monkeypatch) -> N
     assert message in raw.writes, raw.writes
 
 
+@pytest.mark.parametrize("buffered", [True, False])
 @pytest.mark.parametrize("command", [["plugins"], ["show", "alexnet-digits"]])
-def test_a_reader_that_leaves_early_ends_the_command_quietly(command) -> None:
-    """`convnet plugins | head -1`: the pipe's reader is gone before the output is written."""
-    proc = subprocess.Popen([str(CONVNET), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def test_a_reader_that_leaves_early_ends_the_command_quietly(command, buffered: bool) -> None:
+    """`convnet plugins | head -1`: the pipe's reader is gone before the output is written
+    (block-buffered, the write happens at the end; with PYTHONUNBUFFERED, at the first print)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([str(CONVNET), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
