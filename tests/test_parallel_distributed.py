@@ -538,17 +538,13 @@ def _torchrun_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
-def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_the_printed_command_resumes(
-    tiny: Path, tmp_path: Path, strategy: str
-) -> None:
-    """The terminal's Ctrl-C reaches torchrun and both workers (and torchrun forwards it again):
-    every rank stops after the same step, one checkpoint is written, and the printed torchrun
-    command resumes to exactly the weights of a run that was never interrupted."""
+def _torchrun_until_step(
+    tiny: Path, out: Path, strategy: str, step: int
+) -> tuple[subprocess.Popen, list[str], list[str]]:
+    """A 2-rank torchrun training for ever into ``out``, returned once it has logged ``step``:
+    (the launcher's process, the launch command, the --set arguments)."""
     sets = ["--set", f"parallel.strategy={strategy}", "--set", "parallel.timeout=60"]
     sets += ["--set", "train.epochs=1000", "--set", "train.log_every=1"]
-    out = tmp_path / "run"
     launch = _torchrun_cmd("--standalone", "--nproc-per-node=2", "-m", "convnet.core", "run", str(tiny), "--quiet")
     proc = subprocess.Popen(
         [*launch, "--out", str(out), *sets],
@@ -559,9 +555,22 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_the_printed_c
         start_new_session=True,
     )
     deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while _last_logged_step(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    while _last_logged_step(out) < step and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be interrupted"
+    return proc, launch, sets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "tower-parallel"])
+def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_the_printed_command_resumes(
+    tiny: Path, tmp_path: Path, strategy: str
+) -> None:
+    """The terminal's Ctrl-C reaches torchrun and both workers (and torchrun forwards it again):
+    every rank stops after the same step, one checkpoint is written, and the printed torchrun
+    command resumes to exactly the weights of a run that was never interrupted."""
+    out = tmp_path / "run"
+    proc, launch, sets = _torchrun_until_step(tiny, out, strategy, 3)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does to the foreground group
     ((_, text),) = _wait_all([proc], LAUNCH_TIMEOUT)
     steps = {int(n) for n in re.findall(r"interrupted at step (\d+)", text)}
@@ -612,22 +621,8 @@ def test_a_ctrl_c_heard_by_one_rank_only_stops_every_rank_at_one_step(
     """SIGINT to rank 1 alone (a signal sent to one process, or a terminal race): every rank
     still stops after the same step with one checkpoint. Tower-parallel's ranks share a batch
     and sum no data, so its stop needs its own agreement."""
-    sets = ["--set", f"parallel.strategy={strategy}", "--set", "parallel.timeout=60"]
-    sets += ["--set", "train.epochs=1000", "--set", "train.log_every=1"]
     out = tmp_path / "run"
-    launch = _torchrun_cmd("--standalone", "--nproc-per-node=2", "-m", "convnet.core", "run", str(tiny), "--quiet")
-    proc = subprocess.Popen(
-        [*launch, "--out", str(out), *sets],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while _last_logged_step(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc, _, _ = _torchrun_until_step(tiny, out, strategy, 3)
     os.kill(_worker_of_rank(proc.pid, 1), signal.SIGINT)
     ((_, text),) = _wait_all([proc], LAUNCH_TIMEOUT)
     steps = {int(n) for n in re.findall(r"interrupted at step (\d+)", text)}

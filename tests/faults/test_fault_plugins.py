@@ -154,18 +154,16 @@ def test_a_component_of_a_failed_plugin_is_named_as_such(site, tmp_path) -> None
     assert "a plugin that failed to load may provide it: plugin 'raises_at_import'" in error, error
 
 
+def _convnet(args: list[str], run_env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*CONVNET, *args], capture_output=True, text=True, env=run_env, timeout=300)
+
+
 def test_a_run_folder_names_its_plugins_and_eval_without_them_says_what_to_install(site, tmp_path, ledger) -> None:
     recipe = tmp_path / "constant.toml"
     recipe.write_text(TINY.read_text() + "\n")
     sets = ["--set", 'data.dataset={name = "fixture_constant", size = 16}', "--set", "train.max_steps=2"]
     out = tmp_path / "run"
-    done = subprocess.run(
-        [*CONVNET, "run", str(recipe), *sets, "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        env=_with(site["all"]),
-        timeout=300,
-    )
+    done = _convnet(["run", str(recipe), *sets, "--out", str(out), "--quiet"], _with(site["all"]))
     assert done.returncode == 0, done.stderr
     used = json.loads((out / "run.json").read_text())
     assert {
@@ -180,7 +178,7 @@ def test_a_run_folder_names_its_plugins_and_eval_without_them_says_what_to_insta
         ["eval", str(out / "recipe.toml"), "--checkpoint", checkpoint, "--out", str(tmp_path / "ev")],
         ["run", str(out / "recipe.toml"), "--out", str(out), "--resume", checkpoint],
     ):
-        proc = subprocess.run([*CONVNET, *args], capture_output=True, text=True, env=env(), timeout=120)
+        proc = _convnet(args, env())
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0] == (
@@ -191,21 +189,11 @@ def test_a_run_folder_names_its_plugins_and_eval_without_them_says_what_to_insta
     ledger.record("eval / resume without the plugin a run used", "one line: the distribution and its pip install")
     two = tmp_path / "two"  # a recipe using two of its components: still one line, one install
     sets += ["--set", "model.layers[5].name=fixture_passthrough"]
-    done = subprocess.run(
-        [*CONVNET, "run", str(recipe), *sets, "--out", str(two), "--quiet"],
-        capture_output=True,
-        text=True,
-        env=_with(site["all"]),
-        timeout=300,
-    )
+    done = _convnet(["run", str(recipe), *sets, "--out", str(two), "--quiet"], _with(site["all"]))
     assert done.returncode == 0, done.stderr
     checkpoint = str(two / "checkpoints" / "last.safetensors")
-    proc = subprocess.run(
-        [*CONVNET, "eval", str(two / "recipe.toml"), "--checkpoint", checkpoint, "--out", str(tmp_path / "ev2")],
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=120,
+    proc = _convnet(
+        ["eval", str(two / "recipe.toml"), "--checkpoint", checkpoint, "--out", str(tmp_path / "ev2")], env()
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
