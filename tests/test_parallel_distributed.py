@@ -247,6 +247,58 @@ def test_tower_parallel_resumes_a_single_checkpoint(tiny: Path, tmp_path: Path) 
     _assert_same_checkpoint(straight, resumed, 1e-5)
 
 
+# A third party's optimizer with a 0-d state per parameter (AdamW's ``step``), registered in
+# each rank's own registries: its state is gathered whole at a save and sliced at a resume.
+ADAMW_RUN = """
+import sys, attrs, torch
+import convnet.core as cn
+from convnet.core import plugins
+from convnet.core.engine import Run
+
+@attrs.define
+class AdamWOptions:
+    lr: float = 0.01
+
+_, regs = plugins.create_manager()
+regs.current_plugin = ("test-adamw", "tests")
+regs.optimizer.add(
+    "adamw", lambda o, ctx: torch.optim.AdamW([p for _, p in ctx.parameters], lr=o.lr), AdamWOptions, "AdamW"
+)
+recipe_path, out, resume, *sets = sys.argv[1:]
+recipe = cn.load_recipe(recipe_path, ["train.optimizer={name='adamw'}", *sets], registries=regs)
+Run(recipe, out=out, resume=resume or None, registries=regs, quiet=True).train()
+"""
+
+
+@pytest.mark.slow  # four processes launched, two runs of them in sequence
+def test_tower_parallel_saves_and_resumes_an_optimizer_with_a_0d_state(tiny: Path, tmp_path: Path) -> None:
+    """2 steps of AdamW under single, 3 more under tower-parallel == 5 under single, and the
+    checkpoint's 0-d ``step`` states are 5 (not gathered as rows, nor sliced at the resume)."""
+
+    def single(out: Path, *sets: str, resume: str = "") -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", ADAMW_RUN, str(tiny), str(out), resume, *sets],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=LAUNCH_TIMEOUT,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    single(tmp_path / "straight")
+    single(tmp_path / "first", "train.max_steps=2")
+    resumed = tmp_path / "resumed"
+    first = str(tmp_path / "first" / "checkpoints" / "last.safetensors")
+    sets = ["parallel.strategy=tower-parallel", "parallel.timeout=60"]
+    for code, text in _run_ranks([str(tiny), str(resumed), first, *sets], world=2, program=("-c", ADAMW_RUN)):
+        assert code == 0, text
+    _assert_same_losses({s: v for s, v in _losses(tmp_path / "straight").items() if s > 2}, _losses(resumed), 1e-5)
+    _assert_same_checkpoint(tmp_path / "straight", resumed, 1e-5)
+    saved = load_file(resumed / "checkpoints" / "last.safetensors")
+    steps = [k for k in saved if k.startswith("optimizer/") and k.endswith("/step")]
+    assert steps and all(saved[k].dim() == 0 and float(saved[k]) == 5.0 for k in steps)
+
+
 def test_ddp_two_processes_half_batch_each_follow_single(tiny: Path, tmp_path: Path) -> None:
     """torchrun, 2 ranks x 8 samples == one process x 16: losses, weights, evaluation."""
     single = _single(tiny, tmp_path / "single")
