@@ -109,9 +109,9 @@ def curves(records: list[dict[str, Any]]) -> dict[str, Any]:
             out["lr"].append((x, float(r["lr"])))
     for r in evals:
         final = r.get("kind") == "final"
-        if spe and _number(r.get("epoch")) is not None:  # an eval record's epoch is the one just done
-            x = float(r["epoch"]) + (0 if final else 1)
-        else:
+        if spe and not final and _number(r.get("epoch")) is not None:  # an eval record's epoch is the one just done
+            x = float(r["epoch"]) + 1
+        else:  # the final evaluation is where training stopped, mid-epoch too
             x = x_of(r)
         if x is None:
             continue
@@ -121,7 +121,7 @@ def curves(records: list[dict[str, Any]]) -> dict[str, Any]:
             if key in NOT_METRICS or _number(value) is None:
                 continue
             series = out["metrics"].setdefault(family(key), {}).setdefault(key, [])
-            if final and series and series[-1][0] == x:  # the last epoch's evaluation, repeated
+            if final and series and math.isclose(series[-1][0], x):  # the last epoch's evaluation, repeated
                 continue
             series.append((x, float(value)))
     out["lr"].sort(key=lambda p: p[0])

@@ -43,6 +43,15 @@ def test_curves_are_in_epochs():
     assert no_eval["unit"] == "step" and no_eval["loss"][0] == (1.0, 2.3)
 
 
+def test_a_run_stopped_mid_epoch_plots_its_final_evaluation_where_it_stopped():
+    """A max_steps stop at step 25 (2.5 epochs): its final numbers are the network's last, not
+    the last epoch's evaluation repeated."""
+    mid_epoch = [*RECORDS[:5], {"kind": "final", "epoch": 2, "step": 25, "top1_error": 0.25, "tencrop_error": 0.2}]
+    c = curves(mid_epoch)
+    assert c["errors"]["top1_error"] == [(1.0, 0.6), (2.0, 0.3), (2.5, 0.25)]
+    assert c["errors"]["tencrop_error"] == [(2.5, 0.2)]
+
+
 def test_report_makes_pngs_and_an_index(tmp_path, capsys):
     from PIL import Image
 
