@@ -194,6 +194,8 @@ class Run:
             raise
         finally:
             if self._claim is not None:
+                if self._started:
+                    self._claim.note_outputs()
                 if self._fresh and not self._started:  # under the lock: no one can take the folder meanwhile
                     run_folder.remove_if_unused(self.out)
                 self._claim.lock.release()
@@ -205,6 +207,8 @@ class Run:
         if threading.current_thread() is threading.main_thread():  # every rank: the stop is agreed
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self.hooks.convnet_train_start(run=self.view)
+        if self._claim is not None:  # a plugin's folder made at the start (tensorboard/)
+            self._claim.note_outputs()
         try:
             summary = self._loop()
         except BaseException as exc:  # observers (progress bars) still hear that the run ended
@@ -249,6 +253,8 @@ class Run:
             return
         from convnet.core import report
 
+        if self._claim is not None:  # the evaluators' files: a killed run's are known too
+            self._claim.note_outputs()
         try:
             (report.render_live if live else report.render)(self.out)
         except Exception as exc:  # the run itself is saved; the report can be redone

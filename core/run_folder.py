@@ -47,6 +47,9 @@ RUN_FILES = (
     "evals",
 )
 LOCK_NAME = ".lock"
+# The other top-level entries a run made (an evaluator's figures, a plugin's folder), one name a
+# line: they are the run's too, replaced by an --overwrite and counted as a run's files.
+OUTPUTS_NAME = ".outputs"
 
 
 def default_folder(recipe_name: str, prefix: str = "") -> Path:
@@ -73,7 +76,7 @@ def run_files(folder: Path) -> list[Path]:
     run's (``checkpoints``, ``plots``, ``evals``) counts only when it holds something: a start
     that failed after the write probe made ``checkpoints/`` left no run behind."""
     found = []
-    for name in RUN_FILES:
+    for name in dict.fromkeys([*RUN_FILES, *_noted_outputs(folder)]):
         path = folder / name
         if path.is_dir():
             if any(not child.name.startswith(".") for child in path.iterdir()):
@@ -81,6 +84,14 @@ def run_files(folder: Path) -> list[Path]:
         elif path.exists():
             found.append(path)
     return found
+
+
+def _noted_outputs(folder: Path) -> list[str]:
+    try:
+        text = (folder / OUTPUTS_NAME).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return []
+    return [n for n in text.splitlines() if n and "/" not in n and not n.startswith(".")]
 
 
 class FolderLock:
@@ -125,6 +136,8 @@ class Claim:
 
     lock: FolderLock
     overwritten: list[Path]
+    # What the folder held besides the run (kept by --overwrite): not noted as the run's outputs.
+    others: frozenset[str] = frozenset()
 
     def overwritten_bytes(self) -> int:
         """The space removing them frees (what the new run's checkpoints may count on)."""
@@ -146,6 +159,24 @@ class Claim:
             else:
                 path.unlink()
         self.overwritten = []
+
+    def note_outputs(self) -> None:
+        """Note in ``.outputs`` every top-level entry the run made beyond ``RUN_FILES``."""
+        folder = self.lock.path.parent
+        try:
+            made = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+        except OSError:
+            return
+        made -= {*RUN_FILES, *self.others, *(p.name for p in self.overwritten)}
+        noted = _noted_outputs(folder)
+        names = [*noted, *sorted(made - set(noted))]
+        if names != noted:
+            try:
+                tmp = folder / f"{OUTPUTS_NAME}.tmp"
+                tmp.write_text("".join(f"{n}\n" for n in names), encoding="utf-8", errors="surrogateescape")
+                os.replace(tmp, folder / OUTPUTS_NAME)
+            except OSError:
+                pass  # a full disk: the run goes on; only --overwrite's list is shorter
 
 
 def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None = None) -> Claim:
@@ -188,8 +219,12 @@ def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None =
                 f"{folder}: already holds a run ({names}); continue it with {how}, "
                 "or start afresh with --overwrite (which replaces those files)"
             )
-        return Claim(lock, existing)
-    return Claim(lock, [])
+        return Claim(lock, existing, _others(folder, existing))
+    return Claim(lock, [], _others(folder, existing))
+
+
+def _others(folder: Path, run: list[Path]) -> frozenset[str]:
+    return frozenset(p.name for p in folder.iterdir() if not p.name.startswith(".")) - {p.name for p in run}
 
 
 def remove_if_unused(folder: Path) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 from safetensors.torch import load_file
 
 import convnet.core as cn
+from convnet.core.engine import Run
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
 
@@ -60,3 +62,46 @@ def test_max_steps_stops_inside_an_epoch(tmp_path: Path) -> None:
     records = _records(tmp_path)
     assert max(r["step"] for r in records if r["kind"] == "train") == 6
     assert [r["epoch"] for r in records if r["kind"] == "eval"] == [0]
+
+
+@attrs.define
+class _FigureOptions:
+    file: str = "figure.json"
+
+
+class _WritesAFigure(cn.Evaluator):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, ctx: cn.EvalContext) -> dict:
+        if ctx.out is not None and self.name:
+            (ctx.out / self.name).write_text("{}", encoding="utf-8")
+        return {}
+
+
+def test_overwrite_replaces_an_evaluators_files_and_keeps_what_was_there_before_the_run(tmp_path: Path, capsys) -> None:
+    """An evaluator's file is the run's too: a fresh start names it, --overwrite replaces it (so
+    the new run's report cannot show it as its own); a file the user kept there stays."""
+    from convnet.core import plugins
+
+    _, regs = plugins.create_manager()
+    regs.current_plugin = ("test-figure", "tests")
+    regs.evaluator.add("figure", lambda o, recipe: _WritesAFigure(o.file), _FigureOptions, "writes a file")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+
+    def run(name: str, overwrite: bool = False) -> None:
+        sets = ["train.max_steps=2", f"evaluate=[{{name='figure', file='{name}'}}]"]
+        Run(
+            cn.load_recipe(str(TINY), sets, registries=regs), out=out, registries=regs, quiet=True, overwrite=overwrite
+        ).train()
+
+    run("figure.json")
+    noted = (out / ".outputs").read_text(encoding="utf-8").splitlines()
+    assert "figure.json" in noted and "notes.txt" not in noted
+    with pytest.raises(cn.RecipeError, match=r"already holds a run \(.*figure\.json"):
+        run("")
+    run("", overwrite=True)
+    assert f"replacing {out / 'figure.json'}" in capsys.readouterr().err
+    assert not (out / "figure.json").exists() and (out / "notes.txt").read_text(encoding="utf-8") == "mine"
