@@ -158,6 +158,8 @@ class Claim:
                 shutil.rmtree(path)
             else:
                 path.unlink()
+        if self.overwritten:
+            (self.lock.path.parent / OUTPUTS_NAME).unlink(missing_ok=True)
         self.overwritten = []
 
     def note_outputs(self) -> None:
