@@ -96,8 +96,15 @@ def test_runner_trains_both_arms_and_writes_the_comparison(tmp_path, registries)
     assert (out / "lrn" / "seed0" / "metrics.jsonl").exists() and (out / "no-lrn" / "seed0" / "eval.json").exists()
     change = round(100 * (a["val_top1_error"] - b["val_top1_error"]), 2)
     assert saved["comparison"]["top1_change_points"] == change
-    again = run_ablation("no-lrn", out, overrides=quick, registries=registries, reuse=True)
+    cache: dict = {}
+    again = run_ablation("no-lrn", out, overrides=quick, registries=registries, reuse=True, cache=cache)
     assert again["line"] == saved["line"] and again["arms"]["lrn"]["runs"][0]["seconds"] is None
+    # `all --reuse`: the baseline read for one ablation is every other's first arm, not trained again
+    pool = run_ablation(
+        "no-overlap-pool", tmp_path / "pool", overrides=quick, registries=registries, reuse=True, cache=cache
+    )
+    assert pool["arms"]["overlap-3x3s2"]["runs"] == again["arms"]["lrn"]["runs"]
+    assert not (tmp_path / "pool" / "overlap-3x3s2").exists()
     (out / "comparison.txt").write_text("stale\n")
     assert main(["no-lrn", "--out", str(out), "--recompare"]) == 0
     assert (out / "comparison.txt").read_text().strip() == saved["line"]
@@ -108,3 +115,11 @@ def test_unknown_ablation_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-thing"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_recompare_without_a_comparison_names_the_file(tmp_path, capsys):
+    assert main(["no-lrn", "--out", str(tmp_path), "--recompare"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"ablate: error: {tmp_path / 'comparison.json'}: not found; train the arms first (without --recompare)\n"
+    )

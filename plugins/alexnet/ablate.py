@@ -80,10 +80,30 @@ ABLATIONS = {
 }
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvnetError(f"{path}: not found; {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvnetError(f"{path}: cannot be read ({exc}); {what}") from None
+
+
 def read_evals(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    with open(path, encoding="utf-8") as f:
-        return [r for r in map(json.loads, f) if r.get("kind") == "eval"]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConvnetError(f"{path}: cannot be read ({exc})") from None
+    evals = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConvnetError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        if isinstance(record, dict) and record.get("kind") == "eval":
+            evals.append(record)
+    return evals
 
 
 def epochs_to(evals: list[dict[str, Any]], key: str, threshold: float) -> int | None:
@@ -174,7 +194,9 @@ def compare(ablation: Ablation, arms: dict[str, dict[str, Any]]) -> tuple[dict[s
 def recompare(out: str | Path) -> dict[str, Any]:
     """Recompute the comparison of finished arms from ``out/comparison.json`` (no training)."""
     path = Path(out) / "comparison.json"
-    result = json.loads(path.read_text(encoding="utf-8"))
+    result = _read_json(path, "train the arms first (without --recompare)")
+    if not isinstance(result, dict) or result.get("ablation") not in ABLATIONS or "arms" not in result:
+        raise ConvnetError(f"{path}: not an ablation's comparison (no known 'ablation' and its 'arms')")
     diff, line = compare(ABLATIONS[result["ablation"]], result["arms"])
     result.update(comparison=diff, line=line)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -224,8 +246,10 @@ def run_ablation(
                 recipe = attrs.evolve(recipe, data=copy.deepcopy(data_table))
             run_dir = out / label / f"seed{seed}"
             if reuse and (run_dir / "eval.json").exists():
-                final = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+                final = _read_json(run_dir / "eval.json", "train that arm again (without --reuse)")
                 runs.append(arm_result(run_dir, final, ablation.threshold, None))
+                if cache is not None:  # the shared baseline: read once, not trained again for the next ablation
+                    cache[key] = runs[-1]
                 continue
             start = time.perf_counter()
             # The arms' folders are this runner's own: an arm trained again replaces its old run.
