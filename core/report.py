@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; one error naming the file and line for a bad line."""
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
     except OSError as exc:
         raise ReportError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -44,6 +46,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):  # a write cut short by a kill or a full disk
+                print(f"convnet: warning: {path}:{number}: the last line is cut short; left out", file=sys.stderr)
+                break
             raise ReportError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
         if not isinstance(record, dict):
             raise ReportError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
@@ -385,8 +390,13 @@ def render(run: str | Path) -> list[Path]:
     if not metrics.is_file():
         raise ReportError(f"{run}: no metrics.jsonl here; is this a run folder (convnet run --out DIR)?")
     records = read_metrics(metrics)
-    made = plot_curves(records, run / "plots")
-    made.append(write_index(run, records))
+    try:
+        made = plot_curves(records, run / "plots")
+        made.append(write_index(run, records))
+    except OSError as exc:
+        raise ReportError(
+            f"{run}: cannot write the report ({exc.strerror or exc}); copy the run folder somewhere writable"
+        ) from None
     return made
 
 

@@ -93,6 +93,25 @@ def test_report_bad_inputs(tmp_path, capsys):
         render(run)
 
 
+def test_a_last_line_cut_short_is_left_out_and_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    """A kill or a full disk mid-write leaves a last line without its newline: the runs a user
+    most needs to look at still get their curves."""
+    run = tmp_path / "killed"
+    write_metrics(run, RECORDS[:3])
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "step": 1')
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'metrics.jsonl'}:4: the last line is cut short; left out" in err
+    assert (run / "plots" / "loss.png").is_file()
+    full = tmp_path / "full"
+    write_metrics(full, RECORDS)
+    (full / "plots").write_text("not a folder", encoding="utf-8")  # as a read-only or full disk would
+    assert main(["report", str(full)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{full}: cannot write the report (" in err[0] and "writable" in err[0]
+
+
 def test_all_evaluators_on_the_digits_recipe_and_the_end_of_run_report(tmp_path, capsys):
     """`convnet run alexnet-digits-eval` (3 steps, 16x16 digits): every evaluator runs, the report follows."""
     from PIL import Image
