@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from convnet.core.command_args import add_recipe_arguments
 from convnet.core.errors import ConvnetError, PluginError, RecipeError
+from convnet.core.strategy import devices_not_needed
 
 EPILOG = "RECIPE is a bundled recipe's name (see `convnet recipes`) or a path to a .toml file."
 
@@ -293,7 +294,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from convnet.core.recipe import load_recipe, to_toml
 
     regs = _registries(args)
-    print(to_toml(load_recipe(args.recipe, args.overrides, regs), regs), end="")
+    with devices_not_needed():
+        print(to_toml(load_recipe(args.recipe, args.overrides, regs), regs), end="")
     return 0
 
 
@@ -302,8 +304,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from convnet.core.summary import format_summary, summarize
 
     regs = _registries(args)
-    recipe = load_recipe(args.recipe, args.overrides, regs)
-    info = summarize(recipe, regs)
+    with devices_not_needed():
+        info = summarize(load_recipe(args.recipe, args.overrides, regs), regs)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 

@@ -7,6 +7,8 @@ to read and write the canonical state, and how to reduce numbers over processes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -112,6 +114,21 @@ def valid_device(instance: Any, attribute: Any, value: str) -> None:
     resolve_device(value)
 
 
+# False while a recipe is only read or described (`convnet show`, `convnet summary`): the devices it
+# names need not be on this machine (a two-GPU recipe summarised on a laptop).
+_DEVICES_NEEDED: contextvars.ContextVar[bool] = contextvars.ContextVar("convnet_devices_needed", default=True)
+
+
+@contextlib.contextmanager
+def devices_not_needed() -> Iterator[None]:
+    """Within this block ``resolve_device`` accepts a CUDA device that this machine lacks."""
+    token = _DEVICES_NEEDED.set(False)
+    try:
+        yield
+    finally:
+        _DEVICES_NEEDED.reset(token)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +136,6 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"not a device: {name!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and _DEVICES_NEEDED.get() and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
     return dev

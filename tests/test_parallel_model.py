@@ -409,6 +409,20 @@ def test_summary_command_line(capsys) -> None:
     assert "bytes exchanged per step" in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("strategy", ["model-parallel", "ddp"])
+def test_show_and_summary_describe_a_gpu_recipe_on_a_machine_without_one(capsys, strategy: str) -> None:
+    """The paper's two-GPU split can be read and planned anywhere; only running it needs the GPUs."""
+    devices = 'parallel.devices=["cuda:0", "cuda:1"]' if strategy == "model-parallel" else "parallel.device=cuda"
+    sets = ["--set", f"parallel.strategy={strategy}", "--set", devices]
+    assert main(["summary", "alexnet-imagenet", *sets]) == 0
+    out = capsys.readouterr().out
+    assert ("device tower 1: cuda:1:" if strategy == "model-parallel" else "each of 2 ranks: cuda:0") in out
+    assert main(["show", "alexnet-imagenet", *sets]) == 0 and f'strategy = "{strategy}"' in capsys.readouterr().out
+    assert main(["run", "alexnet-digits", *sets]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
 def test_bad_device_lists_are_recipe_errors(registries) -> None:
     recipe = _tiny(registries, {"strategy": "model-parallel", "devices": ["cpu", "cpu", "cpu"]})
     with pytest.raises(RecipeError, match="devices has 3 entries but model.towers = 2"):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from attrs import validators as v
 
-from convnet.core import ConvnetError, Strategy
+from convnet.core import ConvnetError, Strategy, resolve_device
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _PEER_MARKERS = (
@@ -85,9 +85,10 @@ class DistributedStrategy(Strategy):
     def _pick_device(self) -> torch.device:
         want = self.options.device
         if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-            if not torch.cuda.is_available():
-                raise ValueError('device = "cuda" asked for, but CUDA is not available here')
-            return torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
+            try:  # resolve_device: `convnet summary` plans for GPUs this machine may lack
+                return resolve_device(f"cuda:{self.local_rank % max(torch.cuda.device_count(), 1)}")
+            except ValueError:
+                raise ValueError('device = "cuda" asked for, but CUDA is not available here') from None
         return torch.device("cpu")
 
     @property
