@@ -56,6 +56,23 @@ def test_opcheck_cpu(cpu_kernel):
         torch.library.opcheck(torch.ops.convnet.lrn_backward.default, args)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size", [3, 4])
+def test_double_backward_through_the_kernel_is_exact(cpu_kernel, channels_last, size):
+    """A gradient penalty differentiates the LRN's backward: gradgradcheck in float64, and the
+    penalty's gradient equals the reference formula's."""
+    x = _input((2, 6, 4, 5), torch.float64, 3, channels_last, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: ops.lrn(t, size, 0.3, 0.75, 1.0), (x,))
+
+    def penalty_grad(fn):
+        y = fn(x * 0.5)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), x)[0]
+
+    want = penalty_grad(lambda t: lrn_reference(t, size, 0.5, 0.75, 1.0))
+    torch.testing.assert_close(penalty_grad(lambda t: ops.lrn(t, size, 0.5, 0.75, 1.0)), want)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_opcheck_cuda():

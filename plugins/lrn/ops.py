@@ -6,7 +6,8 @@ the compiled sources (csrc/lrn_cpu.cpp, csrc/lrn_cuda.cu) only register their CP
 implementations with ``TORCH_LIBRARY_IMPL``. The fake rules let ``torch.compile`` and
 ``torch.export`` trace the ops as opaque nodes; the backward is ``lrn_backward`` registered with
 ``torch.library.register_autograd`` (no Python ``autograd.Function``), so AOTAutograd puts it in
-the compiled backward graph.
+the compiled backward graph. ``lrn_backward``'s own backward (double backward) goes through the
+reference formula.
 
 ``scale`` = (k + alpha * window sum)^-beta in the accumulation dtype (float32 for half and
 bfloat16), saved by the forward for the backward; with ``save_scale = False`` it is an empty
@@ -105,6 +106,31 @@ def _backward(ctx: Any, grad: torch.Tensor, _grad_scale: torch.Tensor | None) ->
 
 
 torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    grad, x, _scale, size, alpha, beta, k = inputs
+    ctx.save_for_backward(grad, x)
+    ctx.args = (size, alpha, beta, k)
+
+
+def _double_backward(ctx: Any, ggx: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The backward's own gradient (``create_graph=True``: a gradient penalty, a Hessian-vector
+    product): the vector-Jacobian product of the reference formula's backward, the same function
+    in plain torch ops, so second and higher orders are exact, at the reference's speed."""
+    from convnet.plugins.lrn.reference import lrn_reference
+
+    grad, x = ctx.saved_tensors
+    size, alpha, beta, k = ctx.args
+
+    def backward_of(g: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        return torch.func.vjp(lambda t: lrn_reference(t, size, alpha, beta, k), at)[1](g)[0]
+
+    d_grad, d_x = torch.func.vjp(backward_of, grad, x)[1](ggx)
+    return d_grad, d_x, None, None, None, None, None
+
+
+torch.library.register_autograd(BACKWARD, _double_backward, setup_context=_setup_backward_context)
 
 
 def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
