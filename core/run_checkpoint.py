@@ -99,8 +99,13 @@ class RunCheckpoints:
         for key, value in opt.items():
             name, _, buf = key.rpartition("/")
             p = parts.parameters.get(name)
-            if p is not None:
-                parts.optimizer.state[p][buf] = value.to(device=p.device, dtype=value.dtype)
+            if p is None:
+                continue
+            if value.shape == p.shape:  # per element (a velocity): in the parameter's memory layout, as
+                # the optimizer made it (channels_last), so that a fused step still takes it
+                parts.optimizer.state[p][buf] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+            else:
+                parts.optimizer.state[p][buf] = value.to(device=p.device)
         for key, number in saved.get("optimizer_numbers", {}).items():
             name, _, buf = key.rpartition("/")
             p = parts.parameters.get(name)

@@ -208,7 +208,11 @@ def test_channels_last_resumes_bit_exactly_and_stays_near_the_contiguous_run(tmp
     train(a, "train.max_steps=6", "train.channels_last=true", kernel)
     train(b, "train.max_steps=3", "train.channels_last=true", kernel)
     last = b / "checkpoints" / "last.safetensors"
-    train(b, "train.max_steps=6", "train.channels_last=true", kernel, resume=last)
+    resumed = Run(cn.load_recipe(TINY, ["train.max_steps=6", "train.channels_last=true", kernel]), out=b, resume=last)
+    resumed.train()
+    # the velocities come back in their parameters' layout, so the fused paper-SGD step still takes them
+    conv = [p for p in resumed.parts.parameters.values() if p.dim() == 4]
+    assert conv and all(resumed.parts.optimizer.state[p]["velocity"].stride() == p.stride() for p in conv)
     straight_cl = all_bytes(a / "checkpoints" / "last.safetensors")
     assert [k for k, v in all_bytes(last).items() if straight_cl[k] != v] == []
     train(c, "train.max_steps=6", kernel)
