@@ -56,7 +56,10 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
 def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically: temp file in the same folder, fsync, os.replace, fsync the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror or exc} ({exc.filename})") from None
     # No copies beyond the device-to-host one: safetensors streams the tensors to the file.
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"convnet.format": FORMAT, **metadata}

@@ -444,7 +444,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides, regs)
     done = export(recipe, args.checkpoint, args.out, args.format, regs)
     check = (
-        "not checked (onnxruntime is not installed)"
+        f"not checked ({done.unchecked})"
         if done.max_difference is None
         else f"largest logit difference from eager on a random batch: {done.max_difference:.2e}"
     )

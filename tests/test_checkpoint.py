@@ -70,6 +70,15 @@ def test_load_reads_back_what_save_wrote(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["c.safetensors"]  # no temp file left
 
 
+def test_a_folder_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    target = tmp_path / "afile" / "x.safetensors"  # `convnet convert --out afile/x.safetensors`
+    with pytest.raises(
+        CheckpointError, match=rf"^{target}: cannot write checkpoint: File exists \({tmp_path / 'afile'}\)$"
+    ):
+        ckpt.save(target, {"a": torch.zeros(1)}, {})
+
+
 def test_checkpoint_holds_model_optimizer_rng_and_recipe(good: Path) -> None:
     tensors, meta = ckpt.load(good)
     state = ckpt.state_of(meta, good)
