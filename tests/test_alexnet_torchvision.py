@@ -73,6 +73,22 @@ def test_convert_command(theirs, registries, tmp_path, capsys):
     assert out.exists() and str(out) in capsys.readouterr().out
 
 
+def test_the_weights_recipe_feeds_what_torchvisions_preprocessing_gives(registries):
+    """torchvision's weights were trained on ``Normalize(ImageNet mean, std)`` of [0, 1] pixels:
+    the recipe `convnet convert` uses gives that from the 0-255 images the datasets yield."""
+    from torchvision.transforms.v2 import functional as F
+
+    from convnet.core import data as cdata
+
+    recipe = load_recipe("alexnet-torchvision-weights", [], registries)
+    for path in ("data.train_augment", "data.eval_augment"):
+        first = cdata.build_augmenters(getattr(recipe.data, path.split(".")[1])[:1], registries, path, recipe)[0]
+        image = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+        theirs = F.normalize(F.to_dtype(image, torch.float32, scale=True), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        torch.testing.assert_close(first(image, torch.Generator()), theirs, rtol=1e-5, atol=1e-5)
+    assert recipe.model.layers == load_recipe("alexnet-torchvision", [], registries).model.layers
+
+
 class NotWeights:
     """An arbitrary class: pickled into a .pth, it must not be loaded back."""
 

@@ -10,6 +10,9 @@ import argparse
 
 from convnet.core import add_overrides_argument, hookimpl, load_plugins
 
+# The recipe `convnet convert` puts torchvision's weights in: its network, fed as they expect.
+RECIPE = "alexnet-torchvision-weights"
+
 
 def _convert(args: argparse.Namespace) -> int:
     from convnet.plugins.alexnet.torchvision_weights import convert_file
@@ -26,7 +29,11 @@ def convnet_add_commands(subparsers: argparse._SubParsersAction) -> None:
         "source", metavar="FILE", help="torchvision alexnet state_dict (.pth read weights-only, or .safetensors)"
     )
     p.add_argument("--out", metavar="FILE", required=True, help="convnet weights file to write (.safetensors)")
-    p.add_argument("--recipe", default="alexnet-torchvision", help="recipe whose network receives the weights")
+    p.add_argument(
+        "--recipe",
+        default=RECIPE,
+        help=f"recipe whose network receives the weights (default {RECIPE}: torchvision's input normalisation)",
+    )
     add_overrides_argument(p, help="override a value of that recipe (repeatable)")
     p.set_defaults(handler=_convert)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from convnet.core import ConvnetError, Network, build_model, load_plugins, load_recipe, save_checkpoint, to_toml
+from convnet.plugins.alexnet import RECIPE
 
 TORCHVISION_TO_LAYER = {
     "features.0": "conv1",
@@ -28,7 +29,6 @@ TORCHVISION_TO_LAYER = {
     "classifier.4": "fc7",
     "classifier.6": "fc8",
 }
-RECIPE = "alexnet-torchvision"
 
 
 class ConversionError(ConvnetError):
