@@ -152,9 +152,9 @@ def build_lrn(options: LrnOptions, ctx: LayerContext) -> BuiltLayer:
     if ctx.device.type != "meta":  # a real build: fail here, with the recipe path, not mid-epoch
         if options.impl == "cuda" and not torch.cuda.is_available():
             raise ctx.error('impl = "cuda" needs a CUDA device and none is available here; use "auto"')
-        if options.impl == "cpu" and _kernel("cpu") is None:
+        if options.impl in _DEVICE_KERNELS and _kernel(options.impl) is None:
             raise ctx.error(
-                f'impl = "cpu": the C++ kernel cannot be built here ({kernels.failure("cpu")}); '
+                f'impl = "{options.impl}": the kernel cannot be built here ({kernels.failure(options.impl)}); '
                 'use "auto" or "reference"'
             )
     fn = entry.factory(options, ctx)
