@@ -14,10 +14,9 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import convnet.core as cn
+from convnet.plugins.tensorboard.hooks import ENGINE_KEYS  # what the engine adds to an evaluation's record
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny.toml"
-# What the engine adds to an evaluation's record in metrics.jsonl; the rest is the evaluators'.
-ENGINE_KEYS = {"kind", "epoch", "step", "lr", "skipped_samples", "skipped_nonfinite", "skipped_eval_samples"}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +72,30 @@ def test_first_convolution_filters_as_an_image(run_folder, events) -> None:
     assert [i.step for i in images] == evaluation_steps
     # tiny's conv1: 8 kernels of 3x3, magnified to 24x24 with 2-pixel gaps, 8 to a row.
     assert (images[-1].height, images[-1].width) == (2 + 24 + 2, 2 + 8 * (24 + 2))
+
+
+@pytest.mark.parametrize("first_end", [4, 6])
+def test_after_a_resume_the_events_hold_what_metrics_jsonl_holds(tmp_path, one_torch_thread, first_end) -> None:
+    """A run that ended at step 4 (an epoch's end) or 6 (mid-epoch), continued to step 10: its
+    end is no longer an end (metrics.jsonl drops it), and the events drop it too; what
+    metrics.jsonl keeps of that step (the train record of 6, the evaluation of epoch 1 at 4 and
+    its filter image) is in the events once."""
+    sets = ["train.epochs=3", "train.log_every=3"]
+    cn.train(cn.load_recipe(str(TINY), [*sets, f"train.max_steps={first_end}"]), out=tmp_path)
+    last = tmp_path / "checkpoints" / "last.safetensors"
+    cn.train(cn.load_recipe(str(TINY), [*sets, "train.max_steps=10"]), out=tmp_path, resume=last)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    records = _records(tmp_path)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 3, 6, 9]
+    assert _series(acc, "train/loss") == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]
+    for kind in ("eval", "final"):
+        chosen = [r for r in records if r["kind"] == kind]
+        expected = [(r["step"], pytest.approx(r["top1_error"], rel=1e-6)) for r in chosen]
+        assert _series(acc, f"{kind}/top1_error") == expected, kind
+    assert [r["step"] for r in records if r["kind"] in ("eval", "final")] == [4, 8, 10]
+    assert [i.step for i in acc.Images("filters/conv1")] == [4, 8, 10]
 
 
 def test_without_tensorboard_the_plugin_registers_nothing_and_says_nothing() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import shutil
@@ -79,8 +80,15 @@ def _logged(run: RunView, step: int) -> bool:
     return step % run.recipe.train.log_every == 0 or step == 1
 
 
+# What the engine adds to an evaluation's record in metrics.jsonl (docs: the metrics file); the
+# other keys are the evaluators' results, which ``convnet_evaluation_end`` logs.
+ENGINE_KEYS = frozenset({"kind", "epoch", "step", "lr", "skipped_samples", "skipped_nonfinite", "skipped_eval_samples"})
+
+
 @hookimpl
 def convnet_train_start(run: RunView) -> None:
+    # A resume: the checkpoint's weights, for its step's filter image (every rank: it may gather).
+    conv = first_conv_weight(run.model_state()) if run.step else None
     if not run.is_main:
         return
     from torch.utils.tensorboard import SummaryWriter
@@ -88,16 +96,45 @@ def convnet_train_start(run: RunView) -> None:
     if run.step == 0:  # a fresh run (into an empty folder, or --overwrite): no other run's events
         shutil.rmtree(event_dir(run.out), ignore_errors=True)
     try:
-        # After a resume, hide what a killed run logged past the checkpoint: it is logged again.
-        _writers[id(run)] = SummaryWriter(
-            log_dir=str(event_dir(run.out)), purge_step=run.step + 1 if run.step else None
-        )
+        # After a resume, hide everything logged from the checkpoint's step on, then log again
+        # what metrics.jsonl kept of that step: a killed run's later steps are replayed, and an
+        # evaluation the resume drops (the end of a run continued past, an epoch end pending)
+        # is gone from both.
+        _writers[id(run)] = SummaryWriter(log_dir=str(event_dir(run.out)), purge_step=run.step or None)
     except Exception as exc:
         print(
             f"convnet: warning: tensorboard: cannot write to {event_dir(run.out)} ({type(exc).__name__}: {exc}); "
             "no TensorBoard events for this run",
             file=sys.stderr,
         )
+        return
+    if run.step:
+        _write(run, lambda w: _log_kept_records(w, run, conv))
+
+
+def _log_kept_records(writer: Any, run: RunView, conv: tuple[str, torch.Tensor] | None) -> None:
+    """The records of the checkpoint's step that metrics.jsonl kept, as the hooks logged them."""
+    try:
+        lines = (Path(run.out) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("step") != run.step:
+            continue
+        if record.get("kind") == "train" and _logged(run, run.step):
+            writer.add_scalar("train/loss", record["loss"], run.step)
+            writer.add_scalar("train/lr", record["lr"], run.step)
+        elif record.get("kind") == "eval":
+            results = {k: v for k, v in record.items() if k not in ENGINE_KEYS}
+            for name, value in scalars(results).items():
+                writer.add_scalar(f"eval/{name}", value, run.step)
+            if conv is not None:
+                writer.add_image(f"filters/{conv[0]}", filter_grid(conv[1]), run.step)
+    writer.flush()
 
 
 @hookimpl
