@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a recipe", epilog=EPILOG)
     add_recipe_arguments(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<recipe>/<time>)")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint, in the run folder it was saved in unless --out says otherwise",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -125,6 +125,8 @@ class Run:
     def _claim_folder(self) -> None:
         """The run folder: fresh and exclusive unless given; locked; room for a checkpoint checked
         before anything is allocated or read (a full disk costs nothing)."""
+        if self.out is None and self.resume_from is not None:  # continue the checkpoint's own run folder
+            self.out = run_folder.resumed_folder(self.resume_from)
         if not self.strategy.is_main:
             self.out = self.out or run_folder.default_folder(self.recipe.name)
             return

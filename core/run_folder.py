@@ -229,6 +229,16 @@ def _others(folder: Path, run: list[Path]) -> frozenset[str]:
     return frozenset(p.name for p in folder.iterdir() if not p.name.startswith(".")) - {p.name for p in run}
 
 
+def resumed_folder(checkpoint: Path) -> Path | None:
+    """Where ``--resume CHECKPOINT`` without ``--out`` continues: the run folder the checkpoint
+    was saved in (``DIR/checkpoints/NAME``, DIR holding a run); None for a file kept elsewhere
+    (a copy, converted weights), which starts a fresh folder."""
+    folder = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and (folder / "recipe.toml").is_file() and run_files(folder):
+        return folder
+    return None
+
+
 def remove_if_unused(folder: Path) -> None:
     """Remove ``folder``, made for a run that failed to start, if it holds nothing of a run:
     its lock file and an empty ``checkpoints/`` (anything else, the folder stays)."""

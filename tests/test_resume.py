@@ -9,6 +9,7 @@ process, which the engine turns into a checkpoint at the next step boundary.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -279,3 +280,24 @@ def test_optimizer_state_a_checkpoint_cannot_hold_is_named_in_a_warning(tmp_path
     recipe = cn.load_recipe(TINY, ["train.max_steps=1", "train.optimizer.name=labelling-sgd"], regs)
     with pytest.warns(UserWarning, match=r"_LabellingSGD keeps per-parameter state .*conv1\.weight/label \(str\)"):
         Run(recipe, out=tmp_path / "run", registries=regs, pm=pm).train()
+
+
+def test_resume_without_out_continues_in_the_checkpoints_own_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--resume DIR/checkpoints/last.safetensors continues DIR (its metrics, its report); a copy of
+    the checkpoint kept elsewhere has no run folder of its own and starts a fresh one."""
+    from convnet.core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "first"
+    train(first, "train.max_steps=2")
+    last = first / "checkpoints" / "last.safetensors"
+    assert main(["run", str(TINY), "--set", "train.max_steps=4", "--resume", str(last), "--quiet"]) == 0
+    assert f"run folder: {first}" in capsys.readouterr().out
+    records = [json.loads(line) for line in (first / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4] and not (tmp_path / "runs").exists()
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(last.read_bytes())
+    assert main(["run", str(TINY), "--set", "train.max_steps=6", "--resume", str(copy), "--quiet"]) == 0
+    fresh = Path(capsys.readouterr().out.split("run folder: ", 1)[1].strip())
+    assert fresh.parts[0] == "runs" and (tmp_path / fresh / "metrics.jsonl").is_file()
