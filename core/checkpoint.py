@@ -85,6 +85,22 @@ def copy(src: Path, dst: Path) -> None:
     _write_atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def usual_mode(path: str) -> None:
+    """Give a file written through ``mkstemp`` (0600; safetensors writes 0600 too) the mode
+    ``open`` would (0666 less the umask): it is read by a web server, a colleague, a job on
+    another account, as any other file."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
     """``write(temp path)`` in the target's folder, fsync it, then ``os.replace`` it into place."""
     try:
@@ -94,6 +110,7 @@ def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
         raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror or exc}") from None
     try:
         write(tmp)
+        usual_mode(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from convnet.core.checkpoint import usual_mode
 from convnet.core.errors import ConvnetError
 
 
@@ -196,6 +197,7 @@ def _replace(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

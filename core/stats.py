@@ -28,6 +28,7 @@ import torch
 
 from convnet.core import data as cdata
 from convnet.core import schema
+from convnet.core.checkpoint import usual_mode
 from convnet.core.errors import ConvnetError, DataError
 from convnet.core.registry import Registries
 
@@ -207,6 +208,7 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], summary: dict[str, 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata={"convnet.stats": json.dumps(summary), "convnet.recipe": recipe_name})
+        usual_mode(str(tmp))  # next to a shared dataset: readable as the images are
         tmp.replace(path)
     except OSError as exc:
         raise ConvnetError(f"{path}: cannot write statistics: {exc.strerror or exc}") from None

@@ -79,6 +79,21 @@ def test_a_folder_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None
         ckpt.save(target, {"a": torch.zeros(1)}, {})
 
 
+def test_files_written_atomically_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files: a checkpoint or a report page must be readable as any other file."""
+    from convnet.core.report import write_index
+
+    mask = os.umask(0o022)
+    try:
+        ckpt.save(tmp_path / "c.safetensors", {"a": torch.zeros(1)}, {})
+        write_index(tmp_path, [])
+    finally:
+        os.umask(mask)
+    assert ckpt._UMASK == mask
+    for name in ("c.safetensors", "index.html"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
 def test_checkpoint_holds_model_optimizer_rng_and_recipe(good: Path) -> None:
     tensors, meta = ckpt.load(good)
     state = ckpt.state_of(meta, good)
