@@ -459,18 +459,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_build_kernels(args: argparse.Namespace) -> int:
     """Every registered component whose factory has a ``build`` step (a compiled kernel) runs it."""
     regs = _registries(args)
+    buildable = [(kind, entry) for kind, reg in regs.items() for entry in reg if hasattr(entry.factory, "build")]
+    unknown = sorted(set(args.only or ()) - {entry.name for _, entry in buildable})
+    if unknown:
+        names = ", ".join(sorted({entry.name for _, entry in buildable}))
+        raise RecipeError(f"--only: no kernel named {', '.join(map(repr, unknown))}; the kernels are: {names}")
     failed = 0
-    for kind, reg in regs.items():
-        for entry in reg:
-            build = getattr(entry.factory, "build", None)
-            if build is None or (args.only and entry.name not in args.only):
-                continue
-            try:
-                status = build(verbose=args.verbose)
-            except Exception as exc:
-                failed += 1
-                status = f"FAILED: {exc}"
-            print(f"{kind} {entry.name}: {status}", flush=True)
+    for kind, entry in buildable:
+        if args.only and entry.name not in args.only:
+            continue
+        try:
+            status = entry.factory.build(verbose=args.verbose)
+        except Exception as exc:
+            failed += 1
+            status = f"FAILED: {exc}"
+        print(f"{kind} {entry.name}: {status}", flush=True)
     return 1 if failed else 0
 
 
