@@ -271,7 +271,7 @@ def test_build_kernels_command_builds_the_cpu_kernel(cpu_kernel, capsys):
     assert main(["build-kernels", "--only", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "lrn cpu: built and loaded" in out and "cuda" not in out
-    assert main(["build-kernels", "--only", "cpu", "nosuch"]) == 2  # a typo builds nothing and says so
+    assert main(["build-kernels", "--only", "cpu", "--only", "nosuch"]) == 2  # a typo builds nothing, says so
     assert capsys.readouterr().err == (
         "convnet: error: --only: no kernel named 'nosuch'; the kernels are: cpu, cuda, paper-sgd\n"
     )
