@@ -161,8 +161,9 @@ def build_dataset(recipe: schema.Recipe, registries: Registries, purpose: str = 
     )
     if splits.num_classes != recipe.model.num_classes:
         raise RecipeError(
-            f"model.num_classes = {recipe.model.num_classes}, but dataset "
-            f"{recipe.data.dataset.name!r} has {splits.num_classes} classes"
+            f"{recipe.name or 'recipe'}: model.num_classes = {recipe.model.num_classes}, but dataset "
+            f"{recipe.data.dataset.name!r} has {splits.num_classes} classes; set it to match "
+            f"(--set model.num_classes={splits.num_classes})"
         )
     return splits
 

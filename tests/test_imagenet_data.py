@@ -258,8 +258,13 @@ def test_num_classes_mismatch_is_a_recipe_error(tree, tmp_path, registries):
     recipe = load_recipe(
         tiny_recipe(tmp_path, root), ["model.num_classes=3", "model.layers[4].out=3"], registries=registries
     )
-    with pytest.raises(RecipeError, match="model.num_classes = 3"):
+    with pytest.raises(RecipeError) as caught:
         build_dataset(recipe, registries)
+    classes = len([d for d in (root / "train").iterdir() if d.is_dir()])
+    assert classes != 3 and str(caught.value) == (
+        f"{recipe.name}: model.num_classes = 3, but dataset 'imagenet' has {classes} classes; "
+        f"set it to match (--set model.num_classes={classes})"
+    )
 
 
 def _corrupt(root: Path, split: str = "train") -> list[Path]:
