@@ -11,6 +11,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from convnet.core.command_args import add_recipe_arguments
 from convnet.core.errors import ConvnetError, PluginError, RecipeError
@@ -244,6 +245,13 @@ def _registries(args: argparse.Namespace):
     return plugins.registries(strict=args.strict)
 
 
+def _check_disabled(recipe: Any, registries: Any) -> None:
+    """``plugins.disable`` as ``run`` checks it: a recipe shown or summarised is one that runs."""
+    from convnet.core import plugins
+
+    plugins.hooks_without(plugins.manager(), recipe.plugins.disable, registries)
+
+
 def _provenance(exc: ConvnetError, args: argparse.Namespace) -> str | None:
     """For a component no plugin here provides: the distribution that supplied it to the run
     being resumed or evaluated (its checkpoint or run folder says), and how to install it."""
@@ -299,7 +307,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     regs = _registries(args)
     with devices_not_needed():
-        print(to_toml(load_recipe(args.recipe, args.overrides, regs), regs), end="")
+        recipe = load_recipe(args.recipe, args.overrides, regs)
+    _check_disabled(recipe, regs)
+    print(to_toml(recipe, regs), end="")
     return 0
 
 
@@ -309,7 +319,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     regs = _registries(args)
     with devices_not_needed():
-        info = summarize(load_recipe(args.recipe, args.overrides, regs), regs)
+        recipe = load_recipe(args.recipe, args.overrides, regs)
+        _check_disabled(recipe, regs)
+        info = summarize(recipe, regs)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 

@@ -270,6 +270,11 @@ def test_a_recipe_can_disable_a_hook_only_plugin(tmp_path: Path, capsys) -> None
         ).train()
     with pytest.raises(cn.RecipeError, match=r"plugins.disable\[0\]: no plugin named 'nope' is loaded"):
         cn.Run(cn.load_recipe(TINY, ['plugins.disable=["nope"]'], regs), out=tmp_path / "c", registries=regs, pm=pm)
+    from convnet.core.cli import main
+
+    for command in ("show", "summary"):  # a recipe shown is one that runs
+        assert main([command, str(TINY), "--set", 'plugins.disable=["nope"]']) == 2
+        assert "plugins.disable[0]: no plugin named 'nope' is loaded" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
