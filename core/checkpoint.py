@@ -157,6 +157,12 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a convnet checkpoint, or raise one ``CheckpointError`` naming the file and the fault."""
     path = Path(path)
     if not path.exists():
+        last = path.with_name("last.safetensors")
+        if path.name == "best.safetensors" and last.is_file():  # a run stopped before any epoch's evaluation
+            raise CheckpointError(
+                f"{path}: no such checkpoint file; best.safetensors is written once an epoch has been "
+                f"evaluated, and this run has only {last}"
+            )
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")

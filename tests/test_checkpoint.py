@@ -79,6 +79,17 @@ def test_a_folder_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None
         ckpt.save(target, {"a": torch.zeros(1)}, {})
 
 
+def test_a_missing_best_beside_a_last_says_when_best_is_written(tmp_path: Path) -> None:
+    ckpt.save(tmp_path / "last.safetensors", {"a": torch.zeros(1)}, {})
+    with pytest.raises(
+        CheckpointError,
+        match=r"best\.safetensors is written once an epoch has been evaluated, and this run has only .*last\.safe",
+    ):
+        ckpt.load(tmp_path / "best.safetensors")
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors: no such checkpoint file$"):
+        ckpt.load(tmp_path / "nope.safetensors")
+
+
 def test_files_written_atomically_get_the_mode_open_would_give(tmp_path: Path) -> None:
     """mkstemp makes 0600 files: a checkpoint or a report page must be readable as any other file."""
     from convnet.core.report import write_index
