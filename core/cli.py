@@ -11,11 +11,14 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from convnet.core.command_args import add_recipe_arguments
 from convnet.core.errors import ConvnetError, PluginError, RecipeError
-from convnet.core.strategy import devices_not_needed
+
+if TYPE_CHECKING:
+    from convnet.core.registry import Registries
+    from convnet.core.schema import Recipe
 
 EPILOG = "RECIPE is a bundled recipe's name (see `convnet recipes`) or a path to a .toml file."
 
@@ -245,7 +248,7 @@ def _registries(args: argparse.Namespace):
     return plugins.registries(strict=args.strict)
 
 
-def _check_disabled(recipe: Any, registries: Any) -> None:
+def _check_disabled(recipe: Recipe, registries: Registries) -> None:
     """``plugins.disable`` as ``run`` checks it: a recipe shown or summarised is one that runs."""
     from convnet.core import plugins
 
@@ -304,6 +307,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from convnet.core.recipe import load_recipe, to_toml
+    from convnet.core.strategy import devices_not_needed
 
     regs = _registries(args)
     with devices_not_needed():
@@ -315,6 +319,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from convnet.core.recipe import load_recipe
+    from convnet.core.strategy import devices_not_needed
     from convnet.core.summary import format_summary, summarize
 
     regs = _registries(args)
