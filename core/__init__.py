@@ -65,6 +65,7 @@ from convnet.core.plugins import PluginWarning, load_plugins
 from convnet.core.predict import predict
 from convnet.core.recipe import load_recipe, to_toml
 from convnet.core.registry import KINDS, Entry, Registries, Registry
+from convnet.core.report import read_metrics
 from convnet.core.run_folder import FolderLock
 from convnet.core.run_view import RunView
 from convnet.core.schema import Recipe, layer_ids
@@ -77,6 +78,7 @@ __all__ = [
     "train",
     "predict",
     "Run",
+    "read_metrics",
     "to_toml",
     "Recipe",
     "schema",

@@ -27,7 +27,15 @@ from typing import Any
 
 import attrs
 
-from convnet.core import ConvnetError, RecipeError, add_overrides_argument, load_plugins, load_recipe, train
+from convnet.core import (
+    ConvnetError,
+    RecipeError,
+    add_overrides_argument,
+    load_plugins,
+    load_recipe,
+    read_metrics,
+    train,
+)
 
 
 @attrs.frozen
@@ -90,20 +98,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def read_evals(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConvnetError(f"{path}: cannot be read ({exc})") from None
-    evals = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ConvnetError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-        if isinstance(record, dict) and record.get("kind") == "eval":
-            evals.append(record)
-    return evals
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
 
 
 def epochs_to(evals: list[dict[str, Any]], key: str, threshold: float) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import shutil
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 import torchvision
 
-from convnet.core import RunView, hookimpl
+from convnet.core import RunView, hookimpl, read_metrics
 
 # Per run (by id of its view): its writer, on the main process only.
 _writers: dict[int, Any] = {}
@@ -114,16 +113,11 @@ def convnet_train_start(run: RunView) -> None:
 
 def _log_kept_records(writer: Any, run: RunView, conv: tuple[str, torch.Tensor] | None) -> None:
     """The records of the checkpoint's step that metrics.jsonl kept, as the hooks logged them."""
-    try:
-        lines = (Path(run.out) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+    path = Path(run.out) / "metrics.jsonl"
+    if not path.is_file():  # a checkpoint resumed into a fresh folder: no records kept
         return
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or record.get("step") != run.step:
+    for record in read_metrics(path):
+        if record.get("step") != run.step:
             continue
         if record.get("kind") == "train" and _logged(run, run.step):
             writer.add_scalar("train/loss", record["loss"], run.step)
