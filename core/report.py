@@ -31,8 +31,9 @@ class ReportError(ConvnetError):
     """A run folder that cannot be reported on: names the file and the fault."""
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; one error naming the file and line for a bad line."""
+    path = Path(path)
     records = []
     try:
         text = path.read_text(encoding="utf-8")

@@ -314,3 +314,10 @@ def test_the_epoch_line_shows_every_number_of_the_evaluation():
         }
     )
     assert line == "skipped_samples=0 top1_error=0.5 my_plugin_score=0.125 lr=0.01"
+
+
+def test_read_metrics_is_public_and_takes_a_path_as_text(tmp_path):
+    import convnet.core as cn
+
+    write_metrics(tmp_path, RECORDS)
+    assert cn.read_metrics(str(tmp_path / "metrics.jsonl")) == RECORDS
