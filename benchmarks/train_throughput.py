@@ -16,7 +16,8 @@ interleaved rounds of the per-round ratio (a slow spell of a shared machine hits
 towers on the one device) against ``single``; with ``--inductor-layers``, ours with every relu
 and maxpool ``opaque_under_compile = false`` (what that option gains under torch.compile); with
 ``--multi-tensor-sgd``, ours with the paper-sgd step as four multi-tensor passes instead of the
-fused CPU operator.
+fused CPU operator; with ``--torch-max-pool``, ours with every maxpool ``impl = "torch"`` (torch's
+NCHW CPU kernel instead of convnet's).
 ``--variants`` times several set-ups in one interleaved run, each for both networks: eager
 (float32, contiguous), channels_last,
 bf16 (channels_last + bfloat16 autocast), compiled (bf16 under torch.compile; a network that
@@ -105,16 +106,16 @@ def ours(
     device: torch.device,
     inductor_layers: bool = False,
     multi_tensor_sgd: bool = False,
+    torch_max_pool: bool = False,
 ):
     regs = load_plugins()
     sets = [f"data.batch_size={args.batch}", f"parallel.strategy={strategy_name}"]
+    raw_layers = load_raw(args.recipe)[0]["model"]["layers"]
+    layer_ids = list(zip(raw_layer_ids(raw_layers), (layer.get("name") for layer in raw_layers)))
     if inductor_layers:  # every relu and maxpool left to inductor under torch.compile
-        raw_layers = load_raw(args.recipe)[0]["model"]["layers"]
-        sets += [
-            f"model.layers.{layer_id}.opaque_under_compile=false"
-            for layer_id, layer in zip(raw_layer_ids(raw_layers), raw_layers)
-            if layer.get("name") in ("relu", "maxpool")
-        ]
+        sets += [f"model.layers.{i}.opaque_under_compile=false" for i, name in layer_ids if name in ("relu", "maxpool")]
+    if torch_max_pool:  # torch's NCHW max-pool kernel, not convnet's
+        sets += [f'model.layers.{i}.impl="torch"' for i, name in layer_ids if name == "maxpool"]
     if strategy_name == "single":
         sets.append(f"parallel.device={device}")
     elif strategy_name == "model-parallel":
@@ -204,6 +205,9 @@ def contenders_for(args: argparse.Namespace, device: torch.device) -> list[Conte
         if args.multi_tensor_sgd:
             name = f"{args.recipe} single, multi-tensor paper-sgd{tag}"
             group.append(Contender(name, ours("single", args, device, multi_tensor_sgd=True), args, device, variant))
+        if args.torch_max_pool:
+            name = f"{args.recipe} single, torch's max-pool{tag}"
+            group.append(Contender(name, ours("single", args, device, torch_max_pool=True), args, device, variant))
         if variant is None:  # each as it trains by default: say in which layout
             for c in group:
                 c.name += " [channels_last]" if c.variant.channels_last else " [NCHW]"
@@ -221,7 +225,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
         for c in contenders:
             c.run(args.steps, 0)
     rows = []
-    per_variant = 2 + len(args.strategies) + args.inductor_layers + args.multi_tensor_sgd
+    per_variant = 2 + len(args.strategies) + args.inductor_layers + args.multi_tensor_sgd + args.torch_max_pool
     for i in range(0, len(contenders), per_variant):
         tv, single, *others = contenders[i : i + per_variant]
         for c in (tv, single, *others):
@@ -295,6 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="also time ours with the paper-sgd step as multi-tensor passes (PaperSGD(fused=False)), against "
         "ours with the fused step (the default)",
+    )
+    p.add_argument(
+        "--torch-max-pool",
+        action="store_true",
+        help='also time ours with every maxpool impl = "torch" (torch\'s NCHW CPU kernel), against ours with '
+        "convnet's (the default)",
     )
     p.add_argument("--compile", action="store_true", help="the same as --variants eager compiled_f32")
     p.add_argument(

@@ -31,17 +31,19 @@ def registries():
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_kernel_built_once():
-    """Build the C++ kernels (LRN, the paper's SGD step) before any test, as `convnet
+    """Build the C++ kernels (LRN, max-pool, the paper's SGD step) before any test, as `convnet
     build-kernels` would.
 
     Subprocess tests (`convnet run` children) then load them from the cache instead of each
     compiling them, which would cost time and, for the memory-bounded fault test, the
     compiler's own memory. A machine without a compiler builds nothing: `auto` falls back.
     """
+    from convnet.plugins.layers import max_pool_kernel
     from convnet.plugins.lrn import kernels
     from convnet.plugins.optim import fused_step
 
     kernels.get("cpu")
+    max_pool_kernel.available()
     fused_step.available()
 
 

@@ -266,7 +266,7 @@ def test_bundled_recipes_resolve_byte_for_byte_as_before(name, registries):
 
 def test_a_checkpoint_saved_before_an_option_existed_still_resumes(registries):
     """alexnet-imagenet as checkpoints saved it before relu had ``inplace``, before relu and maxpool
-    had ``opaque_under_compile`` and before the recipe set ``train.channels_last`` and
+    had ``opaque_under_compile``, before maxpool had ``impl`` and before the recipe set ``train.channels_last`` and
     ``train.reuse_cpu_memory``: the option holds its default on both sides, and the layout and the
     allocation may change on a resume, so the run continues; a real difference is still found."""
     from convnet.core.recipe import resume_difference
@@ -274,7 +274,8 @@ def test_a_checkpoint_saved_before_an_option_existed_still_resumes(registries):
     text = (RESOLVED / "alexnet-imagenet.toml").read_text(encoding="utf-8")
     before = text.replace("inplace = true\n", "").replace("channels_last = true\n", "")
     before = before.replace("reuse_cpu_memory = true\n", "").replace("opaque_under_compile = true\n", "")
-    assert before.count("\n") == text.count("\n") - 19
+    before = before.replace('padding = 0\nimpl = "auto"\n', "padding = 0\n")
+    assert before.count("\n") == text.count("\n") - 22
     recipe = load_recipe("alexnet-imagenet", registries=registries)
     assert resume_difference(before, recipe, registries) is None
     # a part a resume may change and this machine cannot read does not hide the new defaults
@@ -285,6 +286,8 @@ def test_a_checkpoint_saved_before_an_option_existed_still_resumes(registries):
     assert resume_difference(before, changed, registries) == ("model.layers[1].inplace", True, False)
     changed = load_recipe("alexnet-imagenet", ["model.layers.pool1.opaque_under_compile=false"], registries)
     assert resume_difference(before, changed, registries) == ("model.layers[3].opaque_under_compile", True, False)
+    changed = load_recipe("alexnet-imagenet", ['model.layers.pool1.impl="torch"'], registries)
+    assert resume_difference(before, changed, registries) == ("model.layers[3].impl", "auto", "torch")
 
 
 def test_the_paper_network_is_a_table_and_fc8_follows_num_classes(registries):

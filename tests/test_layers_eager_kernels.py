@@ -83,6 +83,26 @@ def test_compiled_training_on_the_cpu_calls_the_opaque_ops():
     assert set(_traced(_layers(), _input())) >= OPAQUE
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_training_pools_nchw_with_convnets_kernel(channels_last):
+    """``impl = "auto"``: an NCHW input goes to the NCHW kernel's op (``max_pool_kernel``), a
+    channels_last one to torch's kernel through ``convnet::max_pool2d``; eager's numbers both ways."""
+    from convnet.plugins.layers import max_pool_kernel
+
+    assert max_pool_kernel.available(), max_pool_kernel.failure()
+    pool = MaxPool2d(3, 2, 0, True, impl="auto")
+    nchw = torch.ops.convnet.max_pool2d_nchw.default
+    targets = set(_traced(pool, _input(channels_last)))
+    assert (nchw in targets) != channels_last
+    assert (torch.ops.convnet.max_pool2d.default in targets) == channels_last
+    x, x_ref = _input(channels_last), _input(channels_last)
+    torch._dynamo.reset()
+    y, y_ref = torch.compile(pool, fullgraph=True)(x), nn.functional.max_pool2d(x_ref, 3, 2)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("case", ["option off", "no grad", "input without grad", "not the cpu"])
 def test_elsewhere_the_layers_trace_to_standard_ops(case):
     module, x = _layers(opaque=case != "option off"), _input(requires_grad=case in ("option off", "not the cpu"))
