@@ -7,6 +7,7 @@ metrics file (``metrics_file``) each live in their own module.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +105,6 @@ class Run:
         check_launch(self.strategy, r)
         self._claim_folder()
         self.parts: Components = build_components(r, self.registries, self.strategy)
-        if self._claim is not None:  # the new run could be built: now the old one may go
-            self._claim.replace_overwritten()
         self.dtype = next(iter(self.parts.module.parameters())).dtype
         self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
         self.total_steps = self.parts.steps_per_epoch * r.train.epochs
@@ -116,8 +116,11 @@ class Run:
         self.metrics = MetricsFile(self.out / "metrics.jsonl", enabled=self.strategy.is_main)
         if self.resume_from is not None:
             self.state, plugin_state = self.checkpoints.restore(self.resume_from, self.parts, r, self.registries)
-            self.metrics.trim(self.state.step, self.state.batch_in_epoch >= self.parts.steps_per_epoch)
             self._load_plugin_state(plugin_state)
+        if self._claim is not None:  # the new run could be built and resumed: now the old one may go
+            self._claim.replace_overwritten()
+        if self.resume_from is not None:
+            self.metrics.trim(self.state.step, self.state.batch_in_epoch >= self.parts.steps_per_epoch)
         if self.strategy.is_main:
             (self.out / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
             run_folder.write_run_json(self.out, r, self.registries, self.command)
@@ -196,8 +199,6 @@ class Run:
             raise
         finally:
             if self._claim is not None:
-                if self._started:
-                    self._claim.note_outputs()
                 if self._fresh and not self._started:  # under the lock: no one can take the folder meanwhile
                     run_folder.remove_if_unused(self.out)
                 self._claim.lock.release()
@@ -205,13 +206,32 @@ class Run:
     def _train(self) -> dict[str, Any]:
         self._setup()
         self._started = True
+        unwatch = self._note_hooks_outputs()
+        try:
+            summary = self._run()
+        finally:
+            unwatch()
+        self.strategy.close()
+        return summary
+
+    def _note_hooks_outputs(self) -> Callable[[], None]:
+        """While the run lasts, the top-level entries a hook makes in the run folder (a plugin's
+        tensorboard/) are noted as the run's (``.outputs``); returns the undo."""
+        claim = self._claim
+        if claim is None:
+            return lambda: None
+        before: list[set[str]] = []
+        return self.pm.add_hookcall_monitoring(
+            lambda name, impls, kwargs: before.append(claim.names()),
+            lambda outcome, name, impls, kwargs: claim.note_since(before.pop()),
+        )
+
+    def _run(self) -> dict[str, Any]:
         old_handler = None
         if threading.current_thread() is threading.main_thread():  # every rank: the stop is agreed
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        self.hooks.convnet_train_start(run=self.view)
-        if self._claim is not None:  # a plugin's folder made at the start (tensorboard/)
-            self._claim.note_outputs()
         try:
+            self.hooks.convnet_train_start(run=self.view)
             summary = self._loop()
         except BaseException as exc:  # observers (progress bars) still hear that the run ended
             self.hooks.convnet_train_end(
@@ -224,7 +244,6 @@ class Run:
                 signal.signal(signal.SIGINT, old_handler)
         self._report()
         self.hooks.convnet_train_end(run=self.view, summary=summary)
-        self.strategy.close()
         return summary
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -255,8 +274,6 @@ class Run:
             return
         from convnet.core import report
 
-        if self._claim is not None:  # the evaluators' files: a killed run's are known too
-            self._claim.note_outputs()
         try:
             (report.render_live if live else report.render)(self.out)
         except Exception as exc:  # the run itself is saved; the report can be redone
@@ -424,8 +441,10 @@ class Run:
             final,
             self.registries,
         )
+        noting = self._claim.noting_outputs() if self._claim is not None else contextlib.nullcontext()
         try:
-            results = run_evaluators(p.evaluators, ctx)
+            with noting:  # the evaluators' figures are the run's
+                results = run_evaluators(p.evaluators, ctx)
         except Exception as exc:
             # A lost peer (exit_now) has taken the process group with it: saving would need it.
             if not final and not getattr(exc, "exit_now", False):

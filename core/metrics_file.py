@@ -35,12 +35,13 @@ class MetricsFile:
         if not self.enabled or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        # A damaged line (cut short by the kill, bytes that are not UTF-8) is dropped, not fatal.
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
                 at = int(record["step"])
             except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by the kill
+                continue
             if record.get("kind") == "final":
                 continue
             if at < step or (at == step and not (epoch_end_pending and record.get("kind") == "eval")):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.metadata as md
 import json
@@ -21,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,9 @@ RUN_FILES = (
     SKIPPED_FILE,
     "evals",
 )
+# What a run (recipe.toml, run.json: written before its first step) or `convnet eval` writes
+# first: without one, the names above are the user's own (--overwrite leaves them).
+RUN_MARKERS = ("recipe.toml", "run.json", "eval.json")
 LOCK_NAME = ".lock"
 # The other top-level entries a run made (an evaluator's figures, a plugin's folder), one name a
 # line: they are the run's too, replaced by an --overwrite and counted as a run's files.
@@ -162,14 +167,28 @@ class Claim:
             (self.lock.path.parent / OUTPUTS_NAME).unlink(missing_ok=True)
         self.overwritten = []
 
-    def note_outputs(self) -> None:
-        """Note in ``.outputs`` every top-level entry the run made beyond ``RUN_FILES``."""
-        folder = self.lock.path.parent
+    @contextlib.contextmanager
+    def noting_outputs(self) -> Iterator[None]:
+        """Note in ``.outputs`` the top-level entries (beyond ``RUN_FILES``) that appear while the
+        block runs: wrapped around plugin code (a hook, the evaluators), so that a file a user
+        puts in the folder meanwhile is not taken for the run's."""
+        before = self.names()
         try:
-            made = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+            yield
+        finally:
+            self.note_since(before)
+
+    def names(self) -> set[str]:
+        """The folder's top-level entries now (hidden ones left out)."""
+        try:
+            return {p.name for p in self.lock.path.parent.iterdir() if not p.name.startswith(".")}
         except OSError:
-            return
-        made -= {*RUN_FILES, *self.others, *(p.name for p in self.overwritten)}
+            return set()
+
+    def note_since(self, before: set[str]) -> None:
+        """Note the entries that were not there at ``before`` (``names()`` then)."""
+        folder = self.lock.path.parent
+        made = self.names() - before - {*RUN_FILES, *self.others, *(p.name for p in self.overwritten)}
         noted = _noted_outputs(folder)
         names = [*noted, *sorted(made - set(noted))]
         if names != noted:
@@ -187,6 +206,8 @@ def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None =
 
     With ``overwrite`` the other run's files are listed in the claim, to be replaced later.
     """
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(f"{folder}: --out is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -199,6 +220,13 @@ def claim(folder: Path, resume: bool, overwrite: bool, checkpoint: Path | None =
             raise
         raise ConvnetError(f"{folder}: run folder is not writable: {exc.strerror or exc}") from None
     existing = run_files(folder)
+    if existing and not any(p.name in RUN_MARKERS for p in existing):
+        lock.release()
+        names = ", ".join(p.name for p in existing)
+        raise RecipeError(
+            f"{folder}: holds {names}, which a run writes, but no run or evaluation of convnet's (no "
+            f"{' or '.join(RUN_MARKERS)}); nothing there is replaced: choose another --out, or move them away"
+        )
     try:
         foreign = bool(existing) and resume and checkpoint is not None and not _belongs(checkpoint, folder)
     except ConvnetError:
@@ -233,6 +261,7 @@ def resumed_folder(checkpoint: Path) -> Path | None:
     """Where ``--resume CHECKPOINT`` without ``--out`` continues: the run folder the checkpoint
     was saved in (``DIR/checkpoints/NAME``, DIR holding a run); None for a file kept elsewhere
     (a copy, converted weights), which starts a fresh folder."""
+    checkpoint = Path(os.path.abspath(checkpoint))  # `--resume last.safetensors` from inside checkpoints/
     folder = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (folder / "recipe.toml").is_file() and run_files(folder):
         return folder

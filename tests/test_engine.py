@@ -7,6 +7,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import convnet.core as cn
@@ -84,24 +85,84 @@ def test_overwrite_replaces_an_evaluators_files_and_keeps_what_was_there_before_
     the new run's report cannot show it as its own); a file the user kept there stays."""
     from convnet.core import plugins
 
-    _, regs = plugins.create_manager()
+    pm, regs = plugins.create_manager()
     regs.current_plugin = ("test-figure", "tests")
     regs.evaluator.add("figure", lambda o, recipe: _WritesAFigure(o.file), _FigureOptions, "writes a file")
+    pm.register(_HookFolderAndAUser(), "test-hook-folder")
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine", encoding="utf-8")
 
     def run(name: str, overwrite: bool = False) -> None:
         sets = ["train.max_steps=2", f"evaluate=[{{name='figure', file='{name}'}}]"]
-        Run(
-            cn.load_recipe(str(TINY), sets, registries=regs), out=out, registries=regs, quiet=True, overwrite=overwrite
-        ).train()
+        recipe = cn.load_recipe(str(TINY), sets, registries=regs)
+        Run(recipe, out=out, registries=regs, pm=pm, quiet=True, overwrite=overwrite).train()
 
     run("figure.json")
     noted = (out / ".outputs").read_text(encoding="utf-8").splitlines()
-    assert "figure.json" in noted and "notes.txt" not in noted
+    assert {"figure.json", "hook-folder"} <= set(noted)
+    assert not {"notes.txt", "user-during-run.txt"} & set(noted)  # there before, or a user's meanwhile
+    assert (out / "user-during-run.txt").is_file()
     with pytest.raises(cn.RecipeError, match=r"already holds a run \(.*figure\.json"):
         run("")
     run("", overwrite=True)
     assert f"replacing {out / 'figure.json'}" in capsys.readouterr().err
     assert not (out / "figure.json").exists() and (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert (out / "user-during-run.txt").read_text(encoding="utf-8") == "mine too"
+
+
+class _HookFolderAndAUser:
+    """A plugin whose train-start hook makes a folder (the run's), and, standing for a user who
+    saves a file into the run folder while it trains, a torch forward hook that writes one
+    outside any plugin call (not the run's)."""
+
+    @cn.hookimpl
+    def convnet_train_start(self, run) -> None:
+        (run.out / "hook-folder").mkdir(exist_ok=True)
+        out = run.out
+
+        def user_writes(module, args, output) -> None:
+            (out / "user-during-run.txt").write_text("mine too", encoding="utf-8")
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(user_writes)
+
+    @cn.hookimpl
+    def convnet_train_end(self, run, summary) -> None:
+        self.handle.remove()
+
+
+def test_an_overwrite_whose_resume_is_refused_keeps_the_old_run(tmp_path: Path) -> None:
+    """--overwrite replaces the folder's run only once the new run was built and its checkpoint
+    restored: a checkpoint from another recipe is refused and the old run is left as it was."""
+    old, other = tmp_path / "old", tmp_path / "other"
+    cn.train(cn.load_recipe(TINY, ["train.max_steps=2"]), out=old)
+    cn.train(cn.load_recipe(TINY, ["train.max_steps=2", "train.optimizer.lr=0.02"]), out=other)
+    before = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+    resumed = Run(
+        cn.load_recipe(TINY, ["train.max_steps=4"]),
+        out=old,
+        resume=other / "checkpoints" / "last.safetensors",
+        quiet=True,
+        overwrite=True,
+    )
+    with pytest.raises(cn.ConvnetError, match="train.optimizer.lr"):
+        resumed.train()
+    after = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
+def test_a_folder_holding_a_runs_names_but_no_run_is_never_replaced(tmp_path: Path) -> None:
+    """A user's own plots/ is not a run's: refused with or without --overwrite, left as it was."""
+    out = tmp_path / "mine"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "figure1.png").write_bytes(b"not a run's")
+    for overwrite in (False, True):
+        with pytest.raises(cn.RecipeError, match=r"mine: holds plots, which a run writes, but no run"):
+            Run(cn.load_recipe(TINY, ["train.max_steps=1"]), out=out, quiet=True, overwrite=overwrite).train()
+    assert (out / "plots" / "figure1.png").read_bytes() == b"not a run's"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["plots"]
+    afile = tmp_path / "afile"
+    afile.write_text("mine", encoding="utf-8")
+    with pytest.raises(cn.RecipeError, match=r"afile: --out is a file, not a folder"):
+        Run(cn.load_recipe(TINY, ["train.max_steps=1"]), out=afile, quiet=True).train()
+    assert afile.read_text(encoding="utf-8") == "mine"

@@ -296,6 +296,14 @@ def test_resume_without_out_continues_in_the_checkpoints_own_folder(tmp_path: Pa
     records = [json.loads(line) for line in (first / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4] and not (tmp_path / "runs").exists()
+    # given from inside checkpoints/, and past a metrics line that is not UTF-8 (a damaged file)
+    with (first / "metrics.jsonl").open("ab") as f:
+        f.write(b"\xff\xfe{\n")
+    monkeypatch.chdir(last.parent)
+    assert main(["run", str(TINY), "--set", "train.max_steps=5", "--resume", last.name, "--quiet"]) == 0
+    assert f"run folder: {first}" in capsys.readouterr().out
+    assert not (last.parent / "runs").exists()
+    monkeypatch.chdir(tmp_path)
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(last.read_bytes())
     assert main(["run", str(TINY), "--set", "train.max_steps=6", "--resume", str(copy), "--quiet"]) == 0
