@@ -413,9 +413,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from convnet.core.predict import format_text, plot, predict
+    from convnet.core.predict import format_text, plot, plot_path, predict
     from convnet.core.recipe import load_recipe
 
+    if args.plot:
+        args.plot = plot_path(args.plot, args.files)
     regs = _registries(args)
     recipe = load_recipe(args.recipe, args.overrides, regs)
     results = predict(recipe, args.checkpoint, args.files, regs)

@@ -389,6 +389,17 @@ def check_bad_samples(dataset: Any, bad: list[int], policy: str, where: str) -> 
         )
 
 
+def check_input_shape(images: torch.Tensor, expected: Sequence[int], where: str) -> None:
+    """Images (``[..., C, H, W]``) that are not ``model.input``'s shape stop as a recipe error
+    naming what gives them, not as a shape error deep inside a layer."""
+    shape = list(images.shape[-3:])
+    if shape != list(expected):
+        raise RecipeError(
+            f"{where} give {shape} images but model.input is {list(expected)}: the dataset's size and "
+            "the augmenters' crops must give model.input"
+        )
+
+
 def ten_crop_views(images: torch.Tensor, height: int, width: int, flip: bool = True) -> torch.Tensor:
     """The paper's test views of ``[..., C, H, W]`` images, stacked before C: top-left,
     top-right, bottom-left, bottom-right, centre, then (with ``flip``) the same five mirrored.

@@ -503,6 +503,7 @@ class Run:
         x = images.to(self.strategy.input_device, non_blocking=True)
         if r.data.augment_on == "device" and self.parts.train_augmenters and len(labels):
             x = augment_batch(self.parts.train_augmenters, x, r.seed, self.state.epoch, indices)
+        cdata.check_input_shape(x, r.model.input, "data.dataset and data.train_augment")
         x = x.to(self.dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)

@@ -83,11 +83,12 @@ class EvalContext:
         batches = [share[i : i + bs] for i in range(0, len(share), bs)]
         dtype = next(iter(self.module.parameters())).dtype
         self.skipped[split] = 0
-        self.skipped_names[split] = []
+        # kept across calls: an evaluator that reads a subset must not hide another's skips
+        names = self.skipped_names.setdefault(split, [])
         for images, y, idx, bad in cdata.loader(ds, batches, self.recipe.data.workers):
             cdata.check_bad_samples(dataset, bad, self.recipe.data.bad_samples, f"{split} set")
             self.skipped[split] += len(bad)
-            self.skipped_names[split] += [cdata.sample_name(dataset, i) for i in bad]
+            names += [cdata.sample_name(dataset, i) for i in bad]
             if len(y):
                 yield images.to(self.strategy.input_device, dtype=dtype, non_blocking=True), y, idx
 
@@ -109,6 +110,8 @@ class EvalContext:
         logits, labels, indices = [], [], []
         with self.evaluating():
             for x, y, idx in self.batches(split, batch_size):
+                if transform is None:  # a transform (the ten-crop evaluator's) may cut model.input from x
+                    cdata.check_input_shape(x, self.recipe.model.input, "data.dataset and data.eval_augment")
                 out = multiview_logits(model, x) if x.dim() == 5 else model(x)
                 logits.append(out.float().cpu())
                 labels.append(y)

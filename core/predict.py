@@ -63,6 +63,7 @@ class Predictor:
     device: torch.device
     dtype: torch.dtype
     method: str
+    input_shape: tuple[int, ...] | None = None
 
     def prepare(self, path: Path, index: int) -> torch.Tensor:
         """The file as the network's input: read, then the eval augmentation (as in ``Augmented``)."""
@@ -79,6 +80,8 @@ class Predictor:
         x = batch.to(self.device, self.dtype)
         if x.dim() == 4 and self.views is not None:
             x = self.views(x)
+        if self.input_shape is not None:
+            cdata.check_input_shape(x, self.input_shape, "data.dataset's read_file and data.eval_augment")
         logits = multiview_logits(self.network, x) if x.dim() == 5 else self.network(x)
         return torch.softmax(logits.double(), dim=1).cpu()
 
@@ -161,6 +164,7 @@ def load_predictor(
         dev,
         dtype,
         "views cut by the evaluator, softmax averaged" if views else "the eval augmentation's view(s)",
+        tuple(recipe.model.input),
     )
 
 
@@ -231,6 +235,28 @@ def format_text(prediction: Prediction) -> str:
     return "\n".join(lines)
 
 
+def plot_path(path: str | Path, files: Sequence[str | os.PathLike] = ()) -> Path:
+    """Where ``--plot`` writes, checked before anything is classified: a format matplotlib draws
+    (by the suffix; none means ``.png``, added to the name), and not one of the images ``files``
+    names (a plot never replaces an input)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if path.suffix[1:].lower() not in supported:
+        raise ConvnetError(
+            f"{path}: --plot cannot draw a {path.suffix} file; use one of "
+            + ", ".join(f".{fmt}" for fmt in sorted(supported))
+        )
+    inputs = {os.path.realpath(p) for p in image_files(files) if isinstance(p, Path)}
+    if os.path.realpath(path) in inputs:
+        raise ConvnetError(f"{path}: --plot names one of the images to classify; give the plot another name")
+    return path
+
+
 def plot(predictions: Sequence[Prediction], path: str | Path, columns: int = 4, limit: int = 48) -> Path:
     """Each image above its top-5 bars, as the paper's Figure 4 (matplotlib, Agg canvas)."""
     import numpy as np
@@ -272,10 +298,10 @@ def plot(predictions: Sequence[Prediction], path: str | Path, columns: int = 4, 
         bars.tick_params(axis="x", labelsize=7)
     more = len([p for p in predictions if p.error is None]) - len(shown)
     fig.suptitle("top-5 predictions" + (f" (first {len(shown)}; {more} more not shown)" if more > 0 else ""))
-    path = Path(path)
+    path = plot_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        fig.savefig(path, format=path.suffix[1:].lower())
     except OSError as exc:
         raise ConvnetError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
     return path

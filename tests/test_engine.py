@@ -166,3 +166,15 @@ def test_a_folder_holding_a_runs_names_but_no_run_is_never_replaced(tmp_path: Pa
     with pytest.raises(cn.RecipeError, match=r"afile: --out is a file, not a folder"):
         Run(cn.load_recipe(TINY, ["train.max_steps=1"]), out=afile, quiet=True).train()
     assert afile.read_text(encoding="utf-8") == "mine"
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_images_not_of_model_input_shape_stop_as_a_recipe_error(tmp_path: Path, split: str) -> None:
+    """A crop that does not give model.input is named with the recipe paths, not found as a shape
+    error inside a layer."""
+    crop = f"data.{split}_augment=[{{name='center-crop', size=6}}]"
+    with pytest.raises(
+        cn.RecipeError,
+        match=rf"data.dataset and data.{split}_augment give \[3, 6, 6\] images but model.input is \[3, 8, 8\]",
+    ):
+        cn.train(cn.load_recipe(TINY, ["train.max_steps=1", crop]), out=tmp_path / split)

@@ -314,6 +314,16 @@ def test_unreadable_validation_images_are_counted_and_named(tree, tmp_path, regi
     assert json.loads((evals / "eval.json").read_text())["skipped_eval_samples"] == 2
     listed = sorted(line.split("\t") for line in (evals / "skipped.txt").read_text().splitlines())
     assert listed == sorted(["evaluation", "val", str(f)] for f in files)
+    # an evaluator that reads a few samples after one that read them all hides nothing
+    later = [
+        "--set",
+        "evaluate=[{name='topk'}, {name='neighbours', queries=1, layer='flatten1'}]",
+        "--out",
+        str(tmp_path / "eval2"),
+    ]
+    assert cli.main(["eval", str(path), "--checkpoint", str(checkpoint), *later]) == 0
+    assert "evaluation: skipped 2 unreadable val sample(s): " in capsys.readouterr().err
+    assert json.loads((tmp_path / "eval2" / "eval.json").read_text())["skipped_eval_samples"] == 2
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -20,9 +20,9 @@ from convnet.core import plugins, predict
 from convnet.core.cli import main
 from convnet.core.data import build_dataset, ten_crop_views
 from convnet.core.engine import train
-from convnet.core.errors import CheckpointError, ConvnetError
+from convnet.core.errors import CheckpointError, ConvnetError, RecipeError
 from convnet.core.model import build_model
-from convnet.core.predict import Prediction, image_files, load_predictor
+from convnet.core.predict import Prediction, image_files, load_predictor, plot_path
 from convnet.core.recipe import load_recipe
 from convnet.plugins.data.digits import as_digit
 
@@ -236,3 +236,30 @@ def test_a_checkpoint_whose_outputs_are_nan_is_named_not_reported_as_a_predictio
     ckpt.save(broken, tensors, {k: v for k, v in metadata.items() if k != "convnet.sha256"})
     with pytest.raises(ConvnetError, match=re.escape(f"{broken}: the network's outputs are NaN for ")):
         predict(load_recipe("alexnet-digits", DIGITS), broken, [folder / "digit000.png"])
+
+
+def test_a_plot_is_checked_before_anything_is_classified(tmp_path, capsys):
+    """A format matplotlib cannot draw, or the name of an input image, stops the command before
+    it loads anything (the checkpoint here does not even exist), and the image stays."""
+    image = tmp_path / "v.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+    before = image.read_bytes()
+    missing = str(tmp_path / "no-such.safetensors")
+    for plot, files, message in [
+        (image, [image], "--plot names one of the images to classify"),
+        (image, [tmp_path], "--plot names one of the images to classify"),  # inside a folder given
+        (tmp_path / "out.txt", [image], "--plot cannot draw a .txt file; use one of"),
+    ]:
+        argv = ["predict", "alexnet-digits", "--checkpoint", missing, "--plot", str(plot), *map(str, files)]
+        assert main(argv) == 1
+        assert message in capsys.readouterr().err
+    assert image.read_bytes() == before
+    assert plot_path(tmp_path / "figure") == tmp_path / "figure.png"  # the name it is written under
+
+
+@pytest.mark.slow  # trains a digits network first (module fixture)
+def test_images_not_of_model_input_shape_are_a_recipe_error(trained, pictures):
+    folder, _ = pictures
+    recipe = load_recipe("alexnet-digits", [*DIGITS, "data.eval_augment=[{name='center-crop', size=12}]"])
+    with pytest.raises(RecipeError, match=r"give \[3, 12, 12\] images but model.input is \[3, 16, 16\]"):
+        predict(recipe, trained, [folder / "digit000.png"])

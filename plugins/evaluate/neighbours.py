@@ -140,7 +140,9 @@ class Neighbours(Evaluator):
         else:
             wanted = query_indices(len(ctx.splits.val), o.queries)
             qf, q_labels, q_index = self.features(ctx, "val", wanted)
-        dist, pos = nearest(qf, db, min(o.k, len(db)))
+        if len(qf):
+            dist, pos = nearest(qf, db, min(o.k, len(db)))
+        # else every query was unreadable (skipped and reported as such): no results, no figure
         results = [
             {
                 "query": int(q_index[r]),
@@ -162,7 +164,8 @@ class Neighbours(Evaluator):
             qsplit, tsplit = getattr(ctx.splits, o.query_split), ctx.splits.train
             rows = [[_image(qsplit, res["query"])] + [_image(tsplit, j) for j in res["neighbours"]] for res in results]
             names = ctx.splits.classes or [str(i) for i in range(ctx.recipe.model.num_classes)]
-            write_figure(ctx.out, "neighbours.png", labelled(rows, results, names, o.layer, o.cell))
+            if rows:
+                write_figure(ctx.out, "neighbours.png", labelled(rows, results, names, o.layer, o.cell))
         return {"neighbours_label_agreement": float(np.mean(agree)) if agree else float("nan")}
 
 
