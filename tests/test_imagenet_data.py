@@ -370,6 +370,10 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     Image.fromarray(np.array([[0, 128, 255]], dtype=np.int32)).save(tmp_path / "wide.tif")
     with Image.open(tmp_path / "wide.tif") as img:
         assert img.mode == "I" and np.asarray(eight_bit(img).convert("L")).tolist() == [[0, 128, 255]]
+    # a float TIFF (0..1 here) would truncate to black: refused as unreadable instead
+    Image.fromarray(np.random.default_rng(1).random((40, 50)).astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="mode F"):
+        preprocess(tmp_path / "float.tif", 36)
 
 
 @pytest.mark.parametrize("shape", [(2, 3000), (40, 3000), (2000, 30)])

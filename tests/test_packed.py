@@ -638,3 +638,8 @@ def test_bad_command_line_values_exit_2(tree, tmp_path, capsys):
     code = cli.main(["pack", str(folder_recipe(tmp_path, root)), "--out", str(tmp_path / "x"), "--quality", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--quality 0" in err[0]
+    afile = tmp_path / "afile"
+    afile.write_text("mine", encoding="utf-8")
+    assert cli.main(["pack", str(folder_recipe(tmp_path, root)), "--out", str(afile), "--quiet"]) == 1
+    assert f"{afile}: --out is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text(encoding="utf-8") == "mine"

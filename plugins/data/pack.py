@@ -364,6 +364,8 @@ def pack(
     from tqdm import tqdm
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvnetError(f"{out}: --out is a file, not a folder")
     splits = build_dataset(recipe, registries)
     datasets = {"train": splits.train, "val": splits.val}
     sizes = {s: len(datasets[s]) for s in SPLITS}  # type: ignore[arg-type]
