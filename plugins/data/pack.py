@@ -332,11 +332,23 @@ def _encoded(
             yield split, k, items
 
 
-def write_index(folder: Path, manifests: list[dict[str, Any]]) -> tuple[int, str]:
-    """Write ``folder``'s index; return its number of records and its sha256 (the manifest keeps
-    it: the labels are read from the index alone, so ``verify`` checks the index too)."""
-    rows = [(k, s[1], s[2], s[3], s[4], s[0]) for k, m in enumerate(manifests) for s in m["samples"]]
-    index = np.array(rows, dtype=INDEX_DTYPE)
+def shard_rows(k: int, samples: list[list[int]]) -> np.ndarray:
+    """Shard ``k``'s index records from its manifest's ``[source, offset, size, label, crc32]``
+    rows: 28 bytes a sample, where the decoded JSON lists take ~400 (so a split's manifests are
+    read one at a time, and only these are kept)."""
+    rows = np.zeros(len(samples), dtype=INDEX_DTYPE)
+    if samples:
+        source, offset, size, label, crc = (np.asarray(column) for column in zip(*samples))
+        rows["shard"], rows["offset"], rows["size"] = k, offset, size
+        rows["label"], rows["crc32"], rows["source"] = label, crc, source
+    return rows
+
+
+def write_index(folder: Path, shards: list[np.ndarray]) -> tuple[int, str]:
+    """Write ``folder``'s index from each shard's ``shard_rows``; return its number of records and
+    its sha256 (the manifest keeps it: the labels are read from the index alone, so ``verify``
+    checks the index too)."""
+    index = np.concatenate(shards) if shards else np.zeros(0, dtype=INDEX_DTYPE)
     buf = io.BytesIO()
     np.save(buf, index, allow_pickle=False)
     write_atomically(folder / INDEX_FILE, buf.getvalue())
@@ -430,18 +442,22 @@ def _finish(out: Path, plan: dict[str, Any], sizes: dict[str, int], settings: Pa
     for split in SPLITS:
         folder = out / split
         count = (sizes[split] + settings.shard_size - 1) // settings.shard_size
-        manifests = [
-            json.loads((folder / shard_name(k)).with_suffix(".json").read_text(encoding="utf-8")) for k in range(count)
-        ]
-        samples[split], index_sha256 = write_index(folder, manifests)
+        rows, names, sizes_, digests, split_bad = [], [], [], [], []
+        for k in range(count):  # one manifest in memory at a time (1,282 of them for ImageNet's train)
+            m = json.loads((folder / shard_name(k)).with_suffix(".json").read_text(encoding="utf-8"))
+            rows.append(shard_rows(k, m["samples"]))
+            names.append(m["shard"])
+            sizes_.append(m["bytes"])
+            digests.append(m["sha256"])
+            split_bad += m["bad"]
+        samples[split], index_sha256 = write_index(folder, rows)
         shards[split] = count
-        split_bad = [b for m in manifests for b in m["bad"]]
         bad += split_bad
         splits_info[split] = {
             "samples": samples[split],
-            "shards": [m["shard"] for m in manifests],
-            "bytes": [m["bytes"] for m in manifests],
-            "sha256": [m["sha256"] for m in manifests],
+            "shards": names,
+            "bytes": sizes_,
+            "sha256": digests,
             "index_sha256": index_sha256,
             "skipped": len(split_bad),
         }
