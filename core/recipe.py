@@ -317,7 +317,10 @@ def load_recipe(
         apply_override(raw, assignment)
     raw.setdefault("name", name)
     source = str(ref) + (" (with --set overrides)" if overrides else "")
-    recipe = structure(raw, regs, source)
+    try:
+        recipe = structure(raw, regs, source)
+    except RecipeError as exc:
+        raise RecipeError(f"{exc}{_swap_hint(str(exc), overrides)}") from None
     if validate_model:
         from convnet.core.model import build_model
 
@@ -326,6 +329,20 @@ def load_recipe(
         except RecipeError as exc:
             raise RecipeError(f"{source}: {exc}") from None
     return recipe
+
+
+def _swap_hint(message: str, overrides: typing.Sequence[str]) -> str:
+    """When ``--set TABLE.name=...`` left the old component's keys that the new one rejects: how
+    to swap a component whole (``--set`` assigns one key; a child recipe's rule does not apply)."""
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        table = key.removesuffix(".name")
+        if table != key and f"{table}: unknown key" in message:
+            return (
+                f"; --set {key}=... keeps {table}'s other keys: to swap the component, assign the "
+                f"whole table, e.g. --set '{table}={{name = \"...\", ...}}'"
+            )
+    return ""
 
 
 def recipe_from_text(text: str, registries: Registries | None = None, source: str = "<recipe>") -> schema.Recipe:

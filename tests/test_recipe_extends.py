@@ -164,6 +164,20 @@ def test_a_swapped_component_is_checked_against_its_own_options(tmp_path, regist
         load_recipe(child, registries=registries)
 
 
+def test_a_set_component_name_that_keeps_the_old_keys_says_how_to_swap_it(registries) -> None:
+    """--set assigns one key (docs/recipes.md): the old dataset's keys stay and the new one
+    rejects them; the error says to assign the whole table, and that works."""
+    name, root = "data.dataset.name=packed", "data.dataset.root=/nowhere"
+    hint = r"; --set data\.dataset\.name=\.\.\. keeps data\.dataset's other keys: to swap the component, assign"
+    with pytest.raises(RecipeError, match=r"data\.dataset: unknown key 'val_fraction'.*" + hint):
+        load_recipe("alexnet-digits", [name, root], registries, validate_model=False)
+    whole = load_recipe("alexnet-digits", ['data.dataset={name = "packed", root = "/nowhere"}'], registries, False)
+    assert whole.data.dataset.name == "packed"
+    with pytest.raises(RecipeError, match=r"unknown key 'lrr'") as info:  # no --set of a name: no hint
+        load_recipe("alexnet-digits", ["train.optimizer.lrr=1"], registries, validate_model=False)
+    assert "keeps" not in str(info.value)
+
+
 def test_a_layer_table_without_a_parent_is_refused_with_its_path(tmp_path, registries) -> None:
     lone = tmp_path / "lone.toml"
     lone.write_text(
