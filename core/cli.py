@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="learning curves (PNG) and index.html for a run folder")
     p.add_argument("run_folder", metavar="RUN_FOLDER", help="a run folder (holds metrics.jsonl)")
 
-    p = sub.add_parser("build-kernels", help="build the C++/CUDA kernels (LRN, paper-sgd step) ahead of first use")
+    p = sub.add_parser(
+        "build-kernels", help="build the C++/CUDA kernels (LRN, max-pool, paper-sgd step) ahead of first use"
+    )
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
     p.add_argument(
         "--only",

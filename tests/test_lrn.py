@@ -273,7 +273,7 @@ def test_build_kernels_command_builds_the_cpu_kernel(cpu_kernel, capsys):
     assert "lrn cpu: built and loaded" in out and "cuda" not in out
     assert main(["build-kernels", "--only", "cpu", "--only", "nosuch"]) == 2  # a typo builds nothing, says so
     assert capsys.readouterr().err == (
-        "convnet: error: --only: no kernel named 'nosuch'; the kernels are: cpu, cuda, paper-sgd\n"
+        "convnet: error: --only: no kernel named 'nosuch'; the kernels are: cpu, cuda, maxpool, paper-sgd\n"
     )
 
 
