@@ -146,3 +146,36 @@ def test_build_kernels_builds_it(capsys):
 
     assert main(["build-kernels", "--only", "maxpool"]) == 0
     assert "layer maxpool: built and loaded" in capsys.readouterr().out
+
+
+def test_a_huge_stride_costs_nothing_and_a_huge_plane_keeps_torchs_kernel(tmp_path):
+    """The kernel's scratch is sized by the row, not the stride; a plane of 2^31 elements or more
+    (rows are int32 in the kernel) is torch's to pool."""
+    x = torch.randn(1, 2, 13, 13, generator=torch.Generator().manual_seed(3))
+    _assert_same(x, 3, 10**9)
+    _assert_same(x, 13, 2**31 - 1)
+    y, i = max_pool_kernel.max_pool2d(x, 13, 2**40)  # past ATen's int: one window, the whole plane
+    assert torch.equal(y.flatten(), x.flatten(2).amax(2).flatten())
+    assert torch.equal(i.flatten(), x.flatten(2).argmax(2).flatten())
+    big = tmp_path / "plane.bin"
+    with big.open("wb") as f:  # a sparse file: no memory or disk is used
+        f.truncate((2**31 + 2) * 4)
+    plane = torch.from_file(str(big), shared=True, size=2**31 + 2).view(1, 1, 2, 2**30 + 1)
+    assert not max_pool_kernel.fits(plane, 2, 2, 0)
+    assert max_pool_kernel.fits(plane.view(2, 1, 1, 2**30 + 1), 2, 1, 0) is False  # too short for the window
+    assert max_pool_kernel.fits(plane[..., :1000], 2, 2, 0) is False  # a slice: not contiguous
+
+
+def test_a_relu_after_the_kernel_still_works_in_place():
+    from convnet.plugins.layers.shapeless import ReLU
+
+    pooled = MaxPool2d(3, 2, 0, impl="auto")(_x())
+    assert "max_pool2d_nchw" in type(pooled.grad_fn).__name__
+    assert ReLU(True, True)(pooled).data_ptr() == pooled.data_ptr()
+
+
+def test_a_module_given_tuples_after_it_was_built_keeps_nns_path():
+    pool, x = MaxPool2d(3, 2, 0, impl="auto"), _x()
+    pool.kernel_size, pool.stride = (3, 3), (2, 2)
+    assert _grad_fn(pool, x) == "MaxPool2DWithIndicesBackward0"
+    assert torch.equal(pool(x), nn.functional.max_pool2d(x, 3, 2))

@@ -100,6 +100,7 @@ def fits(x: Tensor, kernel: int, stride: int, padding: int) -> bool:
         and padding == 0
         and x.shape[2] >= kernel
         and x.shape[3] >= kernel
+        and x.shape[2] * x.shape[3] < 2**31  # the kernel keeps rows as int32
         and not torch.jit.is_tracing()
         and not torch.compiler.is_exporting()
         and (torch.compiler.is_compiling() or not _transformed(x))

@@ -76,6 +76,7 @@ _SAFE_PRODUCERS = frozenset(
         "MulBackward0",
         "NativeDropoutBackward0",
         "MaxPool2DWithIndicesBackward0",
+        "GeneratedBackwardFor_convnet_max_pool2d_nchw_defaultBackward",  # max_pool_kernel's op
         "AvgPool2DBackward0",
     }
 )
@@ -164,9 +165,10 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The ops are square, dilation 1, floor mode: a module changed after it was built keeps nn's path.
-        if self.dilation != 1 or self.ceil_mode or self.return_indices:
-            return super().forward(x)
         k, s, p = self.kernel_size, self.stride, self.padding
+        square = all(type(n) is int for n in (k, s, p))
+        if not square or self.dilation != 1 or self.ceil_mode or self.return_indices:
+            return super().forward(x)
         compiling = torch.compiler.is_compiling()
         opaque = self.opaque_under_compile and eager_kernels.wanted(x)
         if (

@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -31,10 +32,12 @@ namespace {
 template <typename T>
 void pool_planes(const T* x, T* y, int64_t* indices, int64_t planes, int64_t H, int64_t W, int64_t k, int64_t s) {
   const int64_t OH = (H - k) / s + 1, OW = (W - k) / s + 1;
-  const int64_t span = (W + s - 1) / s;
+  // Phase q holds columns q, q + s, ...: at most min(s, W) phases of span slots (sized by W, not
+  // by the stride, which may be huge).
+  const int64_t span = (W - 1) / s + 1, phases = std::min(s, W);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> col(W), phase_max(s * span), best(OW);
-    std::vector<int32_t> col_row(W), phase_row(s * span), best_row(OW), best_j(OW);
+    std::vector<T> col(W), phase_max(phases * span), best(OW);
+    std::vector<int32_t> col_row(W), phase_row(phases * span), best_row(OW), best_j(OW);
     for (int64_t p = begin; p < end; ++p) {
       const T* plane = x + p * H * W;
       for (int64_t oh = 0; oh < OH; ++oh) {
