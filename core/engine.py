@@ -8,6 +8,7 @@ metrics file (``metrics_file``) each live in their own module.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import shlex
@@ -118,12 +119,30 @@ class Run:
             self.state, plugin_state = self.checkpoints.restore(self.resume_from, self.parts, r, self.registries)
             self._load_plugin_state(plugin_state)
         if self._claim is not None:  # the new run could be built and resumed: now the old one may go
+            if self._claim.overwritten:
+                self._check_train_input()
             self._claim.replace_overwritten()
         if self.resume_from is not None:
             self.metrics.trim(self.state.step, self.state.batch_in_epoch >= self.parts.steps_per_epoch)
         if self.strategy.is_main:
             (self.out / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
             run_folder.write_run_json(self.out, r, self.registries, self.command)
+
+    def _check_train_input(self) -> None:
+        """One training sample through copies of the train augmenters, so that images not of
+        model.input's shape stop the run before --overwrite replaces the old one (the first step
+        would find them only after). Anything else that goes wrong here is left to the loop."""
+        try:
+            train = self.parts.splits.train
+            sample = next((s for s in map(train.__getitem__, range(min(len(train), 8))) if s is not None), None)
+            if sample is None:
+                return
+            image = torch.as_tensor(sample[0])
+            for aug in copy.deepcopy(self.parts.train_augmenters):
+                image = aug(image, torch.Generator().manual_seed(0))
+        except Exception:
+            return
+        cdata.check_input_shape(image, self.recipe.model.input, "data.dataset and data.train_augment")
 
     def _claim_folder(self) -> None:
         """The run folder: fresh and exclusive unless given; locked; room for a checkpoint checked

@@ -35,7 +35,8 @@ class MetricsFile:
         if not self.enabled or not self.path.exists():
             return
         kept = []
-        # A damaged line (cut short by the kill, bytes that are not UTF-8) is dropped, not fatal.
+        # A damaged line (cut short by the kill) is dropped; bytes that are not UTF-8 are replaced
+        # (a line they break is dropped too): neither stops the resume.
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)

@@ -245,7 +245,8 @@ def plot_path(path: str | Path, files: Sequence[str | os.PathLike] = ()) -> Path
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
-    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    # pgf needs a LaTeX installation to write: left out rather than failing after the predictions.
+    supported = set(FigureCanvasAgg(Figure()).get_supported_filetypes()) - {"pgf"}
     if path.suffix[1:].lower() not in supported:
         raise ConvnetError(
             f"{path}: --plot cannot draw a {path.suffix} file; use one of "
@@ -304,4 +305,6 @@ def plot(predictions: Sequence[Prediction], path: str | Path, columns: int = 4, 
         fig.savefig(path, format=path.suffix[1:].lower())
     except OSError as exc:
         raise ConvnetError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
+    except Exception as exc:  # a backend's own failure: the predictions were printed already
+        raise ConvnetError(f"{path}: cannot draw the plot ({type(exc).__name__}: {exc})") from None
     return path

@@ -149,6 +149,12 @@ def test_an_overwrite_whose_resume_is_refused_keeps_the_old_run(tmp_path: Path) 
         resumed.train()
     after = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
+    # and a crop that does not give model.input is found before anything is replaced
+    cropped = cn.load_recipe(TINY, ["train.max_steps=4", "data.train_augment=[{name='center-crop', size=6}]"])
+    with pytest.raises(cn.RecipeError, match=r"give \[3, 6, 6\] images but model.input is \[3, 8, 8\]"):
+        Run(cropped, out=old, quiet=True, overwrite=True).train()
+    after = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
 
 
 def test_a_folder_holding_a_runs_names_but_no_run_is_never_replaced(tmp_path: Path) -> None:

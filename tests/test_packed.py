@@ -642,6 +642,9 @@ def test_bad_command_line_values_exit_2(tree, tmp_path, capsys):
     afile.write_text("mine", encoding="utf-8")
     assert cli.main(["pack", str(folder_recipe(tmp_path, root)), "--out", str(afile), "--quiet"]) == 1
     assert f"{afile}: --out is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["pack", str(folder_recipe(tmp_path, root)), "--out", str(afile / "sub"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{afile / 'sub'}: cannot create the pack's folder (Not a directory)" in err and "re-run" not in err
     assert afile.read_text(encoding="utf-8") == "mine"
 
 

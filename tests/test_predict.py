@@ -249,6 +249,7 @@ def test_a_plot_is_checked_before_anything_is_classified(tmp_path, capsys):
         (image, [image], "--plot names one of the images to classify"),
         (image, [tmp_path], "--plot names one of the images to classify"),  # inside a folder given
         (tmp_path / "out.txt", [image], "--plot cannot draw a .txt file; use one of"),
+        (tmp_path / "out.pgf", [image], "--plot cannot draw a .pgf file"),  # needs LaTeX to write
     ]:
         argv = ["predict", "alexnet-digits", "--checkpoint", missing, "--plot", str(plot), *map(str, files)]
         assert main(argv) == 1

@@ -98,6 +98,24 @@ def test_after_a_resume_the_events_hold_what_metrics_jsonl_holds(tmp_path, one_t
     assert [i.step for i in acc.Images("filters/conv1")] == [4, 8, 10]
 
 
+def test_a_fresh_run_drops_old_events_and_keeps_the_users_files(tmp_path, run_folder, one_torch_thread) -> None:
+    """tensorboard/ in a folder that holds no run: another run's event files go (they would mix
+    with this run's curves), a file of the user's stays."""
+    import shutil
+
+    board = tmp_path / "tensorboard"
+    board.mkdir()
+    (board / "notes.txt").write_text("mine", encoding="utf-8")
+    stale = next((run_folder / "tensorboard").glob("events.out.tfevents.*"))
+    shutil.copy(stale, board / stale.name)
+    cn.train(cn.load_recipe(str(TINY), ["train.max_steps=2", "train.log_every=1"]), out=tmp_path)
+    assert (board / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert not (board / stale.name).exists()
+    acc = EventAccumulator(str(board), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [step for step, _ in _series(acc, "train/loss")] == [1, 2]
+
+
 def test_without_tensorboard_the_plugin_registers_nothing_and_says_nothing() -> None:
     code = (
         "import sys, warnings\n"

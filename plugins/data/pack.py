@@ -382,9 +382,12 @@ def pack(
     datasets = {"train": splits.train, "val": splits.val}
     sizes = {s: len(datasets[s]) for s in SPLITS}  # type: ignore[arg-type]
     plan = _plan(recipe, settings, sizes, splits.classes, splits.num_classes)
-    lock = FolderLock(out, what="pack")
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # not a re-run's matter: nothing was written
+        raise ConvnetError(f"{out}: cannot create the pack's folder ({exc.strerror or exc})") from None
+    lock = FolderLock(out, what="pack")
+    try:
         # Two packs into one folder would write the same temp files and remove each other's.
         lock.acquire()
         for split in SPLITS:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,8 +91,9 @@ def convnet_train_start(run: RunView) -> None:
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    if run.step == 0:  # a fresh run (into an empty folder, or --overwrite): no other run's events
-        shutil.rmtree(event_dir(run.out), ignore_errors=True)
+    if run.step == 0:  # a fresh run: no other run's events (files of the user's own stay)
+        for old in event_dir(run.out).rglob("events.out.tfevents.*"):
+            old.unlink(missing_ok=True)
     try:
         # After a resume, hide everything logged from the checkpoint's step on, then log again
         # what metrics.jsonl kept of that step: a killed run's later steps are replayed, and an
