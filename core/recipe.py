@@ -319,8 +319,11 @@ def load_recipe(
     source = str(ref) + (" (with --set overrides)" if overrides else "")
     try:
         recipe = structure(raw, regs, source)
-    except RecipeError as exc:
-        raise RecipeError(f"{exc}{_swap_hint(str(exc), overrides)}") from None
+    except RecipeError as exc:  # the same error, its attributes kept (a missing plugin's names)
+        hint = _swap_hint(str(exc), overrides)
+        if hint:
+            exc.args = (f"{exc}{hint}",)
+        raise
     if validate_model:
         from convnet.core.model import build_model
 
