@@ -426,6 +426,12 @@ def pack(
                 if writer is not None:
                     writer.close()
                     writer = None
+            except BaseException:
+                # Ctrl-C may land after a new ShardWriter opened its temp file but before the name
+                # `writer` holds it: remove every temp file (this process alone writes, under the lock).
+                for split in SPLITS:
+                    _remove_temp_files(out / split)
+                raise
             finally:
                 if writer is not None:
                     writer.abort()
